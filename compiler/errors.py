@@ -1,0 +1,64 @@
+"""Problems found in a config, and how they are shown to the user.
+
+Every stage (load, validate, resolve) reports problems against a *key path* such as
+``("datasets", 0, "type")``. Only at the edge, where the document's marks are known,
+does a path become ``config.yml:12:3``; that keeps the stages free of file handling.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+KeyPath = tuple[str | int, ...]
+
+# Exit codes, documented in the README.
+EXIT_OK = 0
+EXIT_DIFFERENT = 1  # verify/check/diff found a difference
+EXIT_INVALID = 2  # the input is wrong: config, target, flags
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong (or worth a warning) in the user's input."""
+
+    path: KeyPath
+    message: str
+    hint: str | None = None
+    # Point at the key itself (unknown or misplaced keys) rather than at its value.
+    at_key: bool = False
+    # Set when the problem lies in another file than the config (a DeepSpeed JSON, a target file).
+    file: str | None = None
+    line: int | None = None
+    column: int | None = None
+
+
+class ConfigError(Exception):
+    """Raised once with every problem found, so the user fixes them all in one round."""
+
+    def __init__(self, problems: Sequence[Problem]):
+        super().__init__(f"{len(problems)} problem(s)")
+        self.problems = list(problems)
+
+
+def format_path(path: KeyPath) -> str:
+    """``("datasets", 0, "type")`` → ``datasets[0].type``."""
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += f".{part}" if text else str(part)
+    return text or "(top level)"
+
+
+def suggest(word: str, choices: Iterable[str]) -> str | None:
+    """The closest known name to a misspelt one, if any is close enough to be a likely typo."""
+    matches = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    match = suggest(word, choices)
+    return f"; did you mean {match}?" if match else ""

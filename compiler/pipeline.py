@@ -1,0 +1,168 @@
+"""The compile pipeline end to end: read inputs → load → validate → resolve → render.
+
+This is the I/O edge the CLI calls: it reads the config and the files it points at, then hands
+plain data to the pure stages. Relative paths that the *compiler* reads (a target file, a
+DeepSpeed JSON, a local model's config.json) are taken relative to the config file, so the same
+config compiles the same from any working directory. Paths the *runtime* reads (datasets,
+output_dir) stay as written and are relative to the directory the job is launched from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, Problem, did_you_mean, format_path
+from .loader import Document, load_document
+from .plan import Plan
+from .render import render_bundle
+from .resolve import DeepSpeedInput, ResolveInputs, resolve
+from .resolve.deepspeed import AXOLOTL_FILE_NAMES, BUILTIN_PRESETS
+from .spec import Spec
+from .targets import (
+    TARGET_NAMES,
+    UNSPECIFIED,
+    Target,
+    apply_overrides,
+    builtin_target,
+    default_target,
+    detect_local_hardware,
+    target_from_file_data,
+)
+from .validate import validate_document
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Command-line hardware flags; None means "not given"."""
+
+    target: str | None = None
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    gpu: str | None = None
+
+
+@dataclass
+class Compilation:
+    plan: Plan
+    files: dict[str, str]
+
+
+@dataclass
+class Sources:
+    """Every document read so far, so a problem in any of them can be shown with its line."""
+
+    documents: dict[str, Document] = field(default_factory=dict)
+    main: str = ""
+
+    def locate(self, problem: Problem) -> tuple[str, int, int]:
+        name = problem.file or self.main
+        if problem.line is not None:
+            return name, problem.line, problem.column or 1
+        if name in self.documents:
+            mark = self.documents[name].locate(problem.path, at_key=problem.at_key)
+            return name, mark.line, mark.column
+        return name, 1, 1
+
+    def in_file_order(self, problems: list[Problem]) -> list[Problem]:
+        return sorted(problems, key=self.locate)
+
+    def format(self, problem: Problem, *, severity: str = "") -> str:
+        name, line, column = self.locate(problem)
+        prefix = f"{severity}: " if severity else ""
+        text = f"{name}:{line}:{column}: {prefix}{format_path(problem.path)}: {problem.message}"
+        return text + (f"\n    hint: {problem.hint}" if problem.hint else "")
+
+
+def read_config(path: Path, sources: Sources) -> tuple[Document, Spec, list[Problem], str]:
+    sources.main = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([Problem((), f"cannot read the config: {exc}", file=str(path), line=1)]) from None
+    document = load_document(text, str(path))
+    sources.documents[str(path)] = document
+    spec, warnings = validate_document(document)
+    return document, spec, warnings, hashlib.sha256(text.encode()).hexdigest()
+
+
+def compile_config(path: Path, options: TargetOptions, sources: Sources | None = None) -> Compilation:
+    """Compile one config file into the bundle's files (nothing is written)."""
+    sources = sources if sources is not None else Sources()
+    _, spec, warnings, config_sha = read_config(path, sources)
+    base_dir = path.parent
+    target = _read_target(spec, options, base_dir, sources)
+    inputs = ResolveInputs(
+        config_name=path.name,
+        config_sha256=config_sha,
+        target_sha256=hashlib.sha256(json.dumps(asdict(target), sort_keys=True).encode()).hexdigest(),
+        local_model_config=_read_local_model_config(spec.base_model, base_dir),
+        deepspeed_file=_read_deepspeed_file(spec, base_dir, sources),
+    )
+    plan = resolve(spec, target, inputs, spec_warnings=warnings)
+    return Compilation(plan=plan, files=render_bundle(plan))
+
+
+def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: Sources) -> Target:
+    flag_problems = []
+    if options.gpu is not None and options.gpu not in (*TARGET_NAMES, UNSPECIFIED):
+        flag_problems.append(Problem((), f"--gpu: unknown GPU {options.gpu!r}" + did_you_mean(options.gpu, TARGET_NAMES),
+                                     hint="built-in GPUs: " + ", ".join(TARGET_NAMES), file="command line", line=1))
+    for flag, value in (("--nodes", options.nodes), ("--gpus-per-node", options.gpus_per_node)):
+        if value is not None and value < 1:
+            flag_problems.append(Problem((), f"{flag} must be at least 1", file="command line", line=1))
+    if flag_problems:
+        raise ConfigError(flag_problems)
+
+    name, relative_to = (options.target, Path.cwd()) if options.target else (spec.target, base_dir)
+    if name is None:
+        target = default_target()
+    elif name in (*TARGET_NAMES, UNSPECIFIED):
+        target = builtin_target(name)
+    elif name == "detect":
+        target = detect_local_hardware()
+    else:
+        file = relative_to / name
+        shown = name if options.target else str(file)
+        if not file.is_file():
+            problem = Problem(("target",), f"target {name!r} is neither a built-in name nor a file",
+                              hint="built-in targets: " + ", ".join((*TARGET_NAMES, "detect")))
+            if options.target:
+                problem = Problem((), problem.message, hint=problem.hint, file="command line", line=1)
+            raise ConfigError([problem])
+        document = load_document(file.read_text(encoding="utf-8"), shown)
+        sources.documents[shown] = document
+        target, problems = target_from_file_data(document.data, Path(name).stem, shown)
+        if problems:
+            raise ConfigError(problems)
+    return apply_overrides(target, nodes=options.nodes, gpus_per_node=options.gpus_per_node, gpu=options.gpu)
+
+
+def _read_local_model_config(base_model: str, base_dir: Path) -> dict | None:
+    for candidate in (base_dir / base_model, Path(base_model)):
+        config = candidate / "config.json"
+        if config.is_file():
+            try:
+                data = json.loads(config.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return None
+            return data if isinstance(data, dict) else None
+    return None
+
+
+def _read_deepspeed_file(spec: Spec, base_dir: Path, sources: Sources) -> DeepSpeedInput | None:
+    if not spec.deepspeed or spec.deepspeed in BUILTIN_PRESETS:
+        return None
+    file = base_dir / spec.deepspeed
+    if not file.is_file():
+        preset = AXOLOTL_FILE_NAMES.get(Path(spec.deepspeed).name)
+        hint = (f"use the built-in preset: `deepspeed: {preset}`" if preset
+                else "built-in presets: " + ", ".join(BUILTIN_PRESETS))
+        raise ConfigError([Problem(("deepspeed",), f"no such file: {spec.deepspeed} (relative to the config)",
+                                   hint=hint)])
+    shown = str(file)
+    document = load_document(file.read_text(encoding="utf-8"), shown)
+    sources.documents[shown] = document
+    return DeepSpeedInput(name=shown, data=document.data)

@@ -1,0 +1,148 @@
+"""resolve(spec, target, …) → Plan: every hardware and distribution choice made explicit, with reasons.
+
+Pure: files the config points at (a local model's config.json, a DeepSpeed JSON) are read by
+the CLI and passed in as data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .. import __version__
+from ..errors import ConfigError, Problem
+from ..plan import BatchPlan, Decision, Plan
+from ..spec import BITSANDBYTES_OPTIMIZERS, Spec
+from ..targets import Target
+from .distribution import DeepSpeedInput, resolve_distribution
+from .hardware import resolve_attention, resolve_packing_attention, resolve_precision, resolve_tf32
+from .model import resolve_model
+
+__all__ = ["DeepSpeedInput", "ResolveInputs", "resolve"]
+
+
+@dataclass(frozen=True)
+class ResolveInputs:
+    """Everything resolve needs besides the Spec and the Target, already read from disk."""
+
+    config_name: str
+    config_sha256: str
+    target_sha256: str
+    local_model_config: dict[str, Any] | None = None
+    deepspeed_file: DeepSpeedInput | None = None
+
+
+def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings: list[Problem] = ()) -> Plan:
+    errors: list[Problem] = []
+    warnings: list[Problem] = list(spec_warnings)
+    decisions: list[Decision] = []
+
+    decisions.append(Decision("target", _target_words(target), target.detected or f"target {target.name}"))
+
+    precision, decision = resolve_precision(spec, target, errors)
+    decisions.append(decision)
+    tf32, decision = resolve_tf32(spec, target, warnings)
+    decisions.append(decision)
+    attention, decision = resolve_attention(spec, target, warnings)
+    decisions.append(decision)
+    packing, decision = resolve_packing_attention(spec, target, attention)
+    if decision:
+        decisions.append(decision)
+
+    load_in_4bit = spec.load_in_4bit or spec.adapter == "qlora"
+    load_in_8bit = spec.load_in_8bit
+    quantization_bits = 4 if load_in_4bit else 8 if load_in_8bit else None
+    optimizer = "adamw_8bit" if spec.optimizer == "adamw_bnb_8bit" else spec.optimizer
+    if target.on_cpu:
+        if quantization_bits:
+            key = "adapter" if spec.adapter == "qlora" else f"load_in_{quantization_bits}bit"
+            errors.append(Problem((key,), f"{quantization_bits}-bit loading uses bitsandbytes CUDA kernels; the "
+                                  "target is the CPU", hint="use adapter: lora without quantisation on the CPU"))
+        if optimizer in BITSANDBYTES_OPTIMIZERS:
+            errors.append(Problem(("optimizer",), f"{spec.optimizer} uses bitsandbytes CUDA kernels; the target "
+                                  "is the CPU", hint="use optimizer: adamw_torch"))
+    decisions.append(Decision("training", _training_words(spec, quantization_bits), _training_reason(spec)))
+
+    model, shape, decision = resolve_model(spec, inputs.local_model_config)
+    decisions.append(decision)
+
+    batch = BatchPlan(spec.micro_batch_size, spec.gradient_accumulation_steps, target.world_size,
+                      spec.sequence_len)
+    distribution, memory, strategy_decisions = resolve_distribution(
+        spec, target=target, batch=batch, precision=precision, model=model, shape=shape,
+        quantization_bits=quantization_bits, deepspeed_file=inputs.deepspeed_file,
+        errors=errors, warnings=warnings,
+    )
+    decisions += strategy_decisions
+    decisions.append(Decision("batch", f"{batch.effective_batch_size} sequences per step", batch.explanation()))
+    if memory is not None:
+        budget = f" of {memory.available:.0f} GiB" if memory.available else " (GPU memory unknown)"
+        decisions.append(Decision("memory", f"~{memory.total:.1f} GiB per GPU{budget}",
+                                  f"weights {memory.weights} + gradients {memory.gradients} + optimizer "
+                                  f"{memory.optimizer} + activations {memory.activations} + overhead "
+                                  f"{memory.overhead} GiB"))
+    if spec.offline:
+        decisions.append(Decision("network", "offline", "offline: true: HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and "
+                                  "TRANSFORMERS_OFFLINE are exported before Python starts"))
+    if errors:
+        raise ConfigError(errors)
+
+    return Plan(
+        spec=spec,
+        config_name=inputs.config_name,
+        target=target,
+        precision=precision,
+        tf32=tf32,
+        attention=attention,
+        packing_attention=packing,
+        load_in_4bit=load_in_4bit,
+        load_in_8bit=load_in_8bit,
+        optimizer=optimizer,
+        distribution=distribution,
+        batch=batch,
+        model=model,
+        memory=memory,
+        decisions=tuple(decisions),
+        warnings=tuple(warnings),
+        required_packages=_required_packages(spec, attention, distribution.strategy, quantization_bits, optimizer),
+        config_sha256=inputs.config_sha256,
+        target_sha256=inputs.target_sha256,
+        tunefile_version=__version__,
+    )
+
+
+def _target_words(target: Target) -> str:
+    if target.gpu is None:
+        return f"{target.nodes} node(s) × {target.gpus_per_node} CPU process(es)"
+    return f"{target.nodes} node(s) × {target.gpus_per_node} × {target.gpu.description}"
+
+
+def _training_words(spec: Spec, bits: int | None) -> str:
+    if spec.adapter is None:
+        return "full fine-tune"
+    kind = "QLoRA" if bits == 4 else "LoRA"
+    base = {4: " on a 4-bit NF4 base", 8: " on an 8-bit base"}.get(bits or 0, "")
+    return f"{kind} r={spec.lora_r} alpha={spec.lora_alpha}{base}"
+
+
+def _training_reason(spec: Spec) -> str:
+    if spec.adapter is None:
+        return "no adapter: every weight is trained"
+    if spec.lora_target_linear:
+        targets = "every linear layer"
+    else:
+        targets = ", ".join(spec.lora_target_modules or ["q_proj", "v_proj"])
+    return f"adapter: {spec.adapter} on {targets}; updates scale by alpha/r = {spec.lora_alpha / spec.lora_r:g}"
+
+
+def _required_packages(spec: Spec, attention: str, strategy: str, bits: int | None, optimizer: str) -> tuple[str, ...]:
+    packages = {"tunefile", "torch", "transformers", "accelerate", "safetensors", "datasets", "tokenizers"}
+    if spec.adapter:
+        packages.add("peft")
+    if bits or optimizer in BITSANDBYTES_OPTIMIZERS:
+        packages.add("bitsandbytes")
+    if strategy == "deepspeed":
+        packages.add("deepspeed")
+    if attention == "flash_attention_2":
+        packages.add("flash-attn")
+    return tuple(sorted(packages))

@@ -1,0 +1,157 @@
+"""DeepSpeed configs: built-in ZeRO presets or the user's JSON, always made concrete.
+
+Hugging Face's example configs leave many values as "auto" for the trainer to fill at launch. A
+reviewer cannot check "auto", so the bundle's deepspeed.json carries the numbers the run will use;
+any "auto" we cannot fill is an error naming its key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import Problem
+from ..models import ModelShape
+from ..plan import BatchPlan
+
+BUILTIN_PRESETS: dict[str, tuple[int, bool, bool]] = {
+    # name: (stage, offload optimizer state to CPU, offload parameters to CPU)
+    "zero1": (1, False, False),
+    "zero2": (2, False, False),
+    "zero2_offload": (2, True, False),
+    "zero3": (3, False, False),
+    "zero3_offload": (3, True, True),
+}
+# File names from Axolotl's deepspeed_configs/ folder, mapped to the preset to use instead.
+AXOLOTL_FILE_NAMES = {
+    "zero1.json": "zero1", "zero2.json": "zero2", "zero3.json": "zero3", "zero3_bf16.json": "zero3",
+    "zero1_torch_compile.json": "zero1", "zero3_bf16_cpuoffload_all.json": "zero3_offload",
+    "zero3_bf16_cpuoffload_params.json": "zero3_offload", "zero2_torch_compile.json": "zero2",
+}
+# DeepSpeed's own defaults, used when the model's hidden size is unknown.
+_DEFAULT_BUCKET = 500_000_000
+_DEFAULT_PREFETCH = 50_000_000
+_DEFAULT_PERSISTENCE = 100_000
+
+
+def _bucket_sizes(shape: ModelShape | None) -> dict[str, int]:
+    """The sizes the HF integration derives from hidden_size when a config says "auto"."""
+    if shape is None:
+        return {"reduce_bucket_size": _DEFAULT_BUCKET, "stage3_prefetch_bucket_size": _DEFAULT_PREFETCH,
+                "stage3_param_persistence_threshold": _DEFAULT_PERSISTENCE}
+    h = shape.hidden_size
+    return {"reduce_bucket_size": h * h, "stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "stage3_param_persistence_threshold": 10 * h}
+
+
+def _batch_and_precision(batch: BatchPlan, precision: str, max_grad_norm: float) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "train_batch_size": batch.effective_batch_size,
+        "train_micro_batch_size_per_gpu": batch.micro_batch_size,
+        "gradient_accumulation_steps": batch.gradient_accumulation_steps,
+        "gradient_clipping": max_grad_norm,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+    }
+    if precision == "fp16":
+        config["fp16"].update({"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000,
+                               "hysteresis": 2, "min_loss_scale": 1})
+    return config
+
+
+def builtin_config(name: str, *, batch: BatchPlan, precision: str, max_grad_norm: float,
+                   shape: ModelShape | None) -> dict[str, Any]:
+    stage, offload_optimizer, offload_params = BUILTIN_PRESETS[name]
+    buckets = _bucket_sizes(shape)
+    zero: dict[str, Any] = {"stage": stage, "overlap_comm": True, "contiguous_gradients": True,
+                            "reduce_bucket_size": buckets["reduce_bucket_size"]}
+    if stage in (1, 2):
+        zero.update({"allgather_partitions": True, "allgather_bucket_size": _DEFAULT_BUCKET, "reduce_scatter": True})
+    if stage == 3:
+        zero.update({
+            "stage3_prefetch_bucket_size": buckets["stage3_prefetch_bucket_size"],
+            "stage3_param_persistence_threshold": buckets["stage3_param_persistence_threshold"],
+            "stage3_max_live_parameters": 1_000_000_000,
+            "stage3_max_reuse_distance": 1_000_000_000,
+            "stage3_gather_16bit_weights_on_model_save": True,
+        })
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    config = _batch_and_precision(batch, precision, max_grad_norm)
+    config.update({
+        "zero_optimization": zero,
+        # The runtime builds the optimizer from `optimizer:`; let ZeRO wrap it (and bitsandbytes ones).
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1_000_000,
+        "wall_clock_breakdown": False,
+    })
+    if offload_optimizer:
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+def concretize_user_config(
+    user: dict[str, Any], *, file: str, batch: BatchPlan, precision: str, max_grad_norm: float,
+    shape: ModelShape | None,
+) -> tuple[dict[str, Any], list[Problem]]:
+    """Fill "auto" values of a user's DeepSpeed JSON; report conflicts with the YAML and leftovers."""
+    problems: list[Problem] = []
+    config = _deep_copy(user)
+    for section in ("optimizer", "scheduler"):
+        if section in config:
+            problems.append(Problem((section,), f"the `{section}` section is not used: tunefile builds it from "
+                                    f"the config's {'optimizer' if section == 'optimizer' else 'lr_scheduler'}",
+                                    hint=f"remove the `{section}` block from the JSON", at_key=True, file=file))
+    wanted = _batch_and_precision(batch, precision, max_grad_norm)
+    from_yaml = {"train_batch_size": "micro_batch_size × gradient_accumulation_steps × GPUs",
+                 "train_micro_batch_size_per_gpu": "micro_batch_size",
+                 "gradient_accumulation_steps": "gradient_accumulation_steps",
+                 "gradient_clipping": "max_grad_norm"}
+    for key, source in from_yaml.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != wanted[key]:
+            problems.append(Problem((key,), f"{given!r} contradicts the config's {source} ({wanted[key]})",
+                                    hint='set it to "auto" and let tunefile fill it', file=file))
+        config[key] = wanted[key]
+    for mode in ("bf16", "fp16"):
+        section = config.setdefault(mode, {})
+        if isinstance(section, dict):
+            section["enabled"] = wanted[mode]["enabled"] if section.get("enabled", "auto") == "auto" \
+                else section["enabled"]
+            if section["enabled"] != wanted[mode]["enabled"]:
+                problems.append(Problem((mode, "enabled"), f"{mode}.enabled={section['enabled']} contradicts the "
+                                        f"resolved precision ({precision})", file=file))
+    zero = config.get("zero_optimization")
+    if isinstance(zero, dict):
+        for key, value in _bucket_sizes(shape).items():
+            if zero.get(key) == "auto":
+                zero[key] = value
+    for path in _auto_paths(config):
+        problems.append(Problem(path, 'still "auto" and tunefile cannot tell its value',
+                                hint="write a number here", file=file))
+    config.setdefault("zero_allow_untested_optimizer", True)
+    return config, problems
+
+
+def zero_stage(config: dict[str, Any]) -> int:
+    zero = config.get("zero_optimization")
+    return int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
+
+
+def _deep_copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _deep_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(item) for item in value]
+    return value
+
+
+def _auto_paths(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str | int, ...]]:
+    if value == "auto":
+        return [path]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _auto_paths(item, (*path, key))]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in _auto_paths(item, (*path, index))]
+    return []

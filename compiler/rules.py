@@ -1,0 +1,118 @@
+"""Cross-field rules that need only the config (rules that need the hardware live in resolve/).
+
+Each rule adds Problems to one of two lists, so that every broken rule is reported in one round.
+Decisions recorded here (documented in the README):
+- ``adapter: qlora`` implies 4-bit loading; ``load_in_4bit: false`` or ``load_in_8bit: true`` with it is an error.
+- ``adapter: lora`` with ``load_in_4bit: true`` is QLoRA by another name: accepted with a warning.
+- 4/8-bit loading without an adapter is an error: quantised weights cannot be trained in place.
+"""
+
+from __future__ import annotations
+
+from .errors import Problem
+from .models import parse_parameter_count
+from .spec import Spec
+
+_CHAT_ONLY_KEYS = ("field_messages", "message_field_role", "message_field_content", "roles_to_train",
+                   "train_on_eos", "chat_template")
+_LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear", "lora_target_modules",
+              "lora_modules_to_save", "lora_model_dir")
+
+
+def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
+    errors: list[Problem] = []
+    warnings: list[Problem] = []
+    was_set = spec.model_fields_set
+
+    def error(key: str | tuple, message: str, hint: str | None = None) -> None:
+        errors.append(Problem(key if isinstance(key, tuple) else (key,), message, hint=hint))
+
+    def warn(key: str | tuple, message: str, hint: str | None = None) -> None:
+        warnings.append(Problem(key if isinstance(key, tuple) else (key,), message, hint=hint))
+
+    # --- distribution ---
+    if spec.deepspeed and spec.fsdp_config is not None:
+        error("deepspeed", "deepspeed and fsdp_config cannot both be set: they are two ways to shard the model",
+              hint="keep one: remove the `deepspeed:` line or the `fsdp_config:` block")
+    if spec.strategy == "deepspeed" and not spec.deepspeed:
+        error("strategy", "strategy: deepspeed needs a `deepspeed:` setting",
+              hint="add `deepspeed: zero2` (or zero1, zero3, zero2_offload, zero3_offload, a JSON file)")
+    if spec.strategy in ("ddp", "fsdp") and spec.deepspeed:
+        error("strategy", f"strategy: {spec.strategy} contradicts `deepspeed:`",
+              hint="remove one of the two lines")
+    if spec.strategy == "ddp" and spec.fsdp_config is not None:
+        error("strategy", "strategy: ddp contradicts `fsdp_config:`", hint="remove one of the two")
+    if spec.fsdp_config and spec.fsdp_config.activation_checkpointing and spec.gradient_checkpointing:
+        error(("fsdp_config", "activation_checkpointing"),
+              "fsdp_config.activation_checkpointing and gradient_checkpointing both checkpoint activations",
+              hint="keep one of them (FSDP's own is the one to keep with FSDP)")
+
+    # --- adapter and quantisation ---
+    if spec.adapter == "qlora":
+        if "load_in_4bit" in was_set and not spec.load_in_4bit:
+            error("load_in_4bit", "adapter: qlora trains LoRA on a 4-bit base; load_in_4bit: false contradicts it",
+                  hint="remove `load_in_4bit: false` (qlora implies 4-bit), or use adapter: lora")
+        if spec.load_in_8bit:
+            error("load_in_8bit", "adapter: qlora loads the base in 4-bit, not 8-bit",
+                  hint="remove `load_in_8bit`, or use adapter: lora with load_in_8bit")
+    if spec.load_in_4bit and spec.load_in_8bit:
+        error("load_in_8bit", "load_in_4bit and load_in_8bit cannot both be true")
+    if spec.adapter is None:
+        for key in ("load_in_4bit", "load_in_8bit"):
+            if getattr(spec, key):
+                error(key, f"{key} without an adapter: quantised weights cannot be trained directly",
+                      hint="add `adapter: qlora` (4-bit) or `adapter: lora` (8-bit), or remove the line")
+        for key in _LORA_KEYS:
+            if key in was_set:
+                if key == "lora_model_dir":
+                    error(key, "lora_model_dir needs `adapter: lora` or `adapter: qlora`")
+                else:
+                    warn(key, "ignored: no adapter is set, so this is a full fine-tune",
+                         hint="add `adapter: lora` to train an adapter")
+    elif spec.adapter == "lora" and spec.load_in_4bit:
+        warn("load_in_4bit", "adapter: lora on a 4-bit base is QLoRA; it is compiled as adapter: qlora",
+             hint="write `adapter: qlora` to say so")
+
+    # --- schedule and cadence ---
+    if spec.warmup_steps is not None and spec.warmup_ratio is not None:
+        error("warmup_ratio", "warmup_steps and warmup_ratio cannot both be set", hint="keep one of them")
+    if spec.save_steps is not None and spec.saves_per_epoch is not None:
+        error("saves_per_epoch", "save_steps and saves_per_epoch cannot both be set", hint="keep one of them")
+    if spec.eval_steps is not None and spec.evals_per_epoch is not None:
+        error("evals_per_epoch", "eval_steps and evals_per_epoch cannot both be set", hint="keep one of them")
+    if spec.val_set_size == 0:
+        for key in ("eval_steps", "evals_per_epoch"):
+            if getattr(spec, key) is not None:
+                warn(key, "no evaluation will run: val_set_size is 0", hint="set val_set_size, e.g. 0.05")
+
+    # --- precision and attention ---
+    if spec.bf16 is True and spec.fp16:
+        error("fp16", "bf16 and fp16 cannot both be true", hint="keep one (bf16 where the GPU supports it)")
+    chosen = [key for key in ("flash_attention", "sdp_attention", "eager_attention") if getattr(spec, key)]
+    if len(chosen) > 1:
+        error(chosen[1], f"choose one attention implementation; {' and '.join(chosen)} are all set")
+    if spec.sample_packing and spec.eager_attention:
+        error("sample_packing", "sample_packing needs attention that isolates packed samples; eager attention "
+              "does not take tunefile's varlen or block-mask paths",
+              hint="use flash_attention: true or sdp_attention: true (the default)")
+
+    # --- data ---
+    if spec.chat_template_jinja and spec.chat_template not in (None, "jinja"):
+        error("chat_template_jinja", "chat_template and chat_template_jinja are both set",
+              hint="remove `chat_template:` or set it to jinja")
+    for index, dataset in enumerate(spec.datasets):
+        for key in dataset.model_fields_set:
+            if key in _CHAT_ONLY_KEYS and dataset.type != "chat_template":
+                error(("datasets", index, key), f"{key} applies only to type: chat_template datasets "
+                      f"(this one is {dataset.type})", hint=f"remove `{key}` or change the type")
+            if key == "field" and dataset.type != "completion":
+                error(("datasets", index, key), f"field applies only to type: completion datasets "
+                      f"(this one is {dataset.type})", hint="chat_template datasets use field_messages")
+    if spec.train_on_inputs and not any(d.type == "alpaca" for d in spec.datasets):
+        warn("train_on_inputs", "applies to alpaca datasets only; none is listed")
+
+    # --- hints ---
+    if spec.model_parameters is not None and parse_parameter_count(spec.model_parameters) is None:
+        error("model_parameters", f"cannot read a parameter count from {spec.model_parameters!r}",
+              hint="write a number or one with a suffix: 8B, 350M")
+    return errors, warnings
