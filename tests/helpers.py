@@ -1,0 +1,38 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+GOLDEN_CONFIGS = REPO / "tests" / "golden_configs"
+GOLDEN = REPO / "golden"
+
+
+def require_tool(name: str) -> str:
+    """The path of a real tool a test needs; a skip on a laptop, a failure in CI (CI=true)."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (.ci/run installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+MINIMAL = """\
+base_model: meta-llama/Llama-3.1-8B
+datasets:
+  - path: data/alpaca.jsonl
+    type: alpaca
+"""
