@@ -108,8 +108,9 @@ def compile_config(path: Path, options: TargetOptions, sources: Sources | None =
 def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: Sources) -> Target:
     flag_problems = []
     if options.gpu is not None and options.gpu not in (*TARGET_NAMES, UNSPECIFIED):
-        flag_problems.append(Problem((), f"--gpu: unknown GPU {options.gpu!r}" + did_you_mean(options.gpu, TARGET_NAMES),
-                                     hint="built-in GPUs: " + ", ".join(TARGET_NAMES), file="command line", line=1))
+        message = f"--gpu: unknown GPU {options.gpu!r}" + did_you_mean(options.gpu, TARGET_NAMES)
+        flag_problems.append(Problem((), message, hint="built-in GPUs: " + ", ".join(TARGET_NAMES),
+                                     file="command line", line=1))
     for flag, value in (("--nodes", options.nodes), ("--gpus-per-node", options.gpus_per_node)):
         if value is not None and value < 1:
             flag_problems.append(Problem((), f"{flag} must be at least 1", file="command line", line=1))

@@ -157,7 +157,9 @@ class Spec(_Strict):
     )
     lora_model_dir: str | None = _field(None, description="Existing adapter to continue training.", group="adapter")
     lora_r: int = _field(8, ge=1, le=4096, description="Rank of the LoRA matrices.", group="adapter")
-    lora_alpha: int = _field(16, ge=1, le=65536, description="LoRA scaling: updates scale by alpha / r.", group="adapter")
+    lora_alpha: int = _field(
+        16, ge=1, le=65536, description="LoRA scaling: updates scale by alpha / r.", group="adapter"
+    )
     lora_dropout: float = _field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.", group="adapter")
     lora_target_linear: bool = _field(
         False, description="Apply LoRA to every linear layer except the output head.", group="adapter"

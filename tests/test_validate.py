@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from helpers import MINIMAL
 from tunefile.compiler.errors import ConfigError, format_path
 from tunefile.compiler.loader import load_document
@@ -32,7 +31,8 @@ def test_minimal_config_is_valid() -> None:
     "extra, expected",
     [
         ("lora_alpah: 64\n", "5:1: lora_alpah: unknown key; did you mean lora_alpha?"),
-        ("fsdp_config:\n  ofload_params: true\n", "6:3: fsdp_config.ofload_params: unknown key; did you mean offload_params?"),
+        ("fsdp_config:\n  ofload_params: true\n",
+         "6:3: fsdp_config.ofload_params: unknown key; did you mean offload_params?"),
         ("special_tokens:\n  pad_tokn: x\n", "6:3: special_tokens.pad_tokn: unknown key; did you mean pad_token?"),
         ("sequence_length: 10\n", "5:1: sequence_length: unknown key; did you mean sequence_len?"),
     ],
