@@ -140,6 +140,10 @@ def compile_command(config: Path, output: Path | None, force: bool, sources: Any
     names = ", ".join(sorted(compilation.files))
     click.echo(f"Wrote {out_dir}/ ({names})")
     click.echo(f"Run it: bash {out_dir}/launch.sh   or on SLURM: sbatch {out_dir}/job.sbatch")
+    log_dir = compilation.plan.target.slurm.log_dir
+    if log_dir:
+        click.echo(f"Before sbatch: mkdir -p {log_dir}   (SLURM does not create the log folder; the job fails "
+                   "silently without it)")
 
 
 @cli.command()

@@ -11,7 +11,7 @@ the concrete value that was chosen.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -135,7 +135,7 @@ class Spec(_Strict):
         None, description="Hub id or directory of the tokenizer, when not the base model's.", group="model"
     )
     trust_remote_code: bool = _field(False, description="Allow model code from the Hub to run.", group="model")
-    model_parameters: str | int | None = _field(
+    model_parameters: str | Annotated[int, Field(ge=1)] | None = _field(
         None,
         description="tunefile: parameter count for the memory estimate when the model is neither local nor "
         "in the built-in table, as a number or with a suffix (8B, 350M).",

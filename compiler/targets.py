@@ -126,6 +126,7 @@ _TARGET_FILE_KEYS = {
 }
 _SLURM_TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_SBATCH_SAFE = re.compile(r"^[A-Za-z0-9._:/%@+,=#-]+$")  # #SBATCH values cannot be quoted
 
 
 def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list[Problem]]:
@@ -154,6 +155,13 @@ def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list
         bad(("gpu",), f"unknown GPU {gpu_name!r}" + did_you_mean(gpu_name, TARGET_NAMES),
             hint="built-in GPUs: " + ", ".join(TARGET_NAMES))
         gpu_name = UNSPECIFIED
+    for key in ("partition", "account", "qos", "mem", "constraint", "job_name", "log_dir"):
+        if key in data and not _SBATCH_SAFE.match(data[key]):
+            bad((key,), f"{data[key]!r} cannot go on an #SBATCH line",
+                hint="use letters, digits and ._:/%@+,=#- only (no spaces, quotes or $)")
+    for key in ("container",):
+        if key in data and ("\n" in data[key] or not data[key].strip()):
+            bad((key,), "must be one non-empty line")
     if "time" in data and not _SLURM_TIME.match(data["time"]):
         bad(("time",), f"not a SLURM time limit: {data['time']!r}", hint="use D-HH:MM:SS, HH:MM:SS or minutes")
     env = data.get("env", {})
@@ -162,10 +170,12 @@ def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list
             bad(("env", key), f"not a valid environment variable name: {key!r}", at_key=True)
         elif not isinstance(value, (str, int, float)) or isinstance(value, bool):
             bad(("env", key), "environment values must be strings or numbers")
+        elif "\n" in str(value) or "\0" in str(value):
+            bad(("env", key), "environment values must be one line")
     for list_key in ("modules", "setup"):
         for index, item in enumerate(data.get(list_key, [])):
-            if not isinstance(item, str):
-                bad((list_key, index), "must be a string")
+            if not isinstance(item, str) or "\n" in item:
+                bad((list_key, index), "must be a one-line string")
 
     slurm = SlurmSettings(
         **{key: data[key] for key in ("partition", "account", "qos", "time", "cpus_per_task", "mem",

@@ -53,10 +53,10 @@ def test_hints_follow_the_error(tmp_path: Path) -> None:
 
 
 def test_validate_prints_warnings_and_passes(tmp_path: Path) -> None:
-    config = write(tmp_path / "c.yml", MINIMAL + "flash_attention: true\n")
+    config = write(tmp_path / "c.yml", MINIMAL + "adapter: lora\ngradient_checkpointing: true\nflash_attention: true\n")
     code, out, err = run("validate", str(config), "--gpu", "v100-32gb")
     assert code == 0 and "valid (1 warning)" in out
-    assert f"{config}:5:18: warning: flash_attention:" in err
+    assert f"{config}:7:18: warning: flash_attention:" in err
 
 
 def test_explain_gives_a_reason_for_each_choice() -> None:

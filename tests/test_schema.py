@@ -52,7 +52,7 @@ def test_every_property_has_description_type_default_and_range() -> None:
         assert required or "default" in node, f"{name} is optional but has no default"
         for option in node.get("anyOf", [node]):
             if option.get("type") in ("integer", "number"):
-                assert {"minimum", "exclusiveMinimum"} & set(option), f"{name} has no lower bound"
+                assert {"minimum", "exclusiveMinimum", "enum"} & set(option), f"{name} has no range"
 
 
 GOOD = sorted((REPO / "tests" / "golden_configs").glob("*.yml")) + [REPO / "examples" / "demo.yml"]
