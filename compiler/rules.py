@@ -111,8 +111,23 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
     if spec.train_on_inputs and not any(d.type == "alpaca" for d in spec.datasets):
         warn("train_on_inputs", "applies to alpaca datasets only; none is listed")
 
+    # --- text that reaches scripts and comments ---
+    for path, text in _strings(spec.model_dump(exclude={"chat_template_jinja"})):
+        if "\n" in text or "\r" in text or "\0" in text:
+            error(path, "must be a single line (it is written into the bundle's scripts and comments)")
+
     # --- hints ---
     if spec.model_parameters is not None and parse_parameter_count(spec.model_parameters) is None:
         error("model_parameters", f"cannot read a parameter count from {spec.model_parameters!r}",
               hint="write a number or one with a suffix: 8B, 350M")
     return errors, warnings
+
+
+def _strings(value: object, path: tuple = ()) -> list[tuple[tuple, str]]:
+    if isinstance(value, str):
+        return [(path, value)]
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in _strings(item, (*path, key))]
+    if isinstance(value, list):
+        return [found for index, item in enumerate(value) for found in _strings(item, (*path, index))]
+    return []

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from helpers import GOLDEN_CONFIGS, MINIMAL, REPO, write
 from tunefile.compiler.cli import cli
 

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from helpers import GOLDEN, GOLDEN_CONFIGS, require_tool
 from tunefile.compiler.pipeline import TargetOptions
 from tunefile.compiler.review import check_golden, find_configs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tunefile.compiler.errors import ConfigError
 from tunefile.compiler.loader import Mark, load_document
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+
 from helpers import MINIMAL
 from tunefile.compiler.errors import ConfigError
 from tunefile.compiler.loader import load_document

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from click.testing import CliRunner
+
 from helpers import GOLDEN_CONFIGS, MINIMAL, write
 from tunefile.compiler.cli import cli
 

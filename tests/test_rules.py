@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from helpers import MINIMAL
 from tunefile.compiler.errors import ConfigError
 from tunefile.compiler.loader import load_document

@@ -8,6 +8,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+
 from helpers import MINIMAL, REPO
 from tunefile.compiler.errors import ConfigError
 from tunefile.compiler.loader import load_document

@@ -21,17 +21,17 @@ def _fsdp_section(fsdp: FsdpPlan) -> dict[str, Any]:
         "fsdp_state_dict_type": fsdp.state_dict_type,
         "fsdp_reshard_after_forward": fsdp.reshard_after_forward,
         "fsdp_cpu_ram_efficient_loading": fsdp.cpu_ram_efficient_loading,
-        # Rank 0 loads the weights when loading is RAM-efficient; the others receive them.
-        "fsdp_sync_module_states": fsdp.cpu_ram_efficient_loading,
         "fsdp_activation_checkpointing": fsdp.activation_checkpointing,
-        "fsdp_use_orig_params": True,
     }
     if fsdp.layer_cls_to_wrap:
         section["fsdp_transformer_layer_cls_to_wrap"] = fsdp.layer_cls_to_wrap
     if fsdp.version == 1:
-        section["fsdp_sharding_strategy"] = "FULL_SHARD"
+        # FSDP1 spells resharding as a sharding strategy and needs the flags FSDP2 made redundant.
+        del section["fsdp_reshard_after_forward"]
+        section["fsdp_sharding_strategy"] = "FULL_SHARD" if fsdp.reshard_after_forward else "SHARD_GRAD_OP"
         section["fsdp_backward_prefetch"] = "BACKWARD_PRE"
-        section["fsdp_reshard_after_forward"] = "FULL_SHARD" if fsdp.reshard_after_forward else "SHARD_GRAD_OP"
+        section["fsdp_sync_module_states"] = fsdp.cpu_ram_efficient_loading
+        section["fsdp_use_orig_params"] = True
     return section
 
 
