@@ -57,7 +57,7 @@ def resolve_model(spec: Spec, local_config: dict[str, Any] | None) -> tuple[Mode
     )
     if parameters:
         value = f"{format_count(parameters)} parameters"
-        reason = f"from {source}" + (f"; architecture {architecture}" if architecture else "")
+        reason = f"read from the {source}" + (f"; architecture {architecture}" if architecture else "")
     else:
         value, reason = "unknown size", "not local, not in the built-in table, no model_parameters hint"
     return info, shape, Decision("model", value, reason)
