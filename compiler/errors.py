@@ -55,7 +55,11 @@ def format_path(path: KeyPath) -> str:
 
 def suggest(word: str, choices: Iterable[str]) -> str | None:
     """The closest known name to a misspelt one, if any is close enough to be a likely typo."""
-    matches = difflib.get_close_matches(word, sorted(set(choices)), n=1, cutoff=0.6)
+    names = sorted(set(choices))
+    extensions = [name for name in names if name.startswith(word)]  # `h100` → `h100-80gb`, not `h200`
+    if word and extensions:
+        return min(extensions, key=len)
+    matches = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
     return matches[0] if matches else None
 
 

@@ -33,6 +33,8 @@ from .targets import (
 )
 from .validate import validate_document
 
+COMMAND_LINE = "command line"  # Problem.file of mistakes in flags, which have no line to point at
+
 
 @dataclass(frozen=True)
 class TargetOptions:
@@ -70,8 +72,10 @@ class Sources:
         return sorted(problems, key=self.locate)
 
     def format(self, problem: Problem, *, severity: str = "") -> str:
-        name, line, column = self.locate(problem)
         prefix = f"{severity}: " if severity else ""
+        if problem.file == COMMAND_LINE:
+            return f"tunefile: {prefix}{problem.message}" + (f"\n    hint: {problem.hint}" if problem.hint else "")
+        name, line, column = self.locate(problem)
         text = f"{name}:{line}:{column}: {prefix}{format_path(problem.path)}: {problem.message}"
         return text + (f"\n    hint: {problem.hint}" if problem.hint else "")
 
@@ -110,10 +114,10 @@ def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: So
     if options.gpu is not None and options.gpu not in (*TARGET_NAMES, UNSPECIFIED):
         message = f"--gpu: unknown GPU {options.gpu!r}" + did_you_mean(options.gpu, TARGET_NAMES)
         flag_problems.append(Problem((), message, hint="built-in GPUs: " + ", ".join(TARGET_NAMES),
-                                     file="command line", line=1))
+                                     file=COMMAND_LINE, line=1))
     for flag, value in (("--nodes", options.nodes), ("--gpus-per-node", options.gpus_per_node)):
         if value is not None and value < 1:
-            flag_problems.append(Problem((), f"{flag} must be at least 1", file="command line", line=1))
+            flag_problems.append(Problem((), f"{flag} must be at least 1", file=COMMAND_LINE, line=1))
     if flag_problems:
         raise ConfigError(flag_problems)
 
@@ -131,7 +135,7 @@ def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: So
             problem = Problem(("target",), f"target {name!r} is neither a built-in name nor a file",
                               hint="built-in targets: " + ", ".join((*TARGET_NAMES, "detect")))
             if options.target:
-                problem = Problem((), problem.message, hint=problem.hint, file="command line", line=1)
+                problem = Problem((), problem.message, hint=problem.hint, file=COMMAND_LINE, line=1)
             raise ConfigError([problem])
         document = load_document(file.read_text(encoding="utf-8"), shown)
         sources.documents[shown] = document

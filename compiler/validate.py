@@ -83,6 +83,8 @@ def _problems_from_pydantic(exc: ValidationError, data: Any) -> list[Problem]:
         else:
             value = _value_at(data, path)
             messages = sorted({_message(error) for error in errors})
+            # Union members each report; "expected a or expected b" reads as "expected a or b".
+            messages = messages[:1] + [message.removeprefix("expected ") for message in messages[1:]]
             problems.append(Problem(path, f"{' or '.join(messages)} (got {_show(value)})"))
     return problems
 

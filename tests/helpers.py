@@ -7,6 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from tunefile.compiler.cli import cli
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN_CONFIGS = REPO / "tests" / "golden_configs"
@@ -36,3 +39,9 @@ datasets:
   - path: data/alpaca.jsonl
     type: alpaca
 """
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run `tunefile ARGS` in-process: (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.stdout, result.stderr

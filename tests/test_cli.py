@@ -7,15 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
 from helpers import GOLDEN_CONFIGS, MINIMAL, REPO, write
-from tunefile.compiler.cli import cli
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
+from helpers import run_cli as run
 
 
 @pytest.fixture
@@ -78,7 +72,7 @@ def test_flags_override_the_target() -> None:
 def test_unknown_gpu_flag(tmp_path: Path) -> None:
     config = write(tmp_path / "c.yml", MINIMAL)
     code, _, err = run("validate", str(config), "--gpu", "h100")
-    assert code == 2 and "unknown GPU 'h100'" in err
+    assert code == 2 and "tunefile: error: --gpu: unknown GPU 'h100'; did you mean h100-80gb?" in err
 
 
 def test_target_file_errors_are_located_in_the_target_file(tmp_path: Path) -> None:

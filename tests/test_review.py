@@ -5,15 +5,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from click.testing import CliRunner
-
 from helpers import GOLDEN_CONFIGS, MINIMAL, write
-from tunefile.compiler.cli import cli
-
-
-def run(*args: str) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, list(args))
-    return result.exit_code, result.stdout, result.stderr
+from helpers import run_cli as run
 
 
 def test_diff_of_two_configs_shows_the_changed_lines(tmp_path: Path) -> None:
