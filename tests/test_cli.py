@@ -127,3 +127,13 @@ def test_compile_does_not_import_torch(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "no heavy imports" in result.stdout
+
+
+def test_deepspeed_json_problems_point_into_the_json(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.yml", MINIMAL + "deepspeed: ds.json\n")
+    write(tmp_path / "ds.json", '{\n  "zero_optimization": {"stage": 2},\n  "train_micro_batch_size_per_gpu": 4,\n'
+          '  "sub_group_size": "auto"\n}\n')
+    code, _, err = run("validate", str(config), "--gpus-per-node", "2")
+    assert code == 2
+    assert f"{tmp_path / 'ds.json'}:3:37: error: train_micro_batch_size_per_gpu: 4 contradicts" in err
+    assert f"{tmp_path / 'ds.json'}:4:21: error: sub_group_size: still \"auto\"" in err
