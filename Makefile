@@ -4,28 +4,48 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TUNEFILE := $(VENV)/bin/tunefile
 
-.PHONY: install demo test lint golden schema docs bench clean
+.PHONY: install demo test test-gpu lint golden schema bench clean
 
-# A virtual environment with tunefile installed in editable mode (compiler only: no torch).
+# torch goes in first, pinned: on the project's machines this takes a CPU wheel from local disk,
+# where an unpinned resolve by another package could fetch a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+
+# A virtual environment with tunefile installed in editable mode, with the runtime and dev tools.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q '$(TORCH_SPEC)'
+	$(PY) -m pip install -q -e '.[train,dev]'
+	# DeepSpeed builds against the installed torch (hence no build isolation); its ops compile just in
+	# time where they are used, so it installs on the CPU and tests parse its config there.
+	$(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.15'
 	touch $@
 
 install: $(VENV)/.installed
 
-# The main job on the embedded default: validate, explain and compile examples/demo.yml, then verify it.
+# The main job on the embedded default: a tiny random model, examples/demo.yml compiled for the
+# detected hardware, about a minute of LoRA training, then where the adapter is.
 demo: install
-	$(TUNEFILE) validate examples/demo.yml
+	rm -rf demo-out
+	$(TUNEFILE) tiny-model demo-out/tiny-model
 	$(TUNEFILE) explain examples/demo.yml
-	$(TUNEFILE) compile examples/demo.yml --output demo-out/bundle --force
-	$(TUNEFILE) verify demo-out/bundle
-	@echo "Read the bundle: demo-out/bundle/README.md, launch.sh, job.sbatch, config.yaml"
+	$(TUNEFILE) train examples/demo.yml
+	$(TUNEFILE) verify demo-out/outputs/bundle
+	@echo
+	@echo "The adapter is in demo-out/outputs/ (adapter_model.safetensors); the bundle that ran is demo-out/outputs/bundle/."
+	@echo "Try it:"
+	@echo "  $(PY) -c \"from transformers import AutoTokenizer, AutoModelForCausalLM; from peft import PeftModel; \\"
+	@echo "    tok = AutoTokenizer.from_pretrained('demo-out/outputs'); base = AutoModelForCausalLM.from_pretrained('demo-out/tiny-model'); \\"
+	@echo "    model = PeftModel.from_pretrained(base, 'demo-out/outputs'); \\"
+	@echo "    ids = tok('Add the two numbers.', return_tensors='pt').input_ids; print(tok.decode(model.generate(ids, max_new_tokens=8)[0]))\""
 
+# CPU tests; tests marked `gpu` run on a GPU machine with `make test-gpu`.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not gpu"
 	$(VENV)/bin/ruff check compiler runtime tests bench
+
+test-gpu: install
+	$(PY) -m pytest -q -m gpu
 
 lint: install
 	$(VENV)/bin/ruff check compiler runtime tests bench

@@ -61,6 +61,9 @@ def _reports_problems(command: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(EXIT_INVALID)
         except click.exceptions.Exit:
             raise
+        except BrokenPipeError:  # `tunefile explain … | head`: the reader left; not an error of ours
+            sys.stderr.close()
+            sys.exit(0)
         except Exception as exc:  # noqa: BLE001 - the user gets one line, --debug gets the traceback
             if debug:
                 raise
@@ -144,6 +147,59 @@ def compile_command(config: Path, output: Path | None, force: bool, sources: Any
     if log_dir:
         click.echo(f"Before sbatch: mkdir -p {log_dir}   (SLURM does not create the log folder; the job fails "
                    "silently without it)")
+
+
+def _run_runtime(*args: str) -> int:
+    """Run `python -m tunefile.runtime ARGS` in this environment; the compiler itself never imports torch."""
+    import subprocess
+
+    return subprocess.call([sys.executable, "-m", "tunefile.runtime", *args])
+
+
+def _compile_own_bundle(config: Path, sources: Any, options: Any) -> Path:
+    """Compile into <output_dir>/bundle, replacing the bundle a previous train/preprocess left there."""
+    from .bundle import write_bundle
+    from .pipeline import compile_config
+
+    compilation = compile_config(config, options, sources)
+    _print_warnings(compilation.plan, sources)
+    out_dir = Path(compilation.plan.spec.output_dir) / "bundle"
+    write_bundle(compilation.files, out_dir, force=True)
+    click.echo(f"Compiled {config} into {out_dir}/ (target {compilation.plan.target.name})", err=True)
+    return out_dir
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@_target_flags
+@_reports_problems
+def train(config: Path, sources: Any, **flags: Any) -> None:
+    """Compile CONFIG into <output_dir>/bundle and run its launch.sh (detects the local GPUs by default)."""
+    import subprocess
+    from dataclasses import replace
+
+    options = replace(_options(**flags), fallback_target="detect")
+    bundle = _compile_own_bundle(config, sources, options)
+    sys.exit(subprocess.call(["bash", str(bundle / "launch.sh")]))
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option("--show", type=int, default=0, metavar="N", help="Print N tokenised examples, trained tokens marked.")
+@_target_flags
+@_reports_problems
+def preprocess(config: Path, show: int, sources: Any, **flags: Any) -> None:
+    """Tokenise CONFIG's datasets into dataset_prepared_path and print a summary."""
+    bundle = _compile_own_bundle(config, sources, _options(**flags))
+    sys.exit(_run_runtime("preprocess", str(bundle / "config.yaml"), "--show", str(show)))
+
+
+@cli.command(name="tiny-model")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.option("--arch", type=click.Choice(["llama", "mistral", "qwen2"]), default="llama", show_default=True)
+def tiny_model(directory: Path, arch: str) -> None:
+    """Build a tiny random model with a locally trained tokenizer in DIRECTORY (tests, demos, smoke runs)."""
+    sys.exit(_run_runtime("tiny-model", str(directory), "--arch", arch))
 
 
 @cli.command()

@@ -44,6 +44,8 @@ class TargetOptions:
     nodes: int | None = None
     gpus_per_node: int | None = None
     gpu: str | None = None
+    # Used when neither --target nor the config's `target:` names one (`tunefile train` detects).
+    fallback_target: str | None = None
 
 
 @dataclass
@@ -121,7 +123,10 @@ def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: So
     if flag_problems:
         raise ConfigError(flag_problems)
 
-    name, relative_to = (options.target, Path.cwd()) if options.target else (spec.target, base_dir)
+    if options.target:
+        name, relative_to = options.target, Path.cwd()
+    else:
+        name, relative_to = spec.target or options.fallback_target, base_dir
     if name is None:
         target = default_target()
     elif name in (*TARGET_NAMES, UNSPECIFIED):

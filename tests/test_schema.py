@@ -56,7 +56,9 @@ def test_every_property_has_description_type_default_and_range() -> None:
                 assert {"minimum", "exclusiveMinimum", "enum"} & set(option), f"{name} has no range"
 
 
-GOOD = sorted((REPO / "tests" / "golden_configs").glob("*.yml")) + [REPO / "examples" / "demo.yml"]
+GOOD = sorted((REPO / "tests" / "golden_configs").glob("*.yml")) + [
+    REPO / "examples" / name for name in ("demo.yml", "llama3-lora.yml", "multi-gpu-fsdp2.yml")
+]
 BAD = {
     "unknown top-level key": MINIMAL + "lora_alpah: 3\n",
     "unknown nested key": MINIMAL + "fsdp_config:\n  offload: true\n",
