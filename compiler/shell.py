@@ -1,4 +1,9 @@
-"""Making values safe for the shell scripts of a bundle."""
+"""Making values safe for the shell scripts of a bundle.
+
+Every value from the plan that reaches launch.sh or job.sbatch passes through one of these:
+``shell_quote`` (one shell word, the Jinja filter ``q``), ``one_line`` (comment text),
+``shell_name`` (a variable name after ``export``) or ``sbatch_value`` (an ``#SBATCH`` value).
+"""
 
 from __future__ import annotations
 
@@ -8,25 +13,32 @@ import shlex
 # SLURM reads #SBATCH lines itself, without a shell: values there cannot be quoted, so only
 # characters SLURM takes literally are allowed (letters, digits and . _ - : / % @ + , = #).
 _SBATCH_SAFE = re.compile(r"^[A-Za-z0-9._:/%@+,=#-]+$")
+_SHELL_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 class UnsafeValueError(ValueError):
     """A value that cannot be placed in a generated script."""
 
 
-def shell_quote(value: object) -> str:
-    """Quote a value as one shell word; reject what no quoting makes readable (newlines, NUL)."""
+def one_line(value: object) -> str:
+    """Text for one line of a script; a line break would turn the rest of a comment into code,
+    and NUL cannot be stored in a shell word at all."""
     text = str(value)
     if "\n" in text or "\r" in text or "\0" in text:
         raise UnsafeValueError(f"{text!r} contains a line break or NUL and cannot go into a shell script")
-    return shlex.quote(text)
+    return text
 
 
-def one_line(value: object) -> str:
-    """Text for a comment line of a script: a line break would turn the rest into code."""
+def shell_quote(value: object) -> str:
+    """Quote a value as exactly one shell word (``shlex.quote``) after ``one_line``'s check."""
+    return shlex.quote(one_line(value))
+
+
+def shell_name(value: object) -> str:
+    """An environment variable name for ``export NAME=…``; names cannot be quoted."""
     text = str(value)
-    if "\n" in text or "\r" in text or "\0" in text:
-        raise UnsafeValueError(f"{text!r} contains a line break and cannot go into a script comment")
+    if not _SHELL_NAME.match(text):
+        raise UnsafeValueError(f"{text!r} is not a valid environment variable name")
     return text
 
 

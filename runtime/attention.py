@@ -1,0 +1,163 @@
+"""Attention isolation between packed samples.
+
+A packed row holds several samples end to end; `position_ids` restart at 0 where each sample starts
+(the data side's collate guarantees it). Causal attention alone would let a sample see the ones
+packed before it, so every path here keeps attention inside a sample:
+
+- ``block_mask``: a 4D block-diagonal causal mask, passed as ``attention_mask``. transformers returns
+  a 4D mask unchanged (``masking_utils._preprocess_mask_arguments``), so SDPA and eager use it as is.
+  Works everywhere, costs O(L²) memory per row.
+- ``torch_varlen``: PyTorch's own varlen kernel (``torch.nn.attention.varlen.varlen_attn``, CUDA only),
+  registered as an attention function and fed ``cu_seq_lens``; no mask at all.
+- ``flash_varlen``: transformers' ``flash_attention_2`` fed the same ``cu_seq_lens`` kwargs
+  (``_flash_attention_forward`` takes them as given instead of re-deriving them in every layer).
+
+The kwargs are computed once per batch, in `packing_forward_kwargs`, and flow through the model's
+``**kwargs`` down to every attention call.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+TORCH_VARLEN = "tunefile_torch_varlen"  # the name our varlen function is registered under
+
+
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, L] ids, equal within one packed sample: a sample starts wherever the position does not
+    continue the previous one (position 0 after anything, or the row's first token)."""
+    starts = torch.ones_like(position_ids, dtype=torch.bool)
+    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    return starts.long().cumsum(dim=-1)
+
+
+def block_causal_mask(position_ids: torch.Tensor, *, additive_dtype: torch.dtype | None = None,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """[B, 1, L, L] mask letting token q see token k only when both are in the same sample and k <= q.
+
+    Boolean (True = attend) for SDPA; additive (0 or dtype-min) when ``additive_dtype`` is given,
+    because eager attention adds the mask to the scores. Every row keeps its diagonal, so no
+    softmax row is empty (padding forms its own segments)."""
+    seg = segment_ids(position_ids)
+    length = position_ids.shape[-1]
+    idx = torch.arange(length, device=position_ids.device)
+    causal = idx[None, :] <= idx[:, None]  # [q, k]
+    if sliding_window is not None:
+        causal = causal & (idx[:, None] - idx[None, :] < sliding_window)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & causal[None]
+    allowed = allowed[:, None]  # head dimension, broadcast
+    if additive_dtype is None:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=additive_dtype, device=position_ids.device)
+    return mask.masked_fill(~allowed, torch.finfo(additive_dtype).min)
+
+
+def varlen_metadata(position_ids: torch.Tensor) -> dict[str, Any]:
+    """cu_seq_lens / max_length over the batch flattened to one stream of B*L tokens; each row start
+    is a sample start too, so rows never run into each other."""
+    seg = segment_ids(position_ids)
+    # Make segment ids unique across rows, then count the run lengths of the flattened stream.
+    seg = seg + torch.arange(seg.shape[0], device=seg.device)[:, None] * (seg.shape[1] + 1)
+    _, lengths = torch.unique_consecutive(seg.flatten(), return_counts=True)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=position_ids.device)
+    cu[1:] = lengths.cumsum(0)
+    max_len = int(lengths.max())  # one host sync per batch, not per layer
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
+
+
+def torch_varlen_available(device_type: str) -> bool:
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return False
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def torch_varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    max_length_k: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention-function signature: query/key/value [B, H, L, D] → output [B, L, H, D]."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    if cu_seq_lens_q is None or max_length_q is None:
+        raise RuntimeError("torch_varlen attention needs cu_seq_lens_q/max_length_q; "
+                           "call the model with attention.packing_forward_kwargs(...)")
+    if dropout and module.training:
+        raise RuntimeError("torch_varlen attention does not support attention dropout")
+    batch, heads, length, head_dim = query.shape
+    out_dtype = query.dtype
+    # The kernel runs in half precision only; under autocast q/k/v already are.
+    run_dtype = out_dtype if out_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim).to(run_dtype)
+               for t in (query, key, value))
+    window = getattr(module, "sliding_window", None)
+    out = varlen_attn(
+        q, k, v, cu_seq_lens_q, cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q,
+        max_length_q, max_length_k or max_length_q,
+        scale=scaling, window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != heads,
+    )
+    return out.reshape(batch, length, heads, head_dim).to(out_dtype), None
+
+
+def register_torch_varlen() -> str:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(TORCH_VARLEN, torch_varlen_attention_forward)
+    return TORCH_VARLEN
+
+
+def choose_packing_attention(requested: str | None, *, sample_packing: bool, attn_implementation: str,
+                             device_type: str) -> tuple[str | None, str]:
+    """(packing mode actually used, attn_implementation to load the model with).
+
+    The compiler chose ``requested`` for the target; here we check the machine we landed on and fall
+    back to the block mask (always correct, only slower) when a kernel is missing."""
+    if not sample_packing:
+        return None, attn_implementation
+    mode = requested or "block_mask"
+    if mode == "torch_varlen":
+        if torch_varlen_available(device_type):
+            return mode, register_torch_varlen()
+        log.warning("packing_attention torch_varlen needs CUDA and torch.nn.attention.varlen; "
+                    "falling back to a block-diagonal mask with sdpa")
+        return "block_mask", "sdpa"
+    if mode == "flash_varlen":
+        if attn_implementation.startswith("flash_attention"):
+            return mode, attn_implementation
+        log.warning("packing_attention flash_varlen without flash attention (%s); using a block-diagonal mask",
+                    attn_implementation)
+        mode = "block_mask"
+    if attn_implementation.startswith("flash_attention") or attn_implementation == TORCH_VARLEN:
+        # Flash kernels take no dense mask: isolation has to come from cu_seq_lens.
+        return "flash_varlen", attn_implementation
+    return "block_mask", attn_implementation
+
+
+def packing_forward_kwargs(mode: str | None, position_ids: torch.Tensor | None, *, attn_implementation: str,
+                           dtype: torch.dtype, sliding_window: int | None = None) -> dict[str, Any]:
+    """Extra keyword arguments for ``model(...)`` that isolate the packed samples of this batch."""
+    if mode is None or position_ids is None:
+        return {}
+    if mode == "block_mask":
+        additive = dtype if attn_implementation == "eager" else None
+        return {"attention_mask": block_causal_mask(position_ids, additive_dtype=additive,
+                                                    sliding_window=sliding_window)}
+    return varlen_metadata(position_ids)

@@ -1,0 +1,207 @@
+"""Where rows come from: local .jsonl/.json/.parquet/.csv/.txt files and folders, or Hugging Face Hub datasets.
+
+Rows are streamed, never loaded whole: JSON Lines line by line, JSON arrays value by value, Parquet by record
+batch, Hub datasets through their memory-mapped Arrow cache in batches. Each source also says what identifies
+its content for the prepared-data cache key (the bytes of local files; id/name/split/revision on the Hub).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import DataError
+
+READERS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
+# ds_type names the reader when the extension cannot (e.g. `.jsonl.gz` is not supported; `data.ndjson` is).
+DS_TYPE_READERS = {"json": ("jsonl", "json"), "parquet": ("parquet",), "csv": ("csv",), "text": ("text",)}
+BATCH_ROWS = 1024
+_CHUNK_CHARS = 1 << 20
+
+
+@dataclass(frozen=True)
+class Source:
+    """One `datasets:` entry, resolved: local files (in a fixed order) or a Hub dataset."""
+
+    entry: dict[str, Any]
+    files: tuple[Path, ...] = ()  # empty for a Hub dataset
+    offline: bool = False
+
+    @property
+    def is_local(self) -> bool:
+        return bool(self.files)
+
+    @property
+    def label(self) -> str:
+        name = self.entry.get("name")
+        return f"{self.entry['path']}" + (f" ({name})" if name else "")
+
+
+def resolve_source(entry: dict[str, Any], *, offline: bool) -> Source:
+    path = Path(str(entry["path"])).expanduser()
+    if path.is_file():
+        return Source(entry, (path,), offline)
+    if path.is_dir():
+        return Source(entry, tuple(_folder_files(path, entry)), offline)
+    text = str(entry["path"])
+    if text.startswith((".", "/", "~")) or Path(text).suffix.lower() in READERS:
+        raise DataError(f"dataset {text}: no such file or folder (relative paths are relative to {Path.cwd()})")
+    return Source(entry, (), offline)
+
+
+def _folder_files(folder: Path, entry: dict[str, Any]) -> list[Path]:
+    if entry.get("data_files"):
+        files = [folder / name for name in entry["data_files"]]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise DataError(f"dataset {folder}: data_files not found: {', '.join(missing)}")
+        return files
+    wanted = DS_TYPE_READERS.get(entry.get("ds_type") or "", tuple(READERS.values()))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and READERS.get(p.suffix.lower()) in wanted
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    if not files:
+        raise DataError(f"dataset {folder}: the folder holds no {'/'.join(sorted(READERS))} files")
+    return files
+
+
+def _reader(path: Path, entry: dict[str, Any]) -> str:
+    ds_type = entry.get("ds_type")
+    by_extension = READERS.get(path.suffix.lower())
+    if ds_type:
+        choices = DS_TYPE_READERS[ds_type]
+        return by_extension if by_extension in choices else choices[0]
+    if by_extension is None:
+        raise DataError(f"dataset {path}: unknown file type {path.suffix!r}; set ds_type (json, parquet, csv, text)")
+    return by_extension
+
+
+def fingerprint(source: Source) -> dict[str, Any]:
+    """What identifies the rows, for the cache key: content hashes of local files; the Hub coordinates."""
+    if source.is_local:
+        return {"files": [[str(path), file_sha256(path)] for path in source.files]}
+    keys = ("path", "name", "split", "revision", "data_files", "ds_type")
+    return {"hub": {key: source.entry.get(key) for key in keys}}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def iter_rows(source: Source) -> Iterator[dict[str, Any]]:
+    if not source.is_local:
+        yield from _hub_rows(source)
+        return
+    for path in source.files:
+        reader = _reader(path, source.entry)
+        rows = {"jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows, "csv": _csv_rows,
+                "text": _text_rows}[reader](path)
+        for row in rows:
+            if not isinstance(row, dict):
+                raise DataError(f"{path}: a row is a {type(row).__name__}, not an object")
+            yield row
+
+
+def count_rows(source: Source) -> int:
+    """Rows in the source, for a deterministic eval split (Parquet and the Hub know it without reading)."""
+    if not source.is_local:
+        return len(_hub_dataset(source))
+    total = 0
+    for path in source.files:
+        if _reader(path, source.entry) == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(path).metadata.num_rows
+        else:
+            total += sum(1 for _ in iter_rows(Source(source.entry, (path,), source.offline)))
+    return total
+
+
+def _jsonl_rows(path: Path) -> Iterator[Any]:
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+
+
+def _json_rows(path: Path) -> Iterator[Any]:
+    """The values of a top-level JSON array (or of concatenated JSON values), decoded one at a time from
+    1 MiB chunks, so a large .json file never sits in memory whole."""
+    decoder = json.JSONDecoder()
+    with path.open(encoding="utf-8") as handle:
+        buffer, position, eof = "", 0, False
+        while True:
+            while position < len(buffer) and buffer[position] in " \t\r\n,[]":
+                position += 1  # separators and the outer array's brackets (rows themselves are objects)
+            if position >= len(buffer) or not eof and len(buffer) - position < 2:
+                if eof:
+                    return
+                chunk = handle.read(_CHUNK_CHARS)
+                buffer, position, eof = buffer[position:] + chunk, 0, not chunk
+                continue
+            try:
+                value, end = decoder.raw_decode(buffer, position)
+            except json.JSONDecodeError as exc:
+                if eof:
+                    raise DataError(f"{path}: invalid JSON: {exc.msg}") from None
+                chunk = handle.read(_CHUNK_CHARS)  # the value continues past the buffer
+                buffer, position, eof = buffer[position:] + chunk, 0, not chunk
+                continue
+            yield value
+            position = end
+
+
+def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
+        yield from batch.to_pylist()
+
+
+def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8", newline="") as handle:
+        yield from csv.DictReader(handle)
+
+
+def _text_rows(path: Path) -> Iterator[dict[str, Any]]:
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                yield {"text": line.rstrip("\n")}
+
+
+def _hub_dataset(source: Source) -> Any:
+    """The Hub dataset's split, from the local cache when offline; a one-line error naming it otherwise."""
+    import datasets
+
+    entry = source.entry
+    try:
+        return datasets.load_dataset(entry["path"], name=entry.get("name"), split=entry.get("split") or "train",
+                                     data_files=entry.get("data_files"), revision=entry.get("revision"))
+    except Exception as exc:  # noqa: BLE001 - datasets raises many types (connection, offline, not found)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        offline = source.offline or datasets.config.HF_HUB_OFFLINE
+        if offline:
+            raise DataError(f"dataset {source.label}: not in the local Hugging Face cache and the hub is offline "
+                            f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); download it on a machine with network first "
+                            f"({reason})") from None
+        raise DataError(f"dataset {source.label}: cannot be loaded from the Hugging Face Hub ({reason})") from None
+
+
+def _hub_rows(source: Source) -> Iterator[dict[str, Any]]:
+    dataset = _hub_dataset(source)
+    for batch in dataset.iter(batch_size=BATCH_ROWS):
+        columns = list(batch)
+        for i in range(len(batch[columns[0]]) if columns else 0):
+            yield {column: batch[column][i] for column in columns}

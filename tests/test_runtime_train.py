@@ -1,0 +1,128 @@
+"""The training loop, end to end through compiled bundles on CPU, plus the pure pieces it is built
+from (schedules, cadences, data position, optimizer groups)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from runtime_bundles import build_tiny_model, compile_bundle, launch, metrics, train_losses, workspace, write_config
+
+from tunefile.runtime import optim
+from tunefile.runtime.schedule import Cadence, optimizer_steps, steps_in
+
+# --- pure pieces ---------------------------------------------------------------------------------
+
+
+def test_schedules_warm_up_then_follow_their_shape() -> None:
+    cosine = optim.lr_multiplier("cosine", total_steps=110, warmup=10)
+    assert cosine(0) == pytest.approx(1 / 11) and cosine(9) == pytest.approx(10 / 11)
+    assert cosine(10) == pytest.approx(1.0) and cosine(60) == pytest.approx(0.5) and cosine(110) == pytest.approx(0)
+    linear = optim.lr_multiplier("linear", total_steps=110, warmup=10)
+    assert linear(60) == pytest.approx(0.5)
+    assert optim.lr_multiplier("constant", total_steps=10, warmup=5)(0) == 1.0  # constant ignores warmup
+    assert optim.lr_multiplier("constant_with_warmup", total_steps=10, warmup=4)(1) == pytest.approx(0.4)
+    assert optim.warmup_steps_for(200, warmup_steps=None, warmup_ratio=0.05) == 10
+    assert optim.warmup_steps_for(200, warmup_steps=3, warmup_ratio=0.05) == 3
+    with pytest.raises(optim.OptimizerError, match="lr_scheduler"):
+        optim.lr_multiplier("polynomial", total_steps=1, warmup=0)
+
+
+def test_total_steps_from_max_steps_or_epochs() -> None:
+    assert optim.total_optimizer_steps(max_steps=7, num_epochs=3, steps_per_epoch=10) == 7
+    assert optim.total_optimizer_steps(max_steps=None, num_epochs=1.5, steps_per_epoch=10) == 15
+
+
+def test_no_weight_decay_on_biases_and_norms() -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    groups = optim.param_groups(model.named_parameters(), 0.1)
+    assert [len(g["params"]) for g in groups] == [1, 3]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    fused = optim.build_optimizer(model, optimizer="adamw_torch_fused", learning_rate=1e-3, weight_decay=0.1,
+                                  device_type="cpu")
+    assert not fused.defaults.get("fused")  # the fused kernel is CUDA-only; CPU gets the same maths unfused
+
+
+def test_bitsandbytes_optimizers_fail_clearly_without_it() -> None:
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(optim.OptimizerError, match="bitsandbytes"):
+        optim.build_optimizer(torch.nn.Linear(2, 2), optimizer="paged_adamw_8bit", learning_rate=1e-3,
+                              weight_decay=0.0, device_type="cpu")
+
+
+def test_optimizer_steps_group_micro_batches_and_resume_mid_epoch() -> None:
+    plans = {0: [[[i]] for i in range(5)], 1: [[[10 + i]] for i in range(5)]}
+    steps = optimizer_steps(plans.__getitem__, epoch=0, micro_batch=0, accumulation=2)
+    first = [next(steps) for _ in range(4)]
+    assert [(e, i, len(g)) for e, i, g in first] == [(0, 0, 2), (0, 2, 2), (0, 4, 1), (1, 0, 2)]
+    resumed = optimizer_steps(plans.__getitem__, epoch=0, micro_batch=2, accumulation=2)
+    assert [next(resumed)[:2] for _ in range(3)] == [(0, 2), (0, 4), (1, 0)]
+    assert steps_in(plans[0], 2) == 3
+
+
+def test_cadences() -> None:
+    cadence = Cadence.from_config({"logging_steps": 5, "evals_per_epoch": 2, "save_steps": 0.5},
+                                  steps_per_epoch=10, total_steps=40, has_eval=True)
+    assert (cadence.logging_steps, cadence.eval_steps, cadence.save_steps) == (5, 5, 20)
+    assert cadence.save_now(40, 40) and not cadence.save_now(30, 40)
+    no_eval = Cadence.from_config({"eval_steps": 3}, steps_per_epoch=10, total_steps=40, has_eval=False)
+    assert no_eval.eval_steps is None and not no_eval.eval_now(3, 40)
+
+
+# --- end to end ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-model")
+
+
+# A random tiny model's output head has weights near 0, so its logits stay near uniform whatever the
+# adapters do: the LoRA runs also train lm_head (lora_modules_to_save), as one would for new tokens.
+LORA = {"adapter": "lora", "lora_r": 16, "lora_alpha": 32, "lora_target_linear": True,
+        "lora_modules_to_save": ["lm_head"], "learning_rate": 1e-2}
+FORMATS = {
+    # LoRA on the arithmetic set, with packing through the block-diagonal mask.
+    "alpaca": {"fmt": "alpaca", "sample_packing": True, **LORA},
+    # Full fine-tuning on the colour chat set, with gradient accumulation and an eval split.
+    "chat_template": {"fmt": "chat_template", "learning_rate": 3e-3, "gradient_accumulation_steps": 2,
+                      "micro_batch_size": 2, "val_set_size": 0.1, "evals_per_epoch": 1},
+    # LoRA on a repetitive corpus, split into sequence_len chunks.
+    "completion": {"fmt": "completion", "sequence_len": 64, **LORA},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FORMATS))
+def test_each_format_learns_through_a_compiled_bundle(tmp_path: Path, tiny_model: Path, name: str) -> None:
+    root = workspace(tmp_path, tiny_model)
+    launch(compile_bundle(write_config(root, **FORMATS[name])))
+    out = root / "out"
+    losses = train_losses(out)
+    assert len(losses) >= 30
+    start, end = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
+    assert end <= start / 2, f"{name}: loss {start:.3f} → {end:.3f} did not halve"
+    record = metrics(out)[0]
+    assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "epoch"} <= record.keys()
+    assert record["tokens_per_s"] > 0
+    saved = "adapter_model.safetensors" if FORMATS[name].get("adapter") else "model.safetensors"
+    assert (out / saved).exists() and (out / "tokenizer_config.json").exists()
+    assert any((out / "runs").iterdir())  # TensorBoard event files
+    if FORMATS[name].get("val_set_size"):
+        assert any("eval_loss" in r for r in metrics(out))
+
+
+def test_finished_run_relaunched_trains_nothing_more(tmp_path: Path, tiny_model: Path) -> None:
+    root = workspace(tmp_path, tiny_model)
+    bundle = compile_bundle(write_config(root, adapter="lora", lora_target_linear=True, max_steps=3))
+    launch(bundle)
+    before = (root / "out" / "metrics.jsonl").read_text()
+    again = launch(bundle)
+    assert "resumed from" in again.stdout + again.stderr
+    assert (root / "out" / "metrics.jsonl").read_text() == before
+    assert json.loads((root / "out" / "train_summary.json").read_text())["step"] == 3
