@@ -2,8 +2,8 @@
 
     python bench/llama_shaped_model.py TOKENIZER_DIR OUT_DIR [--shape 1b|8b|tiny]
 
-The tokenizer (and its vocabulary size) come from TOKENIZER_DIR, e.g. one made by
-`tunefile tiny-model`; the layer shapes are those of Llama 3.2 1B or Llama 3.1 8B.
+The tokenizer comes from TOKENIZER_DIR, e.g. one made by `tunefile tiny-model`; the layer shapes and the
+vocabulary size are those of Llama 3.2 1B or Llama 3.1 8B.
 """
 
 from __future__ import annotations
@@ -28,11 +28,14 @@ def main() -> None:
     parser.add_argument("tokenizer_dir")
     parser.add_argument("out_dir")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1b")
+    # Llama 3's vocabulary size, so the embedding and output layers cost what they cost in the real model;
+    # ids past the tokenizer's own are never produced by it.
+    parser.add_argument("--vocab-size", type=int, default=128256)
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_dir)
-    config = LlamaConfig(vocab_size=len(tokenizer), max_position_embeddings=8192, rope_theta=500000.0,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    config = LlamaConfig(vocab_size=max(args.vocab_size, len(tokenizer)), max_position_embeddings=8192,
+                         rope_theta=500000.0, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, **SHAPES[args.shape])
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):

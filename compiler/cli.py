@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 a difference was found (diff, verify, check); 2 the inp
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
@@ -180,7 +181,11 @@ def train(config: Path, sources: Any, **flags: Any) -> None:
 
     options = replace(_options(**flags), fallback_target="detect")
     bundle = _compile_own_bundle(config, sources, options)
-    sys.exit(subprocess.call(["bash", str(bundle / "launch.sh")]))
+    # launch.sh starts `accelerate` from PATH; put this interpreter's scripts first, so that a tunefile run
+    # from a virtual environment that is not activated launches with that environment's accelerate.
+    scripts = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
+    sys.exit(subprocess.call(["bash", str(bundle / "launch.sh")], env=env))
 
 
 @cli.command()

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     from .config import ConfigFileError
+    from .data.errors import DataError
 
     try:
         if args.command == "train":
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
         build_tiny_model(args.directory, arch=args.arch)
         return 0
-    except ConfigFileError as exc:
+    except (ConfigFileError, DataError) as exc:
+        # Problems the user fixes in their config or data: one line, no traceback.
         print(f"tunefile runtime: {exc}", file=sys.stderr)
         return 2
 

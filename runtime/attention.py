@@ -18,6 +18,9 @@ The kwargs are computed once per batch, in `packing_forward_kwargs`, and flow th
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import inspect
 import logging
 from typing import Any
 
@@ -109,12 +112,33 @@ def torch_varlen_attention_forward(
     q, k, v = (t.transpose(1, 2).reshape(batch * length, t.shape[1], head_dim).to(run_dtype)
                for t in (query, key, value))
     window = getattr(module, "sliding_window", None)
-    out = varlen_attn(
-        q, k, v, cu_seq_lens_q, cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q,
-        max_length_q, max_length_k or max_length_q,
-        scale=scaling, window_size=(window - 1 if window else -1, 0), enable_gqa=k.shape[1] != heads,
-    )
+    options: dict[str, Any] = {"window_size": (window - 1 if window else -1, 0)}
+    supported = _varlen_parameters()
+    if k.shape[1] != heads:  # grouped-query attention: fewer key/value heads than query heads
+        if "enable_gqa" in supported:
+            options["enable_gqa"] = True
+        else:  # older PyTorch: give every query head its own copy
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+    if scaling is not None:
+        if "scale" in supported:
+            options["scale"] = scaling
+        else:  # the kernel's default is 1/sqrt(head_dim); fold any other scale into the queries
+            q = q * (scaling * head_dim**0.5)
+    out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q,
+                      max_length_q, max_length_k or max_length_q, **options)
     return out.reshape(batch, length, heads, head_dim).to(out_dtype), None
+
+
+@functools.cache
+def _varlen_parameters() -> frozenset[str]:
+    """Keyword arguments this PyTorch's varlen_attn takes (`scale` and `enable_gqa` came after 2.10)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
 
 
 def register_torch_varlen() -> str:
@@ -130,6 +154,14 @@ def choose_packing_attention(requested: str | None, *, sample_packing: bool, att
 
     The compiler chose ``requested`` for the target; here we check the machine we landed on and fall
     back to the block mask (always correct, only slower) when a kernel is missing."""
+    if attn_implementation.startswith("flash_attention") and not flash_attn_installed():
+        # The bundle was compiled for flash-attn (flash_attention: true) but this machine lacks the package:
+        # train on with PyTorch's own kernels rather than stop a job that waited in a queue.
+        if sample_packing and torch_varlen_available(device_type):
+            log.warning("flash-attn is not installed; packed samples use PyTorch's varlen kernel instead")
+            return "torch_varlen", register_torch_varlen()
+        log.warning("flash-attn is not installed; using PyTorch SDPA (pip install 'tunefile[flash]' for it)")
+        attn_implementation, requested = "sdpa", None
     if not sample_packing:
         return None, attn_implementation
     mode = requested or "block_mask"

@@ -59,6 +59,14 @@ def accumulation_steps(cfg: RunConfig) -> int:
     return int(cfg.resolved.get("gradient_accumulation_steps") or cfg.get("gradient_accumulation_steps") or 1)
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This rank's peak GPU memory so far, in GiB (what the allocator handed out, not what it reserved);
+    nothing on the CPU."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 3)}
+
+
 def dataset_lengths(dataset: Any) -> list[int]:
     if dataset is None:
         return []
@@ -108,7 +116,7 @@ def run_training(config_path: str | Path) -> int:
 
     def batch_of(dataset: Any, micro_batch: list[list[int]]) -> dict[str, torch.Tensor]:
         return collate(dataset, micro_batch, pad_token_id=pad_token_id, sequence_len=sequence_len,
-                       pad_to_sequence_len=bool(cfg.get("pad_to_sequence_len")))
+                       pad_to_sequence_len=bool(cfg.get("pad_to_sequence_len")), packed=sample_packing)
 
     first_plan = plan(train_lengths, 0)
     steps_per_epoch = steps_in(first_plan, accumulation)
@@ -201,7 +209,7 @@ def run_training(config_path: str | Path) -> int:
                 "loss": loss_sum_all / max(1.0, label_tokens), "lr": scheduler.get_last_lr()[0],
                 "tokens_per_s": input_tokens / max(time.perf_counter() - window_start, 1e-9),
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            })
+            } | peak_memory(device))
             window.zero_()
             window_start = time.perf_counter()
         if cadence.eval_now(state.step, total_steps):
@@ -220,6 +228,7 @@ def run_training(config_path: str | Path) -> int:
     digests = accelerator.gather(checkpoint.weights_digest(model).to(device)).tolist()
     if main:
         summary = {"step": state.step, "epoch": state.epoch, "distributed_type": accelerator.distributed_type.value,
+                   "world_size": world, **peak_memory(device),
                    # Trainable-weight digest per rank: equal under DDP (replicas), per shard under FSDP.
                    "rank_weight_digests": digests}
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 import pytest
-from plan_factory import make_plan
 
+from plan_factory import make_plan
 from tunefile.compiler.bundle import BundleExistsError, read_bundle, verify_bundle, write_bundle
 from tunefile.compiler.render import render_bundle
 

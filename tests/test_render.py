@@ -15,9 +15,9 @@ import jinja2
 import pytest
 import yaml
 from click.testing import CliRunner
-from plan_factory import VARIANTS, make_plan
 
 from helpers import MINIMAL, require_tool, write
+from plan_factory import VARIANTS, make_plan
 from tunefile.compiler.bundle import write_bundle
 from tunefile.compiler.cli import cli
 from tunefile.compiler.render import render_bundle

@@ -115,6 +115,16 @@ def test_torch_varlen_falls_back_to_block_mask_on_cpu() -> None:
                                               device_type="cpu") == (None, "sdpa")
 
 
+def test_flash_attention_without_flash_attn_installed_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bundle compiled with flash_attention: true landing on a machine without the package keeps training.
+    monkeypatch.setattr(attention, "flash_attn_installed", lambda: False)
+    assert attention.choose_packing_attention("flash_varlen", sample_packing=True,
+                                              attn_implementation="flash_attention_2",
+                                              device_type="cpu") == ("block_mask", "sdpa")
+    assert attention.choose_packing_attention(None, sample_packing=False, attn_implementation="flash_attention_2",
+                                              device_type="cpu") == (None, "sdpa")
+
+
 @pytest.mark.gpu
 def test_torch_varlen_matches_block_mask_on_cuda() -> None:
     if not attention.torch_varlen_available("cuda"):

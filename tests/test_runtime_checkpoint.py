@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runtime_bundles import build_tiny_model, compile_bundle, launch, metrics, safetensors, workspace, write_config
 
+from runtime_bundles import build_tiny_model, compile_bundle, launch, metrics, safetensors, workspace, write_config
 from tunefile.runtime import checkpoint
 
 

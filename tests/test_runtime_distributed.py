@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from runtime_bundles import build_tiny_model, compile_bundle, launch, summary, train_losses, workspace, write_config
 
 

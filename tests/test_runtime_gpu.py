@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from runtime_bundles import build_tiny_model, compile_bundle, launch, metrics, train_losses, workspace, write_config
 
 pytestmark = pytest.mark.gpu

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from runtime_bundles import build_tiny_model, compile_bundle, launch, metrics, train_losses, workspace, write_config
 
+from runtime_bundles import build_tiny_model, compile_bundle, launch, metrics, train_losses, workspace, write_config
 from tunefile.runtime import optim
 from tunefile.runtime.schedule import Cadence, optimizer_steps, steps_in
 

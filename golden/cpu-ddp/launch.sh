@@ -5,8 +5,10 @@
 # on 1 node(s) × 2 CPU process(es), strategy ddp, precision fp32, attention sdpa.
 # Batch: 2 micro batch × 1 accumulation × 2 GPUs = 4 sequences per optimizer step (≤ 1,024 tokens at sequence_len 256).
 #
-# One node:      bash launch.sh   (run it from the directory the config's relative paths start from)
+# One node:      bash path/to/bundle/launch.sh
 # Several nodes: job.sbatch runs this on every node with NODE_RANK, MASTER_ADDR and MASTER_PORT set.
+# Relative paths in config.yaml (datasets, output_dir) start from the directory you launch from,
+# not from the bundle: run this where the config's paths make sense.
 set -euo pipefail
 
 BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

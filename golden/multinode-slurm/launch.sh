@@ -5,8 +5,10 @@
 # on 2 node(s) × 8 GPU(s): h100-80gb, strategy FSDP2, precision bf16, attention flash_attention_2.
 # Batch: 1 micro batch × 4 accumulation × 16 GPUs = 64 sequences per optimizer step (≤ 262,144 tokens at sequence_len 4096).
 #
-# One node:      bash launch.sh   (run it from the directory the config's relative paths start from)
+# One node:      bash path/to/bundle/launch.sh
 # Several nodes: job.sbatch runs this on every node with NODE_RANK, MASTER_ADDR and MASTER_PORT set.
+# Relative paths in config.yaml (datasets, output_dir) start from the directory you launch from,
+# not from the bundle: run this where the config's paths make sense.
 set -euo pipefail
 
 BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -16,9 +18,11 @@ NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 
-# Environment from the target.
+# Environment from the target; values are single-quoted, so $ and ` in them stay literal.
 export HF_HOME=/scratch/hf-cache
 export NCCL_DEBUG=WARN
+
+# TF32 matmuls: off (tf32 in config.yaml); the runtime sets torch.backends itself, nothing to export.
 
 # The tokenizers thread pool does not survive the fork of data-loader workers.
 export TOKENIZERS_PARALLELISM=false

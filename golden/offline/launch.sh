@@ -5,8 +5,10 @@
 # on 1 node(s) × 1 GPU(s): h100-80gb, strategy single, precision bf16, attention sdpa.
 # Batch: 4 micro batch × 1 accumulation × 1 GPU = 4 sequences per optimizer step (≤ 2,048 tokens at sequence_len 512).
 #
-# One node:      bash launch.sh   (run it from the directory the config's relative paths start from)
+# One node:      bash path/to/bundle/launch.sh
 # Several nodes: job.sbatch runs this on every node with NODE_RANK, MASTER_ADDR and MASTER_PORT set.
+# Relative paths in config.yaml (datasets, output_dir) start from the directory you launch from,
+# not from the bundle: run this where the config's paths make sense.
 set -euo pipefail
 
 BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -20,6 +22,8 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
+
+# TF32 matmuls: off (tf32 in config.yaml); the runtime sets torch.backends itself, nothing to export.
 
 # The tokenizers thread pool does not survive the fork of data-loader workers.
 export TOKENIZERS_PARALLELISM=false

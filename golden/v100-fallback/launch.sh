@@ -5,8 +5,10 @@
 # on 1 node(s) × 1 GPU(s): v100-32gb, strategy single, precision fp16, attention sdpa.
 # Batch: 2 micro batch × 4 accumulation × 1 GPU = 8 sequences per optimizer step (≤ 16,384 tokens at sequence_len 2048).
 #
-# One node:      bash launch.sh   (run it from the directory the config's relative paths start from)
+# One node:      bash path/to/bundle/launch.sh
 # Several nodes: job.sbatch runs this on every node with NODE_RANK, MASTER_ADDR and MASTER_PORT set.
+# Relative paths in config.yaml (datasets, output_dir) start from the directory you launch from,
+# not from the bundle: run this where the config's paths make sense.
 set -euo pipefail
 
 BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,6 +17,8 @@ BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+
+# TF32 matmuls: off (tf32 in config.yaml); the runtime sets torch.backends itself, nothing to export.
 
 # The tokenizers thread pool does not survive the fork of data-loader workers.
 export TOKENIZERS_PARALLELISM=false

@@ -5,8 +5,10 @@
 # on 1 node(s) × 4 GPU(s): h100-80gb, strategy DeepSpeed ZeRO-3, precision bf16, attention sdpa.
 # Batch: 1 micro batch × 8 accumulation × 4 GPUs = 32 sequences per optimizer step (≤ 65,536 tokens at sequence_len 2048).
 #
-# One node:      bash launch.sh   (run it from the directory the config's relative paths start from)
+# One node:      bash path/to/bundle/launch.sh
 # Several nodes: job.sbatch runs this on every node with NODE_RANK, MASTER_ADDR and MASTER_PORT set.
+# Relative paths in config.yaml (datasets, output_dir) start from the directory you launch from,
+# not from the bundle: run this where the config's paths make sense.
 set -euo pipefail
 
 BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -15,6 +17,8 @@ BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+
+# TF32 matmuls: off (tf32 in config.yaml); the runtime sets torch.backends itself, nothing to export.
 
 # The tokenizers thread pool does not survive the fork of data-loader workers.
 export TOKENIZERS_PARALLELISM=false
