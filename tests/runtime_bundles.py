@@ -88,7 +88,8 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 def compile_bundle(config: Path, bundle: str = "bundle", *, gpus_per_node: int | None = None,
                    target: str = "cpu") -> Path:
     # `python -m tunefile.compiler`: the console script may not be on PATH (a GPU machine's --target install).
-    command = [sys.executable, "-m", "tunefile.compiler", "compile", config.name, "--output", bundle, "--target", target, "--force"]
+    command = [sys.executable, "-m", "tunefile.compiler", "compile", config.name, "--output", bundle,
+               "--target", target, "--force"]
     if gpus_per_node:
         command += ["--gpus-per-node", str(gpus_per_node)]
     result = subprocess.run(command, cwd=config.parent, env=_env(), capture_output=True, text=True)

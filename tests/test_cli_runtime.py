@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from runtime_bundles import VENV_BIN, _env, build_tiny_model, metrics, workspace, write_config
 
 
