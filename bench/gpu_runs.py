@@ -155,7 +155,7 @@ def throughput(records: list[dict[str, Any]]) -> float | None:
     return statistics.median(speeds) if speeds else None
 
 
-def execute(work: Path, name: str, run: Run, logs: Path) -> dict[str, Any]:
+def execute(work: Path, name: str, run: Run, logs: Path, *, timeout: float) -> dict[str, Any]:
     ensure_inputs(work, run.shape)
     log = logs / f"{name}.log"
     log.write_text("", encoding="utf-8")
@@ -174,13 +174,13 @@ def execute(work: Path, name: str, run: Run, logs: Path) -> dict[str, Any]:
            "MASTER_PORT": str(29500 + len(name))}
     walls = []
     if run.resume_at:
-        code, wall = sh(["bash", str(bundle / "launch.sh")], cwd=work, log=log,
+        code, wall = sh(["bash", str(bundle / "launch.sh")], cwd=work, log=log, timeout=timeout,
                         env=env | {"TUNEFILE_FAULT_AFTER_STEP": str(run.resume_at)})
         walls.append(wall)
         result["killed_exit_code"] = code
         if code == 0:
             return result | {"ok": False, "failed_at": "fault injection (the run was not interrupted)"}
-    code, wall = sh(["bash", str(bundle / "launch.sh")], cwd=work, env=env, log=log)
+    code, wall = sh(["bash", str(bundle / "launch.sh")], cwd=work, env=env, log=log, timeout=timeout)
     walls.append(wall)
     text = log.read_text(encoding="utf-8", errors="replace")
     if run.resume_at:
@@ -231,6 +231,9 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/tunefile-gpu-runs"))
     parser.add_argument("--results", type=Path, default=BENCH / "results" / "gpu_runs.json")
     parser.add_argument("--logs", type=Path, default=None, help="folder for each run's log (default WORK/logs)")
+    parser.add_argument("--tails", type=Path, default=None,
+                        help="append the last lines of each run's log to this one file (what a GPU lease sends back)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per launch before it is stopped")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
     if args.list or not args.runs:
@@ -247,7 +250,12 @@ def main() -> int:
     done = []
     for name in args.runs:
         print(f"== {name}", flush=True)
-        result = execute(args.work, name, RUNS[name], logs)
+        result = execute(args.work, name, RUNS[name], logs, timeout=args.timeout)
+        if args.tails:
+            lines = [line for line in (logs / f"{name}.log").read_text(encoding="utf-8", errors="replace")
+                     .splitlines() if not line.startswith("step ")]
+            with args.tails.open("a", encoding="utf-8") as tails:
+                tails.write(f"===== {name}\n" + "\n".join(lines[-40:]) + "\n")
         result["device"] = device_name()
         print(json.dumps(result), flush=True)
         results = [r for r in results if not (r["run"] == name and r.get("device") == result["device"])] + [result]
