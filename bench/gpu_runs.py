@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -99,10 +100,14 @@ def sh(command: list[str], *, cwd: Path, env: dict[str, str] | None = None, log:
     with open(log, "a", encoding="utf-8") if log else open(os.devnull, "w") as out:
         out.write(f"$ {' '.join(command)}\n")
         out.flush()
+        # Its own process group, so a timeout stops accelerate's workers too and frees the GPUs.
+        process = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PATH": PATH, **(env or {})}, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            code = subprocess.run(command, cwd=cwd, env={**os.environ, "PATH": PATH, **(env or {})}, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=timeout).returncode
+            code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
             code = 124
     return code, time.perf_counter() - start
 
