@@ -45,13 +45,19 @@ def build_accelerator(cfg: RunConfig) -> Any:
     bundle's accelerate.yaml); precision and accumulation from the resolved config."""
     from accelerate import Accelerator
 
+    settings: dict[str, Any] = {
+        "mixed_precision": MIXED_PRECISION[cfg.resolved["precision"]],
+        "gradient_accumulation_steps": accumulation_steps(cfg),
+    }
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+        # deepspeed.json holds both (the compiler wrote the same numbers there); accelerate takes them from it.
+        settings = {}
     return Accelerator(
         # accelerate only forms a gloo group from torchrun's environment when told it is on CPU.
         cpu=cfg.resolved.get("device") == "cpu",
-        mixed_precision=MIXED_PRECISION[cfg.resolved["precision"]],
-        gradient_accumulation_steps=accumulation_steps(cfg),
         # Our schedule counts optimizer steps; accelerate's default would step it once per process.
         step_scheduler_with_optimizer=False,
+        **settings,
     )
 
 
