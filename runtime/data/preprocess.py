@@ -5,6 +5,7 @@ being marked."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -31,7 +32,8 @@ def run_preprocess(config_path: str | Path, show: int = 0, *, out: TextIO | None
         return 2
     out.write(summary(data, cfg, added_tokens=added) + "\n")
     if show > 0:
-        colour = bool(getattr(out, "isatty", lambda: False)())
+        # Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org).
+        colour = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
         for i in range(min(show, len(data.train))):
             example = data.train[i]
             out.write(f"\n--- example {i} ({len(example['input_ids'])} tokens, "
