@@ -259,8 +259,9 @@ def main() -> int:
         if args.tails:
             lines = [line for line in (logs / f"{name}.log").read_text(encoding="utf-8", errors="replace")
                      .splitlines() if not line.startswith("step ")]
+            errors = list(dict.fromkeys(line for line in lines if "Error" in line or "error:" in line))
             with args.tails.open("a", encoding="utf-8") as tails:
-                tails.write(f"===== {name}\n" + "\n".join(lines[-40:]) + "\n")
+                tails.write(f"===== {name}\n" + "\n".join(errors[:15] + ["..."] + lines[-25:]) + "\n")
         result["device"] = device_name()
         print(json.dumps(result), flush=True)
         results = [r for r in results if not (r["run"] == name and r.get("device") == result["device"])] + [result]
