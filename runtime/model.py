@@ -195,7 +195,13 @@ def load_model(options: ModelOptions, *, vocab_size: int, device_index: int | No
         enable_gradient_checkpointing(model, options)
     if options.uses_adapter or options.quantized:
         model = add_adapter(model, options)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    # Under ZeRO-3 the weights are partitioned as they load: a parameter's local numel() is 0 and its
+    # full size is ds_numel.
+    def size(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", 0) or p.numel())
+
+    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(size(p) for p in model.parameters())
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
+             100 * trainable / max(total, 1))
     return model
