@@ -208,8 +208,9 @@ def execute(work: Path, name: str, run: Run, logs: Path, *, timeout: float) -> d
         "logged_steps": [r["step"] for r in records if "loss" in r],
     }
     if run.merge and run.adapter:
-        code, wall = sh([*TUNEFILE, "merge-lora", config.name, "--target", "detect",
-                         "--gpus-per-node", "1"], cwd=work, env={"CUDA_VISIBLE_DEVICES": "0"}, log=log)
+        # The same target as the training run (DeepSpeed configs need two GPUs to compile); the merge uses one.
+        code, wall = sh([*TUNEFILE, "merge-lora", config.name, "--target", "detect", "--gpus-per-node",
+                         str(run.gpus)], cwd=work, env={"CUDA_VISIBLE_DEVICES": "0"}, log=log)
         merged = output_dir / "merged"
         result["merged"] = {"exit_code": code, "wall_s": round(wall, 1),
                            "files": sorted(p.name for p in merged.glob("*"))[:12] if merged.exists() else []}
