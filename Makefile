@@ -10,12 +10,12 @@ TUNEFILE := $(VENV)/bin/tunefile
 # where an unpinned resolve by another package could fetch a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 
-# A virtual environment with tunefile installed in editable mode, with the runtime and dev tools.
+# A virtual environment with tunefile installed in editable mode, with the runtime, the chat page and dev tools.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
-	$(PY) -m pip install -q -e '.[train,dev]'
+	$(PY) -m pip install -q -e '.[train,ui,dev]'
 	# DeepSpeed builds against the installed torch (hence no build isolation); its ops compile just in
 	# time where they are used, so it installs on the CPU and tests parse its config there.
 	$(PY) -m pip install -q --no-build-isolation 'deepspeed>=0.15'

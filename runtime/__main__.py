@@ -1,6 +1,8 @@
 """`python -m tunefile.runtime COMMAND ...`: the runtime's entry point, run by a bundle's launch.sh.
 
-Commands: train CONFIG, preprocess CONFIG [--show N], tiny-model DIR [--arch NAME].
+Commands: train CONFIG, preprocess CONFIG [--show N], tiny-model DIR [--arch NAME],
+merge-lora CONFIG [--lora-dir DIR] [--output DIR] [--cpu],
+inference CONFIG [--lora-dir DIR | --base-only] [--prompt TEXT] [--gradio] ….
 Each imports only what it needs, so `preprocess` never loads a model.
 """
 
@@ -26,6 +28,26 @@ def main(argv: list[str] | None = None) -> int:
     tiny.add_argument("directory")
     tiny.add_argument("--arch", choices=("llama", "mistral", "qwen2"), default="llama")
 
+    merge = commands.add_parser("merge-lora", help="merge the adapter into the base and save a full model")
+    merge.add_argument("config")
+    merge.add_argument("--lora-dir", help="adapter folder or checkpoint-<step> folder (default: output_dir)")
+    merge.add_argument("--output", help="where the merged model goes (default: <output_dir>/merged)")
+    merge.add_argument("--cpu", action="store_true", help="merge on the CPU even when there is a GPU")
+
+    infer = commands.add_parser("inference", help="generate replies in the terminal or a browser chat page")
+    infer.add_argument("config")
+    which = infer.add_mutually_exclusive_group()
+    which.add_argument("--lora-dir", help="adapter folder or checkpoint-<step> folder (default: output_dir)")
+    which.add_argument("--base-only", action="store_true", help="the base model without the adapter")
+    infer.add_argument("--prompt", help="one prompt (`-`: all of stdin); default: one prompt per stdin line")
+    infer.add_argument("--max-new-tokens", type=int, default=256)
+    infer.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
+    infer.add_argument("--top-p", type=float, default=1.0)
+    infer.add_argument("--cpu", action="store_true", help="run on the CPU even when there is a GPU")
+    infer.add_argument("--gradio", action="store_true", help="serve a chat page instead of reading prompts")
+    infer.add_argument("--host", default="127.0.0.1")
+    infer.add_argument("--port", type=int, default=7860)
+
     args = parser.parse_args(argv)
     from .config import ConfigFileError
     from .data.errors import DataError
@@ -39,6 +61,17 @@ def main(argv: list[str] | None = None) -> int:
             from .data.preprocess import run_preprocess
 
             return run_preprocess(args.config, show=args.show)
+        if args.command == "merge-lora":
+            from .merge import run_merge
+
+            return run_merge(args.config, lora_dir=args.lora_dir, output=args.output, cpu=args.cpu)
+        if args.command == "inference":
+            from .inference import Sampling, run_inference
+
+            sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+            return run_inference(args.config, lora_dir=args.lora_dir, base_only=args.base_only, prompt=args.prompt,
+                                 sampling=sampling, cpu=args.cpu, gradio=args.gradio, host=args.host,
+                                 port=args.port)
         from .tiny_model import build_tiny_model
 
         build_tiny_model(args.directory, arch=args.arch)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -45,3 +47,15 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     """Run `tunefile ARGS` in-process: (exit code, stdout, stderr)."""
     result = CliRunner().invoke(cli, list(args))
     return result.exit_code, result.stdout, result.stderr
+
+
+def require_module(name: str, install: str) -> Any:
+    """An importable Python package a test needs (``install`` says how to get it); like require_tool, a skip on
+    a laptop and a failure in CI (CI=true), where `make install` must have installed it."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        message = f"the Python package {name} is not installed ({install})"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)

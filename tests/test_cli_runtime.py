@@ -63,6 +63,7 @@ def test_preprocess_summarises_and_shows_trained_tokens(tmp_path: Path, tiny_mod
     # and the first alpaca row's answer is "74".
     assert "[" in result.stdout and "74" in result.stdout.split("[", 1)[1]
     assert any((root / "prepared").iterdir())
+    assert not (root / "out" / "bundle").exists()  # a temporary bundle: the run's record stays untouched
 
 
 def test_preprocess_names_a_missing_data_file(tmp_path: Path, tiny_model: Path) -> None:

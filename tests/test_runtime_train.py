@@ -126,3 +126,29 @@ def test_finished_run_relaunched_trains_nothing_more(tmp_path: Path, tiny_model:
     assert "resumed from" in again.stdout + again.stderr
     assert (root / "out" / "metrics.jsonl").read_text() == before
     assert json.loads((root / "out" / "train_summary.json").read_text())["step"] == 3
+
+
+def test_lora_model_dir_continues_an_adapter_and_special_tokens_grow_the_vocabulary(
+        tmp_path: Path, tiny_model: Path) -> None:
+    """Two runs: the first adds special tokens (embeddings resized, trained through modules_to_save) and
+    saves an adapter; the second starts from that adapter (lora_model_dir) in a new output_dir, so its
+    first loss is the first run's learnt loss, not a fresh adapter's."""
+    from safetensors import safe_open
+
+    root = workspace(tmp_path, tiny_model)
+    lora = LORA | {"special_tokens": {"pad_token": "<|pad|>", "additional_special_tokens": ["<tool>"]},
+                   "lora_modules_to_save": ["lm_head", "embed_tokens"]}
+    launch(compile_bundle(write_config(root, "first.yml", **lora, max_steps=30, output_dir="first")))
+    first = train_losses(root / "first")
+    with safe_open(str(root / "first" / "adapter_model.safetensors"), "pt") as adapter:
+        rows = {name: adapter.get_slice(name).get_shape()[0] for name in adapter.keys() if "embed_tokens" in name}
+    from transformers import AutoTokenizer
+
+    grown = len(AutoTokenizer.from_pretrained(root / "first"))
+    assert grown > 1024  # the tiny vocabulary plus <tool> (the tiny tokenizer has a pad token already)
+    assert rows and set(rows.values()) == {grown}, rows
+
+    launch(compile_bundle(write_config(root, "second.yml", **lora, max_steps=3, output_dir="second",
+                                       lora_model_dir="first")))
+    second = train_losses(root / "second")
+    assert second[0] < (first[0] + first[-1]) / 2, (first, second)

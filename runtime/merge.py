@@ -1,0 +1,125 @@
+"""`merge-lora CONFIG [--lora-dir DIR] [--output DIR] [--cpu]`: fold the adapter into the base weights and
+save a plain Hugging Face model (safetensors shards, tokenizer, chat template) that any runtime can load
+without peft: vLLM, TGI, llama.cpp's converter, transformers.
+
+How the merge stays exact:
+- the base is loaded unquantised in the dtype its checkpoint is stored in, even for QLoRA: a 4-bit weight
+  cannot absorb an update, so the adapter goes into the real weights (peft computes the update B·A·alpha/r in
+  fp32 and adds it once), and the merged model has the base's dtype and size;
+- the vocabulary is the one training used (trained_model.fit_vocabulary): embeddings the adapter saved
+  (resized vocabulary, or lora_modules_to_save) replace the base's; `shrink_embeddings: true` then trims
+  the matrices to the tokenizer's length (base checkpoints often pad them to a multiple of 64 or 128);
+- the result is written into a temporary folder and renamed into place, so a failed merge leaves no model.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ConfigFileError, RunConfig, load_run_config
+from .data.errors import DataError
+from .model import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+# Shards of at most this size: what the Hub's own checkpoints use, small enough for any loader to map
+# one at a time (an 8B bf16 model becomes 4 files), large enough that a tiny model stays one file.
+MAX_SHARD_SIZE = "5GB"
+MERGED_DIR = "merged"
+
+
+def run_merge(config_path: str | Path, *, lora_dir: str | None = None, output: str | None = None,
+              cpu: bool = False) -> int:
+    """Exit status: 0, or 2 with a one-line message on stderr for a problem the user fixes."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_run_config(config_path)
+        if not cfg.get("adapter"):
+            raise ModelLoadError(f"the config has no `adapter:`: it trains the full model, so {cfg.output_dir} "
+                                 "already holds a full model; there is no adapter to merge")
+        source = Path(lora_dir) if lora_dir else cfg.output_dir
+        target = Path(output) if output else cfg.output_dir / MERGED_DIR
+        check_output_dir(target, source)
+        device = merge_device(cpu)
+        merged, tokenizer = merge_adapter(cfg, source, device=device)
+        write_merged(merged, tokenizer, target, chat_template=training_chat_template(cfg, tokenizer))
+    except (ConfigFileError, DataError, ModelLoadError) as exc:
+        print(f"tunefile merge-lora: {exc}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print("tunefile merge-lora: the GPU ran out of memory while merging; rerun with --cpu (needs host memory "
+              "for the base model in its stored dtype)", file=sys.stderr)
+        return 2
+    shards = len(list(target.glob("*.safetensors")))
+    print(f"Merged the adapter in {source} into {cfg['base_model']} on {device.type} → {target}/ ({shards} "
+          f"safetensors shard{'s' if shards != 1 else ''}, vocabulary {merged.get_input_embeddings().num_embeddings}, "
+          f"{str(merged.dtype).removeprefix('torch.')})")
+    return 0
+
+
+def merge_device(cpu: bool) -> torch.device:
+    """The GPU when there is one (merging an 8B model on the CPU takes minutes), unless --cpu."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() and not cpu else torch.device("cpu")
+
+
+def merge_adapter(cfg: RunConfig, source: Path, *, device: torch.device) -> tuple[Any, Any]:
+    """(the merged plain transformers model, its tokenizer)."""
+    from .trained_model import load_trained_model, locate_adapter
+
+    trained = load_trained_model(cfg, locate_adapter(source), device=device, dtype="auto")
+    merged = trained.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaNs instead of saving them
+    if cfg.get("shrink_embeddings"):
+        shrink_to_tokenizer(merged, len(trained.tokenizer))
+    return merged, trained.tokenizer
+
+
+def shrink_to_tokenizer(model: Any, vocab_size: int) -> None:
+    """Drop embedding (and output head) rows past the tokenizer's last token: no text can produce them."""
+    rows = model.get_input_embeddings().num_embeddings
+    if rows > vocab_size:
+        log.info("shrink_embeddings: %d → %d rows", rows, vocab_size)
+        model.resize_token_embeddings(vocab_size)
+
+
+def training_chat_template(cfg: RunConfig, tokenizer: Any) -> str | None:
+    """The template the first chat_template dataset trained with, so the merged model's tokenizer formats
+    conversations the way the model learnt them (a named template such as chatml is not in the base's)."""
+    from .data.chat import dataset_chat_template
+
+    for entry in cfg.get("datasets") or []:
+        if entry.get("type") == "chat_template":
+            return dataset_chat_template(entry, cfg, tokenizer)
+    return None
+
+
+def check_output_dir(target: Path, source: Path) -> None:
+    """Refuse to write over the adapter or anything that is not an earlier merged model."""
+    if target.resolve() == source.resolve():
+        raise ModelLoadError(f"--output {target}: is the adapter folder itself; choose another folder")
+    if target.is_dir() and any(target.iterdir()):
+        names = {path.name for path in target.iterdir()}
+        if "config.json" not in names or "adapter_config.json" in names or any(n.startswith("checkpoint-")
+                                                                                for n in names):
+            raise ModelLoadError(f"--output {target}: exists and is not a merged model; choose an empty or new "
+                                 "folder")
+
+
+def write_merged(model: Any, tokenizer: Any, target: Path, *, chat_template: str | None) -> None:
+    """Save into a temporary sibling folder, then replace ``target`` with it."""
+    staging = target.parent / f".{target.name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a merge that was killed
+    staging.mkdir(parents=True)
+    model.config.use_cache = True
+    model.save_pretrained(str(staging), max_shard_size=MAX_SHARD_SIZE)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(str(staging))
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)

@@ -1,0 +1,104 @@
+"""Prompts for inference, built by the same code that built the training examples, so the model sees at
+inference exactly the token sequence it was trained to continue.
+
+The format is that of the config's first dataset:
+- alpaca: Alpaca's prompt (formats.AlpacaFormat's own template) around the message as the instruction,
+  tokenised with the tokenizer's special tokens, as in training;
+- chat_template: the conversation so far plus the user's message, rendered with the template training
+  resolved (chat.dataset_chat_template) and the generation prompt, tokenised without added special tokens
+  (the template places them), as in training;
+- completion and pretokenized: the message as raw text to continue.
+
+A message that is a JSON object is read as a row of the dataset instead, so a line copied from the training
+file asks the model exactly that question: alpaca ``{"instruction": …, "input": …}`` (its output is ignored),
+chat ``{"messages": [...]}`` (the reply is generated after its last non-assistant turn), completion
+``{"text": …}``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from .config import RunConfig
+from .data.chat import _messages as row_messages  # the message parser training used (aliases, content parts)
+from .data.errors import DataError
+from .data.formats import AlpacaFormat, Format, RowError, make_formatter
+
+Message = dict[str, str]  # {"role": ..., "content": ...}
+
+
+class PromptError(DataError):
+    """A JSON prompt that is not a usable row of the dataset's format."""
+
+
+class PromptBuilder:
+    def __init__(self, cfg: RunConfig, tokenizer: Any) -> None:
+        datasets = cfg.get("datasets") or [{"type": "completion"}]
+        self.entry = datasets[0]
+        self.kind: str = self.entry.get("type") or "completion"
+        self.tokenizer = tokenizer
+        # Pretokenized data has no text format to follow: the prompt is raw text, like completion.
+        entry = self.entry if self.kind != "pretokenized" else {**self.entry, "type": "completion"}
+        self.format: Format = make_formatter(entry, cfg, tokenizer)
+
+    @property
+    def keeps_history(self) -> bool:
+        """Only chat templates have turns; the other formats were trained on single prompts."""
+        return self.kind == "chat_template"
+
+    def text(self, message: str, history: Sequence[Message] = ()) -> tuple[str, bool]:
+        """(prompt text, whether the tokenizer adds its special tokens), as the training format does."""
+        row = _json_row(message)
+        if self.kind == "chat_template":
+            messages = self._row_conversation(row) if row is not None else [
+                *history, {"role": "user", "content": message}]
+            return self.format.render(messages, generation_prompt=True), False  # type: ignore[attr-defined]
+        if isinstance(self.format, AlpacaFormat):
+            row = {**(row if row is not None else {"instruction": message}), "output": ""}
+        else:
+            field = getattr(self.format, "field", "text")
+            row = row if row is not None else {field: message}
+        try:
+            texts, _ = self.format.texts(row)
+        except RowError as exc:
+            raise PromptError(f"prompt {message.strip()[:60]!r}: not a {self.kind} row: {exc}") from None
+        return texts[0]  # the prompt part; alpaca's texts[1] is the (empty) response
+
+    def token_ids(self, message: str, history: Sequence[Message] = ()) -> list[int]:
+        text, special = self.text(message, history)
+        return list(self.format.encode_many([text], special)[0][0])
+
+    def stop_token_ids(self) -> list[int]:
+        """eos and, for chat templates, the end-of-turn markers the template writes (<|im_end|>, <|eot_id|>, …):
+        a reply ends where a trained turn ended."""
+        ids = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
+        if self.kind == "chat_template":
+            template = self.format.template  # type: ignore[attr-defined]
+            ids += [self.tokenizer.convert_tokens_to_ids(marker)
+                    for marker in self.format.terminators if marker in template]  # type: ignore[attr-defined]
+        return list(dict.fromkeys(ids))
+
+    def _row_conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        chat = self.format
+        try:
+            messages = row_messages(row, chat.field, chat.role_key, chat.content_key)  # type: ignore[attr-defined]
+        except RowError as exc:
+            raise PromptError(f"prompt row: not a chat_template row: {exc}") from None
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()  # the answer to generate
+        if not messages:
+            raise PromptError("prompt row: no message before the assistant's reply")
+        return messages
+
+
+def _json_row(message: str) -> dict[str, Any] | None:
+    text = message.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None  # text that merely looks like JSON is a prompt like any other
+    return value if isinstance(value, dict) else None

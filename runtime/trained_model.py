@@ -1,0 +1,225 @@
+"""What training produced, loaded back for merging and inference: the tokenizer, the base model
+unquantised, the vocabulary the run trained with, and the adapter from `output_dir` or a checkpoint.
+
+Two layouts hold an adapter:
+- a saved adapter (what training leaves in `output_dir`, or any peft folder): `adapter_config.json` and
+  `adapter_model.safetensors`, whose embedding matrices are saved too when training resized the vocabulary
+  (peft does that, or they were trained in full through `lora_modules_to_save`);
+- a `checkpoint-<step>/` folder: accelerate's state, whose `model.safetensors` holds only the trainable
+  tensors under their in-training names (see checkpoint.py), so the adapter's shape comes from the config.
+
+The base model is always loaded unquantised, even for QLoRA runs: merging needs real weights to add the
+update to, and 4-bit weights cannot take it (see merge.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import CHECKPOINT, STATE_FILE
+from .config import RunConfig
+from .model import ModelLoadError, ModelOptions, add_adapter, match_vocabulary, resolve_model_source
+
+log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+CHECKPOINT_WEIGHTS = "model.safetensors"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+# The prefix peft puts before the base model's own module names.
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """Where an adapter's tensors are: ``layout`` is "adapter" (a peft folder) or "checkpoint"."""
+
+    directory: Path
+    layout: str
+    weights: Path
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """Training saves its tokenizer (with the tokens it added) next to the final adapter only."""
+        return any((self.directory / name).is_file() for name in TOKENIZER_FILES)
+
+
+@dataclass
+class TrainedModel:
+    model: torch.nn.Module  # a PeftModel when an adapter was loaded, else the plain base model
+    tokenizer: Any
+    adapter: AdapterSource | None
+
+
+def locate_adapter(directory: Path) -> AdapterSource:
+    """The adapter in ``directory``: a peft folder or a complete checkpoint-<step> folder."""
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: no such directory; train first (`tunefile train CONFIG`) or point "
+                             "--lora-dir at a folder holding adapter_config.json or at a checkpoint-<step> folder")
+    if (directory / ADAPTER_CONFIG).is_file():
+        for name in ADAPTER_WEIGHTS:
+            if (directory / name).is_file():
+                return AdapterSource(directory, "adapter", directory / name)
+        raise ModelLoadError(f"{directory}: has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}")
+    if CHECKPOINT.match(directory.name) or (directory / STATE_FILE).is_file():
+        if (directory / CHECKPOINT_WEIGHTS).is_file():
+            return AdapterSource(directory, "checkpoint", directory / CHECKPOINT_WEIGHTS)
+        held = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        raise ModelLoadError(f"{directory}: a checkpoint without {CHECKPOINT_WEIGHTS} (it holds {held}): FSDP and "
+                             "DeepSpeed checkpoints are sharded; use the final adapter in output_dir instead")
+    if (directory / "config.json").is_file():
+        raise ModelLoadError(f"{directory}: holds a full model, not a LoRA adapter (no {ADAPTER_CONFIG})")
+    raise ModelLoadError(f"{directory}: no {ADAPTER_CONFIG} here and not a checkpoint-<step> folder; "
+                         "train first (`tunefile train CONFIG`) or point --lora-dir at the adapter")
+
+
+def load_trained_tokenizer(cfg: RunConfig, adapter: AdapterSource | None) -> Any:
+    """The tokenizer training saved beside the adapter when there is one (it has the tokens training added);
+    otherwise the config's, built the way training built it."""
+    if adapter is not None and adapter.has_tokenizer:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(adapter.directory), local_files_only=True,
+                                             trust_remote_code=bool(cfg.get("trust_remote_code")))
+    from .data.tokenizer import load_tokenizer
+
+    return load_tokenizer(cfg)[0]
+
+
+def unquantised_options(cfg: RunConfig, attn_implementation: str) -> ModelOptions:
+    """The run's model options without quantisation: a QLoRA adapter is a LoRA adapter on the real weights."""
+    options = ModelOptions.from_config(cfg.values, attn_implementation=attn_implementation)
+    adapter = "lora" if options.uses_adapter else None
+    return replace(options, adapter=adapter, load_in_4bit=False, load_in_8bit=False)
+
+
+def load_base(options: ModelOptions, *, source: str, dtype: torch.dtype | str, device: torch.device) -> Any:
+    """The base weights in ``dtype`` ("auto": the dtype they are stored in), placed on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": options.attn_implementation,
+                              "trust_remote_code": options.trust_remote_code}
+    if device.type == "cuda":
+        kwargs["device_map"] = {"": device.index or 0}  # load straight onto the GPU, never a CPU copy first
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve_model_source(source), **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"base_model {source}: cannot load: {exc}") from None
+
+
+def embedding_module_name(model: torch.nn.Module) -> str:
+    embeddings = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embeddings)
+
+
+def saved_embedding_rows(weights: Path, module_name: str) -> int | None:
+    """Rows of the input embedding matrix the adapter file holds (None when it holds none), read from the
+    file's header without loading tensors. Keys look like base_model.model.model.embed_tokens.weight
+    (saved adapter) or …embed_tokens.modules_to_save.default.weight (checkpoint; DDP adds ``module.``)."""
+    prefix = PEFT_PREFIX + module_name + "."
+    shapes = _tensor_shapes(weights)
+    for key, shape in shapes.items():
+        key = key.removeprefix("module.")
+        if key.startswith(prefix) and key.endswith("weight") and "lora_" not in key:
+            return int(shape[0])
+    return None
+
+
+def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
+    if weights.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    state = torch.load(str(weights), map_location="meta", weights_only=True)
+    return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def fit_vocabulary(model: torch.nn.Module, *, tokenizer_size: int, saved_rows: int | None, shrink: bool,
+                   adapter: AdapterSource | None, base_model: str) -> None:
+    """Give the base the embedding size the adapter was trained with.
+
+    Without saved embeddings, training's own rule decides (grow to the tokenizer; shrink only with
+    shrink_embeddings). With them, their row count decides, and it must cover every token of the tokenizer.
+    An adapter saved with more rows than both the base and the tokenizer is Axolotl's "size mismatch when
+    merging": training added tokens that this tokenizer lacks."""
+    current = model.get_input_embeddings().num_embeddings
+    if saved_rows is None:
+        match_vocabulary(model, tokenizer_size, shrink=shrink)
+        return
+    where = adapter.weights if adapter is not None else base_model
+    if saved_rows < tokenizer_size:
+        raise ModelLoadError(
+            f"{where}: size mismatch: the adapter's embeddings have {saved_rows} rows but the tokenizer has "
+            f"{tokenizer_size} tokens; tokens were added to the config (special_tokens / tokens) after training. "
+            "Remove them, or train again with them")
+    if saved_rows > tokenizer_size and saved_rows != current:
+        raise ModelLoadError(
+            f"{where}: size mismatch: the adapter was trained with a vocabulary of {saved_rows} tokens (its "
+            f"embeddings have {saved_rows} rows), but the base model {base_model} has {current} and the tokenizer "
+            f"{tokenizer_size}, so training added tokens this tokenizer lacks. Fix: give the config the same "
+            "special_tokens and tokens as the training run, or keep the tokenizer files training saved beside "
+            "the adapter (tokenizer.json, tokenizer_config.json)")
+    if saved_rows != current:
+        log.info("resizing token embeddings %d → %d to match the adapter", current, saved_rows)
+        model.resize_token_embeddings(saved_rows, mean_resizing=False)  # the adapter brings the rows
+
+
+def attach_adapter(model: torch.nn.Module, adapter: AdapterSource, options: ModelOptions) -> torch.nn.Module:
+    """The base with the adapter's weights in place, ready to merge or generate."""
+    from peft import PeftModel
+
+    if adapter.layout == "adapter":
+        try:
+            return PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=False)
+        except RuntimeError as exc:  # peft's "size mismatch for …" when a shape differs
+            raise ModelLoadError(f"{adapter.directory}: the adapter does not fit the base model "
+                                 f"{options.base_model}: {str(exc).strip().splitlines()[-1]}") from None
+    # A checkpoint: rebuild the adapter training built (from lora_* in the config, or the lora_model_dir it
+    # continued), then load the checkpointed trainable tensors into it.
+    from safetensors.torch import load_file
+
+    peft_model = add_adapter(model, options)
+    state = {key.removeprefix("module."): value for key, value in load_file(str(adapter.weights)).items()}
+    expected = {name for name, param in peft_model.named_parameters() if param.requires_grad}
+    if set(state) != expected:
+        raise ModelLoadError(f"{adapter.weights}: holds {len(state)} tensors, the config's adapter has "
+                             f"{len(expected)}; were lora_r, lora_target_* or lora_modules_to_save changed since "
+                             "training?")
+    try:
+        peft_model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"{adapter.weights}: does not fit the config's adapter: "
+                             f"{str(exc).strip().splitlines()[-1]}") from None
+    peft_model.eval()
+    return peft_model
+
+
+def load_trained_model(cfg: RunConfig, adapter: AdapterSource | None, *, device: torch.device,
+                       dtype: torch.dtype | str, attn_implementation: str = "sdpa",
+                       base_source: str | None = None) -> TrainedModel:
+    """Tokenizer, base (unquantised, ``dtype``, on ``device``) resized to the trained vocabulary, and the
+    adapter on it. ``base_source`` replaces base_model (a full fine-tune's output_dir)."""
+    options = unquantised_options(cfg, attn_implementation)
+    tokenizer = load_trained_tokenizer(cfg, adapter)
+    model = load_base(options, source=base_source or options.base_model, dtype=dtype, device=device)
+    saved_rows = saved_embedding_rows(adapter.weights, embedding_module_name(model)) if adapter else None
+    base_rows = model.get_input_embeddings().num_embeddings
+    fit_vocabulary(model, tokenizer_size=len(tokenizer), saved_rows=saved_rows, shrink=options.shrink_embeddings,
+                   adapter=adapter, base_model=options.base_model)
+    if adapter is not None and adapter.layout == "checkpoint" and saved_rows is None \
+            and model.get_input_embeddings().num_embeddings > base_rows:
+        log.warning("%s holds only trainable tensors, not the embeddings of the tokens training added: they are "
+                    "re-initialised here, so text with those tokens differs from training. Use the final adapter "
+                    "in output_dir, or train with lora_modules_to_save: [embed_tokens, lm_head]", adapter.directory)
+    model.config.use_cache = True  # generation wants the KV cache that training switched off
+    if adapter is not None:
+        model = attach_adapter(model, adapter, options)
+    model.eval()
+    return TrainedModel(model=model, tokenizer=tokenizer, adapter=adapter)
+
