@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .config import RunConfig
-from .data.chat import _messages as row_messages  # the message parser training used (aliases, content parts)
+from .data.chat import row_messages  # the message parser training used (aliases, content parts)
 from .data.errors import DataError
 from .data.formats import AlpacaFormat, Format, RowError, make_formatter
 

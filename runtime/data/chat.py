@@ -96,7 +96,7 @@ class ChatTemplateFormat(Format):
     def texts(self, row: dict[str, Any]) -> tuple[list[tuple[str, bool]], Any]:
         """The full rendering (tokenised without added special tokens: the template places them) and the
         character spans to train."""
-        messages = _messages(row, self.field, self.role_key, self.content_key)
+        messages = row_messages(row, self.field, self.role_key, self.content_key)
         try:
             full = self.render(messages)
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception() or a Jinja error
@@ -125,7 +125,7 @@ class ChatTemplateFormat(Format):
         return [Example(list(ids), labels)]
 
 
-def _messages(row: dict[str, Any], field: str, role_key: str, content_key: str) -> list[dict[str, Any]]:
+def row_messages(row: dict[str, Any], field: str, role_key: str, content_key: str) -> list[dict[str, Any]]:
     raw = row.get(field)
     if not isinstance(raw, list) or not raw:
         raise RowError(f"field {field!r} is not a non-empty list of messages")
