@@ -12,6 +12,23 @@ import argparse
 import sys
 
 
+def leave_now(code: int) -> int:
+    """End a finished training process without the interpreter's teardown.
+
+    Everything is on disk and the process group is destroyed by then. What is left is C++ destructors of
+    libraries imported along the way (accelerate imports DeepSpeed while unwrapping the model for the final
+    save, and DeepSpeed pulls in torch's compiler machinery): one of them, seen once in CI, aborted a rank
+    with "terminate called without an active exception" after a complete run, which turns a finished job
+    into a failed one. Flush what Python buffers, then exit with the run's own code."""
+    import logging
+    import os
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunefile.runtime", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from .train import run_training
 
-            return run_training(args.config)
+            return leave_now(run_training(args.config))
         if args.command == "preprocess":
             from .data.preprocess import run_preprocess
 

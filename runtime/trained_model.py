@@ -1,12 +1,15 @@
 """What training produced, loaded back for merging and inference: the tokenizer, the base model
 unquantised, the vocabulary the run trained with, and the adapter from `output_dir` or a checkpoint.
 
-Two layouts hold an adapter:
+Three layouts hold an adapter:
 - a saved adapter (what training leaves in `output_dir`, or any peft folder): `adapter_config.json` and
   `adapter_model.safetensors`, whose embedding matrices are saved too when training resized the vocabulary
   (peft does that, or they were trained in full through `lora_modules_to_save`);
-- a `checkpoint-<step>/` folder: accelerate's state, whose `model.safetensors` holds only the trainable
-  tensors under their in-training names (see checkpoint.py), so the adapter's shape comes from the config.
+- a `checkpoint-<step>/` folder of a single-process or DDP run: accelerate's state, whose `model.safetensors`
+  holds only the trainable tensors under their in-training names (see checkpoint.py);
+- a `checkpoint-<step>/` folder of an FSDP or DeepSpeed run: the whole model in their own formats, from which
+  sharded_checkpoints.py reads the adapter's tensors (and the embedding matrices when training resized them).
+For both checkpoint kinds the adapter's shape comes from the config: it is rebuilt, then the tensors loaded.
 
 The base model is always loaded unquantised, even for QLoRA runs: merging needs real weights to add the
 update to, and 4-bit weights cannot take it (see merge.py).
@@ -15,7 +18,8 @@ update to, and 4-bit weights cannot take it (see merge.py).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from collections.abc import Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,7 @@ import torch
 from .checkpoint import CHECKPOINT, STATE_FILE
 from .config import RunConfig
 from .model import ModelLoadError, ModelOptions, add_adapter, match_vocabulary, resolve_model_source
+from .sharded_checkpoints import LAYOUTS_READ, CheckpointTensors, find_sharded_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +42,13 @@ PEFT_PREFIX = "base_model.model."
 
 @dataclass(frozen=True)
 class AdapterSource:
-    """Where an adapter's tensors are: ``layout`` is "adapter" (a peft folder) or "checkpoint"."""
+    """Where an adapter's tensors are: ``layout`` is "adapter" (a peft folder), "checkpoint" (the trainable
+    tensors in model.safetensors) or "sharded" (an FSDP or DeepSpeed checkpoint, read through ``tensors``)."""
 
     directory: Path
     layout: str
-    weights: Path
+    weights: Path  # the file (or DCP folder) messages name
+    tensors: CheckpointTensors | None = field(default=None, compare=False, repr=False)
 
     @property
     def has_tokenizer(self) -> bool:
@@ -66,12 +73,15 @@ def locate_adapter(directory: Path) -> AdapterSource:
             if (directory / name).is_file():
                 return AdapterSource(directory, "adapter", directory / name)
         raise ModelLoadError(f"{directory}: has {ADAPTER_CONFIG} but no {' or '.join(ADAPTER_WEIGHTS)}")
-    if CHECKPOINT.match(directory.name) or (directory / STATE_FILE).is_file():
+    sharded = find_sharded_checkpoint(directory)
+    if CHECKPOINT.match(directory.name) or (directory / STATE_FILE).is_file() or sharded is not None:
         if (directory / CHECKPOINT_WEIGHTS).is_file():
             return AdapterSource(directory, "checkpoint", directory / CHECKPOINT_WEIGHTS)
+        if sharded is not None:
+            return AdapterSource(directory, "sharded", sharded.path, tensors=sharded)
         held = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
-        raise ModelLoadError(f"{directory}: a checkpoint without {CHECKPOINT_WEIGHTS} (it holds {held}): FSDP and "
-                             "DeepSpeed checkpoints are sharded; use the final adapter in output_dir instead")
+        raise ModelLoadError(f"{directory}: a checkpoint without model weights (it holds {held}); expected "
+                             f"{LAYOUTS_READ}")
     if (directory / "config.json").is_file():
         raise ModelLoadError(f"{directory}: holds a full model, not a LoRA adapter (no {ADAPTER_CONFIG})")
     raise ModelLoadError(f"{directory}: no {ADAPTER_CONFIG} here and not a checkpoint-<step> folder; "
@@ -117,12 +127,18 @@ def embedding_module_name(model: torch.nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is embeddings)
 
 
-def saved_embedding_rows(weights: Path, module_name: str) -> int | None:
-    """Rows of the input embedding matrix the adapter file holds (None when it holds none), read from the
-    file's header without loading tensors. Keys look like base_model.model.model.embed_tokens.weight
-    (saved adapter) or …embed_tokens.modules_to_save.default.weight (checkpoint; DDP adds ``module.``)."""
+def output_module_name(model: torch.nn.Module) -> str | None:
+    head = model.get_output_embeddings()
+    return next((name for name, module in model.named_modules() if module is head), None) if head else None
+
+
+def saved_embedding_rows(adapter: AdapterSource, module_name: str) -> int | None:
+    """Rows of the input embedding matrix the adapter holds (None when it holds none), read from file headers
+    or checkpoint metadata without loading tensors. Keys look like base_model.model.model.embed_tokens.weight
+    (saved adapter; FSDP/DeepSpeed checkpoints, which hold the whole model) or
+    …embed_tokens.modules_to_save.default.weight (checkpoint; DDP adds ``module.``)."""
     prefix = PEFT_PREFIX + module_name + "."
-    shapes = _tensor_shapes(weights)
+    shapes = adapter.tensors.shapes() if adapter.tensors is not None else _tensor_shapes(adapter.weights)
     for key, shape in shapes.items():
         key = key.removeprefix("module.")
         if key.startswith(prefix) and key.endswith("weight") and "lora_" not in key:
@@ -170,8 +186,10 @@ def fit_vocabulary(model: torch.nn.Module, *, tokenizer_size: int, saved_rows: i
         model.resize_token_embeddings(saved_rows, mean_resizing=False)  # the adapter brings the rows
 
 
-def attach_adapter(model: torch.nn.Module, adapter: AdapterSource, options: ModelOptions) -> torch.nn.Module:
-    """The base with the adapter's weights in place, ready to merge or generate."""
+def attach_adapter(model: torch.nn.Module, adapter: AdapterSource, options: ModelOptions, *,
+                   resized_modules: Collection[str] = ()) -> torch.nn.Module:
+    """The base with the adapter's weights in place, ready to merge or generate. ``resized_modules``: base
+    modules (the embeddings) whose whole weights a sharded checkpoint replaces, because training resized them."""
     from peft import PeftModel
 
     if adapter.layout == "adapter":
@@ -182,15 +200,21 @@ def attach_adapter(model: torch.nn.Module, adapter: AdapterSource, options: Mode
                                  f"{options.base_model}: {str(exc).strip().splitlines()[-1]}") from None
     # A checkpoint: rebuild the adapter training built (from lora_* in the config, or the lora_model_dir it
     # continued), then load the checkpointed trainable tensors into it.
-    from safetensors.torch import load_file
-
     peft_model = add_adapter(model, options)
-    state = {key.removeprefix("module."): value for key, value in load_file(str(adapter.weights)).items()}
     expected = {name for name, param in peft_model.named_parameters() if param.requires_grad}
-    if set(state) != expected:
-        raise ModelLoadError(f"{adapter.weights}: holds {len(state)} tensors, the config's adapter has "
+    if adapter.tensors is None:
+        from safetensors.torch import load_file
+
+        state = {key.removeprefix("module."): value for key, value in load_file(str(adapter.weights)).items()}
+        held = set(state)
+    else:  # the whole model is there; the adapter's part is what the config's adapter trains
+        held = {name for name in adapter.tensors.shapes() if is_adapter_tensor(name)}
+    if held != expected:
+        raise ModelLoadError(f"{adapter.weights}: holds {len(held)} adapter tensors, the config's adapter has "
                              f"{len(expected)}; were lora_r, lora_target_* or lora_modules_to_save changed since "
                              "training?")
+    if adapter.tensors is not None:
+        state = read_sharded_adapter(peft_model, adapter.tensors, expected, resized_modules)
     try:
         peft_model.load_state_dict(state, strict=False)
     except RuntimeError as exc:
@@ -198,6 +222,27 @@ def attach_adapter(model: torch.nn.Module, adapter: AdapterSource, options: Mode
                              f"{str(exc).strip().splitlines()[-1]}") from None
     peft_model.eval()
     return peft_model
+
+
+def is_adapter_tensor(name: str) -> bool:
+    """What a LoRA run trains: lora_A/lora_B (lora_embedding_*, DoRA's lora_magnitude_vector) and the full copies
+    of lora_modules_to_save; everything else in an FSDP/DeepSpeed checkpoint is the frozen base."""
+    return ".lora_" in name or ".modules_to_save." in name
+
+
+def read_sharded_adapter(peft_model: torch.nn.Module, tensors: CheckpointTensors, adapter_names: set[str],
+                         resized_modules: Collection[str]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, plus the whole weights of ``resized_modules`` (the new rows training initialised
+    are in no adapter), in the dtypes of the rebuilt adapter's parameters."""
+    targets = peft_model.state_dict()
+    prefixes = tuple(PEFT_PREFIX + module + "." for module in resized_modules)
+    held = tensors.shapes()
+    embeddings = {name for name in targets if prefixes and name.startswith(prefixes) and name in held
+                  and not is_adapter_tensor(name)}
+    state = tensors.read(sorted(adapter_names | embeddings))
+    log.info("read %d adapter tensors%s from %s", len(adapter_names),
+             f" and {len(embeddings)} resized embedding matrices" if embeddings else "", tensors.path)
+    return {name: value.to(targets[name].dtype) for name, value in state.items()}
 
 
 def load_trained_model(cfg: RunConfig, adapter: AdapterSource | None, *, device: torch.device,
@@ -208,18 +253,22 @@ def load_trained_model(cfg: RunConfig, adapter: AdapterSource | None, *, device:
     options = unquantised_options(cfg, attn_implementation)
     tokenizer = load_trained_tokenizer(cfg, adapter)
     model = load_base(options, source=base_source or options.base_model, dtype=dtype, device=device)
-    saved_rows = saved_embedding_rows(adapter.weights, embedding_module_name(model)) if adapter else None
+    saved_rows = saved_embedding_rows(adapter, embedding_module_name(model)) if adapter else None
     base_rows = model.get_input_embeddings().num_embeddings
     fit_vocabulary(model, tokenizer_size=len(tokenizer), saved_rows=saved_rows, shrink=options.shrink_embeddings,
                    adapter=adapter, base_model=options.base_model)
-    if adapter is not None and adapter.layout == "checkpoint" and saved_rows is None \
-            and model.get_input_embeddings().num_embeddings > base_rows:
+    rows = model.get_input_embeddings().num_embeddings
+    if adapter is not None and adapter.layout != "adapter" and saved_rows is None and rows > base_rows:
         log.warning("%s holds only trainable tensors, not the embeddings of the tokens training added: they are "
                     "re-initialised here, so text with those tokens differs from training. Use the final adapter "
                     "in output_dir, or train with lora_modules_to_save: [embed_tokens, lm_head]", adapter.directory)
     model.config.use_cache = True  # generation wants the KV cache that training switched off
     if adapter is not None:
-        model = attach_adapter(model, adapter, options)
+        # FSDP and DeepSpeed checkpoints hold the whole model: when training resized the vocabulary, the
+        # embedding matrices come from there, with the new rows as training initialised them.
+        resized = (embedding_module_name(model), output_module_name(model)) \
+            if adapter.tensors is not None and saved_rows is not None and rows != base_rows else ()
+        model = attach_adapter(model, adapter, options, resized_modules=[name for name in resized if name])
     model.eval()
     return TrainedModel(model=model, tokenizer=tokenizer, adapter=adapter)
 
