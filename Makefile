@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 # The main job on the embedded default: a tiny random model, examples/demo.yml compiled for the
-# detected hardware, about a minute of LoRA training, then where the adapter is.
+# detected hardware, about a minute of LoRA training on a small chat set, then the adapter answering.
 demo: install
 	rm -rf demo-out
 	$(TUNEFILE) tiny-model demo-out/tiny-model
@@ -33,11 +33,9 @@ demo: install
 	$(TUNEFILE) verify demo-out/outputs/bundle
 	@echo
 	@echo "The adapter is in demo-out/outputs/ (adapter_model.safetensors); the bundle that ran is demo-out/outputs/bundle/."
-	@echo "Try it:"
-	@echo "  $(PY) -c \"from transformers import AutoTokenizer, AutoModelForCausalLM; from peft import PeftModel; \\"
-	@echo "    tok = AutoTokenizer.from_pretrained('demo-out/outputs'); base = AutoModelForCausalLM.from_pretrained('demo-out/tiny-model'); \\"
-	@echo "    model = PeftModel.from_pretrained(base, 'demo-out/outputs'); \\"
-	@echo "    ids = tok('Add the two numbers.', return_tensors='pt').input_ids; print(tok.decode(model.generate(ids, max_new_tokens=8)[0]))\""
+	@echo "Asking it (tunefile inference examples/demo.yml --prompt 'Say red.'):"
+	@$(TUNEFILE) inference examples/demo.yml --prompt 'Say red.' --max-new-tokens 8 2>/dev/null
+	@echo "More: tunefile inference examples/demo.yml (prompts from stdin), --gradio (a chat page), merge-lora examples/demo.yml."
 
 # CPU tests; tests marked `gpu` run on a GPU machine with `make test-gpu`.
 test: install

@@ -240,8 +240,8 @@ def read_sharded_adapter(peft_model: torch.nn.Module, tensors: CheckpointTensors
     embeddings = {name for name in targets if prefixes and name.startswith(prefixes) and name in held
                   and not is_adapter_tensor(name)}
     state = tensors.read(sorted(adapter_names | embeddings))
-    log.info("read %d adapter tensors%s from %s", len(adapter_names),
-             f" and {len(embeddings)} resized embedding matrices" if embeddings else "", tensors.path)
+    log.info("read %d adapter tensors%s from %s (%s)", len(adapter_names),
+             f" and {len(embeddings)} resized embedding matrices" if embeddings else "", tensors.path, tensors.kind)
     return {name: value.to(targets[name].dtype) for name, value in state.items()}
 
 
