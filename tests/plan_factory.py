@@ -131,3 +131,19 @@ def make_plan(variant: str = "single", *, spec: dict[str, Any] | None = None, **
         tunefile_version="0.1.0",
     )
     return replace(plan, **overrides)
+
+
+AWKWARD = "it's \"quoted\" $HOME `date` ; echo pwned  two  spaces"  # a value every script must keep as one word
+
+
+def render(variant: str = "single", **kwargs: object) -> dict[str, str]:
+    """The bundle's files (name → text) for one of the VARIANTS, with optional plan overrides."""
+    from tunefile.compiler.render import render_bundle
+
+    return render_bundle(make_plan(variant, **kwargs))  # type: ignore[arg-type]
+
+
+def slurm_plan(**slurm: object):
+    """The slurm variant with some SLURM settings replaced."""
+    plan = make_plan("slurm")
+    return replace(plan, target=replace(plan.target, slurm=replace(plan.target.slurm, **slurm)))
