@@ -181,6 +181,16 @@ def enable_gradient_checkpointing(model: torch.nn.Module, options: ModelOptions)
         model.enable_input_require_grads()
 
 
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters. Under ZeRO-3 the weights are partitioned as they load: a parameter's
+    local numel() is then 0 and its full size is DeepSpeed's ds_numel."""
+    def size(p: torch.nn.Parameter) -> int:
+        return int(getattr(p, "ds_numel", 0) or p.numel())
+
+    params = list(model.parameters())
+    return sum(size(p) for p in params if p.requires_grad), sum(size(p) for p in params)
+
+
 def load_model(options: ModelOptions, *, vocab_size: int, device_index: int | None = None) -> torch.nn.Module:
     """The trainable model, not yet placed or wrapped (accelerator.prepare does that)."""
     model = load_base_model(options, device_index=device_index)
@@ -195,13 +205,7 @@ def load_model(options: ModelOptions, *, vocab_size: int, device_index: int | No
         enable_gradient_checkpointing(model, options)
     if options.uses_adapter or options.quantized:
         model = add_adapter(model, options)
-    # Under ZeRO-3 the weights are partitioned as they load: a parameter's local numel() is 0 and its
-    # full size is ds_numel.
-    def size(p: torch.nn.Parameter) -> int:
-        return int(getattr(p, "ds_numel", 0) or p.numel())
-
-    trainable = sum(size(p) for p in model.parameters() if p.requires_grad)
-    total = sum(size(p) for p in model.parameters())
+    trainable, total = parameter_counts(model)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
              100 * trainable / max(total, 1))
     return model

@@ -152,3 +152,17 @@ def test_lora_model_dir_continues_an_adapter_and_special_tokens_grow_the_vocabul
                                        lora_model_dir="first")))
     second = train_losses(root / "second")
     assert second[0] < (first[0] + first[-1]) / 2, (first, second)
+
+
+def test_parameter_counts_see_zero3_partitioned_weights() -> None:
+    # Seen on the GPU machine: under ZeRO-3 a loaded parameter is an empty partition (numel 0) carrying its
+    # full size as ds_numel, and counting by numel() divided by zero in the startup log line.
+    from tunefile.runtime.model import parameter_counts
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    model[0].requires_grad_(False)
+    assert parameter_counts(model) == (3 * 2 + 2, 4 * 3 + 3 + 3 * 2 + 2)
+    for param in model.parameters():
+        param.ds_numel = param.numel()
+        param.data = torch.empty(0)
+    assert parameter_counts(model) == (3 * 2 + 2, 4 * 3 + 3 + 3 * 2 + 2)
