@@ -21,20 +21,43 @@ from .cli import cli, print_warnings, reports_problems, target_flags, target_opt
 from .errors import EXIT_INVALID
 
 
-def _run_runtime(*args: str) -> int:
-    """Run `python -m tunefile.runtime ARGS` in this environment; the compiler itself never imports torch."""
+def _run(command: list[str], env: dict[str, str] | None = None) -> int:
+    """Run COMMAND to its end and return its exit status. A SIGTERM sent to tunefile, as a process supervisor
+    sends it, is passed on: the child (a training launch, a merge, a chat server) would otherwise outlive it.
+    Ctrl-C reaches both already (the terminal signals the whole process group)."""
+    import signal
     import subprocess
 
-    return subprocess.call([sys.executable, "-m", "tunefile.runtime", *args])
+    child = subprocess.Popen(command, env=env)
+    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: child.send_signal(signum))
+    try:
+        code = child.wait()
+    except KeyboardInterrupt:  # the child got the Ctrl-C too: let it finish and report its own status
+        code = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128 + N
+
+
+def _run_runtime(*args: str) -> int:
+    """`python -m tunefile.runtime ARGS` in this environment; the compiler itself never imports torch."""
+    return _run([sys.executable, "-m", "tunefile.runtime", *args])
+
+
+def _compile(config: Path, sources: Any, options: Any) -> Any:
+    """The compiled bundle's files, its warnings printed (the same pipeline as `tunefile compile`)."""
+    from .pipeline import compile_config
+
+    compilation = compile_config(config, options, sources)
+    print_warnings(compilation.plan, sources)
+    return compilation
 
 
 def _compile_own_bundle(config: Path, sources: Any, options: Any) -> Path:
     """Compile into <output_dir>/bundle, replacing the bundle a previous `train` left there."""
     from .bundle import write_bundle
-    from .pipeline import compile_config
 
-    compilation = compile_config(config, options, sources)
-    print_warnings(compilation.plan, sources)
+    compilation = _compile(config, sources, options)
     out_dir = Path(compilation.plan.spec.output_dir) / "bundle"
     write_bundle(compilation.files, out_dir, force=True)
     click.echo(f"Compiled {config} into {out_dir}/ (target {compilation.plan.target.name})", err=True)
@@ -47,7 +70,6 @@ def _compile_own_bundle(config: Path, sources: Any, options: Any) -> Path:
 @reports_problems
 def train(config: Path, sources: Any, **flags: Any) -> None:
     """Compile CONFIG into <output_dir>/bundle and run its launch.sh (detects the local GPUs by default)."""
-    import subprocess
     from dataclasses import replace
 
     options = replace(target_options(**flags), fallback_target="detect")
@@ -56,7 +78,7 @@ def train(config: Path, sources: Any, **flags: Any) -> None:
     # from a virtual environment that is not activated launches with that environment's accelerate.
     scripts = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
-    sys.exit(subprocess.call(["bash", str(bundle / "launch.sh")], env=env))
+    sys.exit(_run(["bash", str(bundle / "launch.sh")], env=env))
 
 
 @cli.command()
@@ -72,24 +94,6 @@ def preprocess(config: Path, show: int, sources: Any, **flags: Any) -> None:
     sys.exit(code)
 
 
-def _run_runtime_passing_sigterm(*args: str) -> int:
-    """_run_runtime for long-running commands (merging, a chat server): a SIGTERM sent to tunefile, as a process
-    supervisor sends it, is passed on to the runtime process, which would otherwise outlive it. Ctrl-C reaches
-    both already (the terminal signals the whole process group)."""
-    import signal
-    import subprocess
-
-    runtime = subprocess.Popen([sys.executable, "-m", "tunefile.runtime", *args])
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: runtime.send_signal(signum))
-    try:
-        code = runtime.wait()
-    except KeyboardInterrupt:  # the runtime got the Ctrl-C too: let it finish and report its own status
-        code = runtime.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return code if code >= 0 else 128 - code  # killed by signal N: the shell's 128 + N
-
-
 @contextmanager
 def _temporary_bundle(config: Path, sources: Any, options: Any) -> Iterator[Path]:
     """Compile CONFIG into a bundle that lives as long as the command. preprocess, merge-lora and inference
@@ -98,10 +102,8 @@ def _temporary_bundle(config: Path, sources: Any, options: Any) -> Iterator[Path
     import tempfile
 
     from .bundle import write_bundle
-    from .pipeline import compile_config
 
-    compilation = compile_config(config, options, sources)
-    print_warnings(compilation.plan, sources)
+    compilation = _compile(config, sources, options)
     with tempfile.TemporaryDirectory(prefix="tunefile-bundle-") as temp:
         bundle = Path(temp) / "bundle"
         write_bundle(compilation.files, bundle, force=True)
@@ -129,7 +131,7 @@ def merge_lora(config: Path, lora_dir: Path | None, output: Path | None, cpu: bo
     args = [*([f"--lora-dir={lora_dir}"] if lora_dir else []), *([f"--output={output}"] if output else []),
             *(["--cpu"] if cpu else [])]
     with _temporary_bundle(config, sources, target_options(**flags)) as bundle:
-        code = _run_runtime_passing_sigterm("merge-lora", str(bundle / "config.yaml"), *args)
+        code = _run_runtime("merge-lora", str(bundle / "config.yaml"), *args)
     sys.exit(code)
 
 
@@ -160,7 +162,7 @@ def inference(config: Path, lora_dir: Path | None, base_only: bool, prompt: str 
             f"--temperature={temperature}", f"--top-p={top_p}", *(["--cpu"] if cpu else []),
             *(["--gradio", f"--host={host}", f"--port={port}"] if gradio else [])]
     with _temporary_bundle(config, sources, target_options(**flags)) as bundle:
-        code = _run_runtime_passing_sigterm("inference", str(bundle / "config.yaml"), *args)
+        code = _run_runtime("inference", str(bundle / "config.yaml"), *args)
     sys.exit(code)
 
 

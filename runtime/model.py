@@ -120,10 +120,18 @@ def quantization_config(options: ModelOptions) -> Any:
                               bnb_4bit_compute_dtype=HALF.get(options.precision, torch.bfloat16))
 
 
-def load_base_model(options: ModelOptions, *, device_index: int | None = None) -> torch.nn.Module:
+def from_pretrained(base_model: str, **kwargs: Any) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained`` of a config's base_model (offline-aware), with a missing or
+    unreadable model reported as one line."""
     from transformers import AutoModelForCausalLM
 
-    source = resolve_model_source(options.base_model)
+    try:
+        return AutoModelForCausalLM.from_pretrained(resolve_model_source(base_model), **kwargs)
+    except OSError as exc:
+        raise ModelLoadError(f"base_model {base_model}: cannot load: {exc}") from None
+
+
+def load_base_model(options: ModelOptions, *, device_index: int | None = None) -> torch.nn.Module:
     kwargs: dict[str, Any] = {
         "dtype": weights_dtype(options),
         "attn_implementation": options.attn_implementation,
@@ -134,10 +142,7 @@ def load_base_model(options: ModelOptions, *, device_index: int | None = None) -
         # bitsandbytes quantises while loading, straight onto this process's GPU.
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = {"": device_index if device_index is not None else 0}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except OSError as exc:
-        raise ModelLoadError(f"base_model {options.base_model}: cannot load: {exc}") from None
+    model = from_pretrained(options.base_model, **kwargs)
     model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     return model
 

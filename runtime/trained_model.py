@@ -27,7 +27,7 @@ import torch
 
 from .checkpoint import CHECKPOINT, STATE_FILE
 from .config import RunConfig
-from .model import ModelLoadError, ModelOptions, add_adapter, match_vocabulary, resolve_model_source
+from .model import ModelLoadError, ModelOptions, add_adapter, from_pretrained, match_vocabulary
 from .sharded_checkpoints import LAYOUTS_READ, CheckpointTensors, find_sharded_checkpoint
 
 log = logging.getLogger(__name__)
@@ -110,16 +110,11 @@ def unquantised_options(cfg: RunConfig, attn_implementation: str) -> ModelOption
 
 def load_base(options: ModelOptions, *, source: str, dtype: torch.dtype | str, device: torch.device) -> Any:
     """The base weights in ``dtype`` ("auto": the dtype they are stored in), placed on ``device``."""
-    from transformers import AutoModelForCausalLM
-
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": options.attn_implementation,
                               "trust_remote_code": options.trust_remote_code}
     if device.type == "cuda":
         kwargs["device_map"] = {"": device.index or 0}  # load straight onto the GPU, never a CPU copy first
-    try:
-        return AutoModelForCausalLM.from_pretrained(resolve_model_source(source), **kwargs)
-    except OSError as exc:
-        raise ModelLoadError(f"base_model {source}: cannot load: {exc}") from None
+    return from_pretrained(source, **kwargs)
 
 
 def embedding_module_name(model: torch.nn.Module) -> str:

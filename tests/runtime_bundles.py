@@ -76,7 +76,8 @@ def write_config(tmp: Path, name: str = "cfg.yml", *, fmt: str = "alpaca", **ove
     return path
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
+def subprocess_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment tests run tunefile and bundles in: this venv first on PATH, offline, a free port."""
     env = dict(os.environ)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -92,7 +93,7 @@ def compile_bundle(config: Path, bundle: str = "bundle", *, gpus_per_node: int |
                "--target", target, "--force"]
     if gpus_per_node:
         command += ["--gpus-per-node", str(gpus_per_node)]
-    result = subprocess.run(command, cwd=config.parent, env=_env(), capture_output=True, text=True)
+    result = subprocess.run(command, cwd=config.parent, env=subprocess_env(), capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     return config.parent / bundle
 
@@ -100,7 +101,7 @@ def compile_bundle(config: Path, bundle: str = "bundle", *, gpus_per_node: int |
 def launch(bundle: Path, *, env: dict[str, str] | None = None, check: bool = True,
            timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`bash bundle/launch.sh` from the directory the config's relative paths start at."""
-    result = subprocess.run(["bash", str(bundle / "launch.sh")], cwd=bundle.parent, env=_env(env),
+    result = subprocess.run(["bash", str(bundle / "launch.sh")], cwd=bundle.parent, env=subprocess_env(env),
                             capture_output=True, text=True, timeout=timeout)
     if check:
         assert result.returncode == 0, f"launch.sh exited {result.returncode}:\n{result.stdout[-4000:]}\n" \
@@ -125,3 +126,11 @@ def safetensors(path: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def run_tunefile(*args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None,
+                 timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The installed `tunefile` console script, as a user runs it, in ``cwd``; ``env`` adds to the defaults."""
+    return subprocess.run([str(VENV_BIN / "tunefile"), *args], cwd=cwd, env=subprocess_env(env), input=stdin,
+                          capture_output=True, text=True, timeout=timeout)
+

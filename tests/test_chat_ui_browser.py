@@ -21,7 +21,7 @@ import torch
 from test_merge_lora import compiled_config
 
 from helpers import require_module, require_tool
-from runtime_bundles import VENV_BIN, _env, free_port
+from runtime_bundles import VENV_BIN, free_port, subprocess_env
 from tunefile.runtime.config import RunConfig
 from tunefile.runtime.data.chat import ChatTemplateFormat
 
@@ -62,7 +62,7 @@ def chat_server(tmp_path: Path, tiny_model_dir: Path) -> Iterator[ChatServer]:
         # A session of its own, so that whatever the test leaves running can be stopped as a group.
         process = subprocess.Popen([str(VENV_BIN / "tunefile"), "inference", "cfg.yml", "--base-only", "--gradio",
                                     "--port", str(port), "--max-new-tokens", str(MAX_NEW_TOKENS)], cwd=tmp_path,
-                                   env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                   env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         server = ChatServer(f"http://127.0.0.1:{port}/", process, log_path)
         try:
             wait_until_serving(server)

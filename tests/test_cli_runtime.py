@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime_bundles import VENV_BIN, _env, build_tiny_model, metrics, workspace, write_config
+from runtime_bundles import build_tiny_model, metrics, run_tunefile, workspace, write_config
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +17,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-model")
 
 
-def tunefile(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def tunefile(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     # PATH without the virtual environment, as when a user runs .venv/bin/tunefile without activating it.
-    env = _env({"NO_COLOR": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"})
-    return subprocess.run([str(VENV_BIN / "tunefile"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_tunefile(*args, cwd=cwd, env={"NO_COLOR": "1", "PATH": "/usr/local/bin:/usr/bin:/bin"})
 
 
 def test_train_compiles_into_output_dir_bundle_and_runs_it(tmp_path: Path, tiny_model: Path) -> None:

@@ -5,15 +5,9 @@ uses, so the repository's own demo-out/ is left alone."""
 from __future__ import annotations
 
 import shutil
-import subprocess
 from pathlib import Path
 
-from runtime_bundles import REPO, VENV_BIN, _env, metrics
-
-
-def tunefile(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(VENV_BIN / "tunefile"), *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=600)
+from runtime_bundles import REPO, metrics, run_tunefile
 
 
 def test_the_demo_trains_and_answers(tmp_path: Path) -> None:
@@ -23,12 +17,12 @@ def test_the_demo_trains_and_answers(tmp_path: Path) -> None:
 
     for step in (["tiny-model", "demo-out/tiny-model"], ["train", "examples/demo.yml"],
                  ["verify", "demo-out/outputs/bundle"]):
-        result = tunefile(*step, cwd=tmp_path)
+        result = run_tunefile(*step, cwd=tmp_path, timeout=600)
         assert result.returncode == 0, f"tunefile {' '.join(step)}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
 
     losses = [record["loss"] for record in metrics(tmp_path / "demo-out" / "outputs") if "loss" in record]
     assert losses[-1] < losses[0] / 10
-    answer = tunefile("inference", "examples/demo.yml", "--prompt", "Say red.", "--max-new-tokens", "8",
+    answer = run_tunefile("inference", "examples/demo.yml", "--prompt", "Say red.", "--max-new-tokens", "8",
                       cwd=tmp_path)
     assert answer.returncode == 0, answer.stderr[-3000:]
     assert answer.stdout.strip() == "RED"

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 from test_merge_lora import compiled_config, make_adapter
 
-from runtime_bundles import VENV_BIN, _env
+from runtime_bundles import run_tunefile as tunefile
 from tunefile.runtime.config import RunConfig, load_run_config
 from tunefile.runtime.data.chat import ChatTemplateFormat
 from tunefile.runtime.data.formats import IGNORE, AlpacaFormat
@@ -99,10 +98,6 @@ def greedy_reply(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int) -
                              do_sample=False, eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
 
-
-def tunefile(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(VENV_BIN / "tunefile"), *args], cwd=cwd, env=_env(), input=stdin,
-                          capture_output=True, text=True, timeout=300)
 
 
 def test_cli_answers_stdin_with_the_adapter_and_a_prompt_without_it(tmp_path: Path, tiny_model_dir: Path,

@@ -7,7 +7,6 @@ in-process; one trains for real and merges through the installed CLI."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,8 @@ import torch
 import yaml
 
 from helpers import run_cli
-from runtime_bundles import VENV_BIN, _env, build_tiny_model, compile_bundle, launch, workspace, write_config
+from runtime_bundles import build_tiny_model, compile_bundle, launch, workspace, write_config
+from runtime_bundles import run_tunefile as tunefile
 from tunefile.runtime import merge
 from tunefile.runtime.merge import run_merge
 
@@ -138,10 +138,6 @@ def test_shrink_embeddings_trims_a_padded_vocabulary(tmp_path: Path, tiny_model_
     # Shrinking drops rows no token uses; the logits of real tokens are unchanged.
     torch.testing.assert_close(logits(merged, tokenizer), logits(peft_model, tokenizer)[..., :rows], atol=1e-4, rtol=0)
 
-
-def tunefile(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(VENV_BIN / "tunefile"), *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_resized_adapter_on_an_original_size_base_explains_the_size_mismatch(tmp_path: Path,
