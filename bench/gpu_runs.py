@@ -3,6 +3,10 @@
     python bench/gpu_runs.py --work /tmp/gpu-work --results bench/results/gpu_runs.json RUN [RUN ...]
     python bench/gpu_runs.py --list
 
+On a host with more GPUs than a run needs, `--first-gpu N` gives it GPUs N, N+1, …, so two lanes of runs can
+share the host (their own --results and --tails files; make the inputs first with --inputs-only, since
+two lanes making the same model at once would race).
+
 Every run goes the way a user's job goes: write a config, `tunefile compile --target detect`, then
 `bash bundle/launch.sh` with CUDA_VISIBLE_DEVICES picking the GPUs. Runs with a `resume_at` step are
 killed right after that step (TUNEFILE_FAULT_AFTER_STEP, no cleanup: what a preempted job leaves) and
@@ -72,11 +76,15 @@ RUNS: dict[str, Run] = {
     # Strategy matrix, 2 GPUs, LoRA.
     "1b-lora-ddp": Run("1b", 2, DDP, resume_at=30),
     "1b-lora-fsdp2": Run("1b", 2, FSDP2, resume_at=30),
-    "1b-lora-fsdp2-offload": Run("1b", 2, FSDP2_OFFLOAD, steps=30, resume_at=20, save_steps=15),
+    "1b-lora-fsdp2-offload": Run("1b", 2, FSDP2_OFFLOAD, resume_at=30),
     "1b-lora-zero2": Run("1b", 2, ZERO2, resume_at=30),
     "1b-lora-zero3": Run("1b", 2, ZERO3, resume_at=30),
     # Scaling baselines: the same LoRA workload on one GPU under each strategy's launcher.
     "1b-lora-fsdp2-1gpu": Run("1b", 1, FSDP2, merge=False),
+    # Scaling on one host: the 1B LoRA workload, 30 steps, on 1, 2 and 4 GPUs under DDP and FSDP2.
+    **{f"scale-1b-lora-{kind}-{gpus}gpu": Run("1b", gpus, {} if kind == "ddp" and gpus == 1 else dist, steps=30,
+                                              merge=False)
+       for kind, dist in (("ddp", DDP), ("fsdp2", FSDP2)) for gpus in (1, 2, 4)},
     # Full fine-tuning of the 1B shape.
     "1b-full-fsdp2": Run("1b", 2, FSDP2, adapter=None, steps=30, merge=False, extra={"learning_rate": 2e-5}),
     "1b-full-zero3": Run("1b", 2, ZERO3, adapter=None, steps=30, merge=False, extra={"learning_rate": 2e-5}),
@@ -84,7 +92,7 @@ RUNS: dict[str, Run] = {
     "8b-lora-single": Run("8b", 1, {}, steps=30, merge=False),
     "8b-lora-ddp": Run("8b", 2, DDP, resume_at=30),
     "8b-lora-fsdp2": Run("8b", 2, FSDP2, resume_at=30),
-    "8b-lora-fsdp2-offload": Run("8b", 2, FSDP2_OFFLOAD, steps=20, resume_at=12, save_steps=10, merge=False),
+    "8b-lora-fsdp2-offload": Run("8b", 2, FSDP2_OFFLOAD, resume_at=30, merge=False),
     "8b-lora-zero2": Run("8b", 2, ZERO2, resume_at=30, merge=False),
     "8b-lora-zero3": Run("8b", 2, ZERO3, resume_at=30, merge=False),
 }
@@ -92,6 +100,16 @@ RUNS: dict[str, Run] = {
 SHAPE_BATCH = {"tiny": {"micro_batch_size": 2, "sequence_len": 512},
                "1b": {"micro_batch_size": 4, "sequence_len": 2048},
                "8b": {"micro_batch_size": 2, "sequence_len": 2048, "gradient_checkpointing": True}}
+
+
+RUNNING: list[subprocess.Popen] = []  # the launch in progress, stopped with this script
+
+
+def stop_running_launch(signum: int, frame: Any) -> None:
+    """A lane stopped by `timeout` takes its launch's process group with it, so the GPUs come free."""
+    for process in RUNNING:
+        os.killpg(process.pid, signal.SIGKILL)
+    sys.exit(128 + signum)
 
 
 def sh(command: list[str], *, cwd: Path, env: dict[str, str] | None = None, log: Path | None = None,
@@ -103,12 +121,15 @@ def sh(command: list[str], *, cwd: Path, env: dict[str, str] | None = None, log:
         # Its own process group, so a timeout stops accelerate's workers too and frees the GPUs.
         process = subprocess.Popen(command, cwd=cwd, env={**os.environ, "PATH": PATH, **(env or {})}, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
+        RUNNING.append(process)
         try:
             code = process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             code = 124
+        finally:
+            RUNNING.remove(process)
     return code, time.perf_counter() - start
 
 
@@ -125,11 +146,13 @@ def ensure_inputs(work: Path, shape: str) -> None:
         subprocess.run([PYTHON, str(BENCH / "synthetic_data.py"), str(data), "--rows", "6000"], check=True)
 
 
-def config_for(name: str, run: Run) -> dict[str, Any]:
+def config_for(name: str, run: Run, first_gpu: int = 0) -> dict[str, Any]:
     values: dict[str, Any] = {
         "base_model": f"llama-{run.shape}",
         "datasets": [{"path": "data/synthetic.jsonl", "type": "alpaca"}],
-        "dataset_prepared_path": "prepared",  # shared by every run: the second run onwards reuses the cache
+        # Shared by the runs of one lane: the second run onwards reuses the cache. Lanes running side by side
+        # each have their own, so two never write the same cache at once.
+        "dataset_prepared_path": f"prepared-gpu{first_gpu}" if first_gpu else "prepared",
         "output_dir": f"runs/{name}",
         "sample_packing": True,
         "gradient_accumulation_steps": 1,
@@ -160,12 +183,12 @@ def throughput(records: list[dict[str, Any]]) -> float | None:
     return statistics.median(speeds) if speeds else None
 
 
-def execute(work: Path, name: str, run: Run, logs: Path, *, timeout: float) -> dict[str, Any]:
+def execute(work: Path, name: str, run: Run, logs: Path, *, timeout: float, first_gpu: int = 0) -> dict[str, Any]:
     ensure_inputs(work, run.shape)
     log = logs / f"{name}.log"
     log.write_text("", encoding="utf-8")
     config = work / f"{name}.yml"
-    config.write_text(yaml.safe_dump(config_for(name, run), sort_keys=False), encoding="utf-8")
+    config.write_text(yaml.safe_dump(config_for(name, run, first_gpu), sort_keys=False), encoding="utf-8")
     output_dir = work / "runs" / name
     subprocess.run(["rm", "-rf", str(output_dir)], check=True)
     result: dict[str, Any] = {"run": name, **{k: v for k, v in asdict(run).items() if k != "extra"},
@@ -175,8 +198,9 @@ def execute(work: Path, name: str, run: Run, logs: Path, *, timeout: float) -> d
     if code:
         return result | {"ok": False, "failed_at": "compile"}
     bundle = work / "bundles" / name
-    env = {"CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(run.gpus)), "PYTHONUNBUFFERED": "1",
-           "MASTER_PORT": str(29500 + len(name))}
+    gpus = ",".join(str(i) for i in range(first_gpu, first_gpu + run.gpus))
+    port = 29500 + 100 * first_gpu + len(name)  # lanes side by side never share a rendezvous port
+    env = {"CUDA_VISIBLE_DEVICES": gpus, "PYTHONUNBUFFERED": "1", "MASTER_PORT": str(port)}
     walls = []
     if run.resume_at:
         code, wall = sh(["bash", str(bundle / "launch.sh")], cwd=work, log=log, timeout=timeout,
@@ -206,20 +230,30 @@ def execute(work: Path, name: str, run: Run, logs: Path, *, timeout: float) -> d
         "peak_memory_gib": max((r.get("peak_memory_gib", 0) for r in records), default=None),
         "loss_first": round(losses[0], 4) if losses else None, "loss_last": round(losses[-1], 4) if losses else None,
         "logged_steps": [r["step"] for r in records if "loss" in r],
+        "checkpoint_mib": checkpoint_mib(output_dir),
     }
     if run.merge and run.adapter:
         # The same target as the training run (DeepSpeed configs need two GPUs to compile); the merge uses one.
         code, wall = sh([*TUNEFILE, "merge-lora", config.name, "--target", "detect", "--gpus-per-node",
-                         str(run.gpus)], cwd=work, env={"CUDA_VISIBLE_DEVICES": "0"}, log=log)
+                         str(run.gpus)], cwd=work, env={"CUDA_VISIBLE_DEVICES": str(first_gpu)}, log=log)
         merged = output_dir / "merged"
         result["merged"] = {"exit_code": code, "wall_s": round(wall, 1),
                            "files": sorted(p.name for p in merged.glob("*"))[:12] if merged.exists() else []}
     return result
 
 
+def checkpoint_mib(output_dir: Path) -> float | None:
+    """Disk size of the newest checkpoint: what each save costs (for an adapter run, ideally the adapter and
+    its optimizer state, not the frozen base)."""
+    found = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not found:
+        return None
+    return round(sum(f.stat().st_size for f in found[-1].rglob("*") if f.is_file()) / 2**20, 1)
+
+
 def table(results: list[dict[str, Any]]) -> str:
     head = f"{'run':24} {'ok':3} {'gpus':>4} {'tok/s':>9} {'tok/s/gpu':>9} {'peak GiB':>8} {'loss':>15} " \
-           f"{'resumed from':>18} {'merge':>5}"
+           f"{'resumed from':>18} {'merge':>5} {'ckpt MiB':>9}"
     lines = [head, "-" * len(head)]
     for r in results:
         loss = f"{r.get('loss_first', '-')}→{r.get('loss_last', '-')}" if r.get("ok") else r.get("failed_at", "")
@@ -227,7 +261,8 @@ def table(results: list[dict[str, Any]]) -> str:
         merge = r.get("merged", {}).get("exit_code", "-")
         lines.append(f"{r['run']:24} {'yes' if r.get('ok') else 'NO':3} {r['gpus']:>4} "
                      f"{r.get('tokens_per_s') or '-':>9} {r.get('tokens_per_s_per_gpu') or '-':>9} "
-                     f"{r.get('peak_memory_gib') or '-':>8} {loss:>15} {resumed:>18} {merge!s:>5}")
+                     f"{r.get('peak_memory_gib') or '-':>8} {loss:>15} {resumed:>18} {merge!s:>5} "
+                     f"{r.get('checkpoint_mib') or '-':>9}")
     return "\n".join(lines)
 
 
@@ -240,8 +275,11 @@ def main() -> int:
     parser.add_argument("--tails", type=Path, default=None,
                         help="append the last lines of each run's log to this one file (what a GPU lease sends back)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per launch before it is stopped")
+    parser.add_argument("--first-gpu", type=int, default=0, help="the runs use GPUs from this one on")
+    parser.add_argument("--inputs-only", action="store_true", help="make the named runs' model, data and tokenizer")
     parser.add_argument("--list", action="store_true")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, stop_running_launch)
     if args.list or not args.runs:
         for name, run in RUNS.items():
             print(f"{name:24} {run.shape} × {run.gpus} GPU  {run.adapter or 'full'}  {run.distribution}")
@@ -250,13 +288,17 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown runs: {', '.join(unknown)}")
     args.work.mkdir(parents=True, exist_ok=True)
+    if args.inputs_only:
+        for shape in dict.fromkeys(RUNS[name].shape for name in args.runs):
+            ensure_inputs(args.work, shape)
+        return 0
     logs = args.logs or args.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     results = json.loads(args.results.read_text()) if args.results.exists() else []
     done = []
     for name in args.runs:
         print(f"== {name}", flush=True)
-        result = execute(args.work, name, RUNS[name], logs, timeout=args.timeout)
+        result = execute(args.work, name, RUNS[name], logs, timeout=args.timeout, first_gpu=args.first_gpu)
         if args.tails:
             lines = [line for line in (logs / f"{name}.log").read_text(encoding="utf-8", errors="replace")
                      .splitlines() if not line.startswith("step ")]

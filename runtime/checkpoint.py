@@ -6,8 +6,11 @@ DeepSpeed way where those run) plus `trainer_state.json` (step, epoch, position 
 micro-batch plan). Everything is written into a hidden temp directory that is renamed into place;
 the `COMPLETE` marker is written last, so a run killed mid-save leaves nothing that looks resumable.
 
-Adapter runs under DDP or a single process keep only the trainable tensors: the frozen base is
+Adapter runs keep only the trainable tensors where the strategy lets us choose: the frozen base is
 re-read from `base_model` on resume, and an 8B base would otherwise be copied into every checkpoint.
+Under DDP or a single process save-state hooks drop it; under DeepSpeed the engine's own
+`exclude_frozen_parameters` does (an 8B LoRA run on the GPU machine wrote 31 GB per ZeRO-2 checkpoint
+without it). FSDP's sharded state always holds the whole model: accelerate saves it before any hook runs.
 """
 
 from __future__ import annotations
@@ -95,20 +98,31 @@ def _load_trainable_only(models: list[torch.nn.Module], input_dir: str) -> None:
     models.clear()  # loaded here; accelerate must not load them again (strictly, and fail)
 
 
+# Handed to DeepSpeed's engine.save_checkpoint / load_checkpoint through accelerate's save_state / load_state.
+DEEPSPEED_ADAPTER_SAVE = {"exclude_frozen_parameters": True}
+DEEPSPEED_ADAPTER_LOAD = {"load_module_strict": False}  # the frozen weights are not in it, by design
+
+
+def _engine_options(accelerator: Any, adapter_only: bool, options: dict[str, bool]) -> dict[str, bool]:
+    return options if adapter_only and accelerator.distributed_type.value == "DEEPSPEED" else {}
+
+
 def register_adapter_hooks(accelerator: Any) -> None:
     accelerator.register_save_state_pre_hook(_keep_trainable_only)
     accelerator.register_load_state_pre_hook(_load_trainable_only)
 
 
-def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, *, save_total_limit: int | None) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, *, save_total_limit: int | None,
+                    adapter_only: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory. `adapter_only`: an adapter run,
+    whose frozen base need not be saved."""
     final = output_dir / f"checkpoint-{state.step}"
     temp = output_dir / f".tmp-checkpoint-{state.step}"
     if accelerator.is_main_process:
         shutil.rmtree(temp, ignore_errors=True)  # left by a run killed while saving
         temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(temp))
+    accelerator.save_state(str(temp), **_engine_options(accelerator, adapter_only, DEEPSPEED_ADAPTER_SAVE))
     accelerator.wait_for_everyone()  # every rank's shards and RNG state are on disk
     if accelerator.is_main_process:
         (temp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -133,8 +147,8 @@ def prune_checkpoints(output_dir: Path, save_total_limit: int | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_checkpoint(accelerator: Any, path: Path) -> TrainState:
-    accelerator.load_state(str(path))
+def load_checkpoint(accelerator: Any, path: Path, *, adapter_only: bool = False) -> TrainState:
+    accelerator.load_state(str(path), **_engine_options(accelerator, adapter_only, DEEPSPEED_ADAPTER_LOAD))
     return TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
 
 

@@ -160,7 +160,7 @@ def run_training(config_path: str | Path) -> int:
     resume_path = checkpoint.find_resume_checkpoint(output_dir, resume_from=cfg.get("resume_from_checkpoint"),
                                                     auto_resume=cfg.get("auto_resume_from_checkpoints", True))
     if resume_path is not None:
-        state = checkpoint.load_checkpoint(accelerator, resume_path)
+        state = checkpoint.load_checkpoint(accelerator, resume_path, adapter_only=options.uses_adapter)
         log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_path, state.step, state.epoch,
                  state.micro_batch)
 
@@ -224,7 +224,8 @@ def run_training(config_path: str | Path) -> int:
             sink.log_eval({"step": state.step, "eval_loss": eval_loss})
             window_start = time.perf_counter()  # evaluation time is not training throughput
         if cadence.save_now(state.step, total_steps):
-            checkpoint.save_checkpoint(accelerator, output_dir, state, save_total_limit=cfg.get("save_total_limit"))
+            checkpoint.save_checkpoint(accelerator, output_dir, state, save_total_limit=cfg.get("save_total_limit"),
+                                       adapter_only=options.uses_adapter)
             window_start = time.perf_counter()
         if state.step == fault_after:
             os._exit(17)  # no cleanup, no final save: what a SIGKILL leaves behind

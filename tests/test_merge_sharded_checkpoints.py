@@ -6,10 +6,12 @@ this process, by the real writers on a 1-process gloo group, into what `accelera
 - FSDP2 (`fully_shard` works on CPU): accelerate's own `save_fsdp_model`, called the way `save_state` calls it,
   with stand-ins for the plugin and the accelerator (it reads only the attributes given below);
 - DeepSpeed ZeRO-2 and ZeRO-3 on DeepSpeed's CPU accelerator: `deepspeed.initialize`, one optimizer step, then
-  `engine.save_checkpoint(dir, "pytorch_model")`, which is `save_state`'s call (ckpt_id = MODEL_NAME).
+  `engine.save_checkpoint(dir, "pytorch_model", ...)`, which is `save_state`'s call (ckpt_id = MODEL_NAME), with
+  the options training passes for adapter runs (frozen weights left out), and for ZeRO-2 also without them (a
+  checkpoint that holds the whole model, as earlier versions and full fine-tunes write).
 Each adapter grows the vocabulary by two tokens, as training does (random new rows that no adapter holds), so
-the FSDP and ZeRO-2 cases also check that the embedding matrices come from the checkpoint; ZeRO-3 (whose reader
-leaves frozen weights out) trains the embeddings through lora_modules_to_save, as such runs must."""
+the FSDP and whole-model ZeRO-2 cases also check that the embedding matrices come from the checkpoint; the
+adapter-only DeepSpeed checkpoints train the embeddings through lora_modules_to_save, as such runs must."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import torch
 import yaml
 
 from helpers import require_module, run_cli
+from tunefile.runtime import checkpoint as checkpoint_module
 from tunefile.runtime import sharded_checkpoints
 from tunefile.runtime.merge import run_merge
 from tunefile.runtime.model import ModelLoadError
@@ -36,7 +39,8 @@ from tunefile.runtime.trained_model import load_trained_model, locate_adapter
 ADDED_TOKENS = ["<|tool|>", "<|result|>"]
 DEEPSPEED_INSTALL = "pip install 'tunefile[deepspeed]'"
 # layout → the adapter it checkpoints: "plain" (LoRA only) or "trained-embeddings" (lora_modules_to_save too).
-LAYOUTS = {"fsdp-sharded": "plain", "fsdp-full": "plain", "zero2": "plain", "zero3": "trained-embeddings"}
+LAYOUTS = {"fsdp-sharded": "plain", "fsdp-full": "plain", "zero2-whole": "plain", "zero2": "trained-embeddings",
+           "zero3": "trained-embeddings"}
 MODULES_TO_SAVE = {"plain": None, "trained-embeddings": ["embed_tokens", "lm_head"]}
 
 
@@ -79,9 +83,9 @@ def write_fsdp(model: Any, checkpoint: Path, state_dict_type: str) -> None:
     save_fsdp_model(plugin, SimpleNamespace(num_processes=1, process_index=0), model, str(checkpoint), 0)
 
 
-def write_deepspeed(model: Any, checkpoint: Path, stage: int) -> None:
-    """A ZeRO engine in fp32 with a torch AdamW, one step, then save_state's call. lr 0: the step creates the
-    optimizer state (the fp32 master weights the reader takes) and leaves the weights the reference saved."""
+def deepspeed_engine(model: Any, stage: int) -> Any:
+    """A ZeRO engine in fp32 with a torch AdamW at lr 0, so a step creates the optimizer state (the fp32 master
+    weights the reader takes) and leaves the weights as they were."""
     import deepspeed
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.0)
@@ -89,10 +93,34 @@ def write_deepspeed(model: Any, checkpoint: Path, stage: int) -> None:
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
               "fp16": {"enabled": False}, "bf16": {"enabled": False}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    return engine
+
+
+def write_deepspeed(model: Any, checkpoint: Path, stage: int, *, adapter_only: bool) -> None:
+    """One step, then save_state's call with the options training passes."""
+    engine = deepspeed_engine(model, stage)
     ids = torch.arange(3, 19).unsqueeze(0)
     engine.backward(engine(input_ids=ids, labels=ids).loss)
     engine.step()
-    engine.save_checkpoint(str(checkpoint), sharded_checkpoints.DEEPSPEED_TAG)
+    engine.save_checkpoint(str(checkpoint), sharded_checkpoints.DEEPSPEED_TAG,
+                           **(checkpoint_module.DEEPSPEED_ADAPTER_SAVE if adapter_only else {}))
+
+
+def load_deepspeed(model: Any, checkpoint: Path, stage: int) -> dict[str, torch.Tensor]:
+    """Resume's call on a fresh engine whose adapter differs from the saved one; every weight afterwards.
+    (Here, inside the fixture's process group: DeepSpeed keeps its groups for the process's lifetime.)"""
+    import deepspeed
+
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(1.0)
+    engine = deepspeed_engine(model, stage)
+    engine.load_checkpoint(str(checkpoint), sharded_checkpoints.DEEPSPEED_TAG,
+                           **checkpoint_module.DEEPSPEED_ADAPTER_LOAD)
+    params = dict(engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
+        return {name: param.detach().clone() for name, param in params.items()}
 
 
 @contextlib.contextmanager
@@ -170,7 +198,7 @@ def written(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> S
                          output=str(root / variant / "merged")) == 0
         references[variant] = root / variant / "merged"
 
-    checkpoints = {}
+    checkpoints, loaded_back = {}, {}
     with one_process_group():
         for layout, variant in LAYOUTS.items():
             if layout.startswith("zero") and not _importable("deepspeed"):
@@ -182,8 +210,12 @@ def written(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> S
                 write_fsdp(model, checkpoints[layout], "SHARDED_STATE_DICT" if layout == "fsdp-sharded"
                            else "FULL_STATE_DICT")
             else:
-                write_deepspeed(model, checkpoints[layout], stage=int(layout[-1]))
-    return SimpleNamespace(configs=configs, trained=trained, references=references, checkpoints=checkpoints)
+                write_deepspeed(model, checkpoints[layout], stage=int(layout[4]), adapter_only=layout != "zero2-whole")
+                if layout != "zero2-whole":
+                    loaded_back[layout] = load_deepspeed(copy.deepcopy(models[variant]), checkpoints[layout],
+                                                         stage=int(layout[4]))
+    return SimpleNamespace(configs=configs, trained=trained, references=references, checkpoints=checkpoints,
+                           models=models, loaded_back=loaded_back)
 
 
 def test_the_names_read_are_accelerates() -> None:
@@ -202,6 +234,7 @@ def test_merge_from_a_sharded_checkpoint_equals_merge_from_the_saved_adapter(lay
         require_module("deepspeed", DEEPSPEED_INSTALL)
     variant, checkpoint = LAYOUTS[layout], written.checkpoints[layout]
     expected_files = {"fsdp-sharded": "pytorch_model_fsdp_0/.metadata", "fsdp-full": "pytorch_model_fsdp.bin",
+                      "zero2-whole": "pytorch_model/mp_rank_00_model_states.pt",
                       "zero2": "pytorch_model/mp_rank_00_model_states.pt",
                       "zero3": "pytorch_model/zero_pp_rank_0_mp_rank_00_model_states.pt"}
     assert (checkpoint / expected_files[layout]).is_file(), sorted(p.name for p in checkpoint.iterdir())
@@ -224,6 +257,28 @@ def test_merge_from_a_sharded_checkpoint_equals_merge_from_the_saved_adapter(lay
     assert merged["model.embed_tokens.weight"].shape[0] == 1024 + len(ADDED_TOKENS)
     for key in reference:
         torch.testing.assert_close(merged[key], reference[key], atol=1e-6, rtol=0, msg=key)
+
+
+@pytest.mark.parametrize("layout", ["zero2", "zero3"])
+def test_an_adapter_deepspeed_checkpoint_leaves_the_base_out_and_resumes(layout: str,
+                                                                         written: SimpleNamespace) -> None:
+    """What training writes for an adapter run under DeepSpeed (an 8B LoRA wrote 31 GB per ZeRO-2 checkpoint
+    before): the model-state files hold no frozen weight, and a fresh engine over the base model loads it back
+    with the options resume passes, ending with the trained adapter and the base untouched."""
+    require_module("deepspeed", DEEPSPEED_INSTALL)
+    variant, checkpoint = LAYOUTS[layout], written.checkpoints[layout]
+    trainable = written.trained[variant]
+    for states in (checkpoint / sharded_checkpoints.DEEPSPEED_TAG).glob("*model_states.pt"):
+        saved = torch.load(states, map_location="cpu", weights_only=False)
+        kept = {sharded_checkpoints.training_name(key) for key in saved["module"] or {}}
+        assert kept <= trainable.keys(), sorted(kept - trainable.keys())[:3]
+        assert not saved.get("frozen_param_fragments") and not saved.get("frozen_param_shapes")
+
+    base = {name: param for name, param in written.models[variant].named_parameters() if not param.requires_grad}
+    loaded = written.loaded_back[layout]
+    assert loaded.keys() == trainable.keys() | base.keys()
+    for name, tensor in (trainable | base).items():
+        torch.testing.assert_close(loaded[name], tensor.detach(), atol=0, rtol=0, msg=name)
 
 
 def test_a_checkpoint_with_no_weights_it_can_read_is_one_line(tmp_path: Path, written: SimpleNamespace,
