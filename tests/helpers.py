@@ -58,4 +58,4 @@ def require_module(name: str, install: str) -> Any:
         message = f"the Python package {name} is not installed ({install})"
         if os.environ.get("CI") == "true":
             pytest.fail(message)
-        pytest.skip(message)
+        pytest.skip(message, allow_module_level=True)  # also from a test module's top level

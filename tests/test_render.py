@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import write
+from helpers import require_module, write
 from plan_factory import VARIANTS, make_plan, render
 from tunefile.compiler.render import render_bundle
 
@@ -126,7 +126,7 @@ def test_cpu_ddp_starts_torchrun(tmp_path: Path) -> None:
     """accelerate launch starts torchrun only for MULTI_GPU; MULTI_CPU would start one process."""
     text = render("cpu")["accelerate.yaml"]
     assert "distributed_type: MULTI_GPU" in text and "use_cpu: true" in text and "torchrun" in text
-    launch = pytest.importorskip("accelerate.commands.launch")
+    launch = require_module("accelerate.commands.launch", "make install")
     args = launch.launch_command_parser().parse_args(
         ["--config_file", str(write(tmp_path / "accelerate.yaml", text)), "-m", "tunefile.runtime"])
     args, _, _ = launch._validate_launch_command(args)
@@ -170,7 +170,7 @@ def test_accelerate_deepspeed_section_and_json() -> None:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_accelerate_reads_the_config(variant: str, tmp_path: Path) -> None:
-    config_args = pytest.importorskip("accelerate.commands.config.config_args")
+    config_args = require_module("accelerate.commands.config.config_args", "make install")
     path = write(tmp_path / "accelerate.yaml", render(variant)["accelerate.yaml"])
     config = config_args.load_config_from_file(str(path))
     assert config.num_processes == make_plan(variant).target.world_size

@@ -6,7 +6,9 @@ from typing import Any
 
 import pytest
 
-pytest.importorskip("torch")
+from helpers import require_module
+
+require_module("torch", "make install")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

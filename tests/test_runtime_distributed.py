@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import require_module
 from runtime_bundles import build_tiny_model, compile_bundle, launch, summary, train_losses, workspace, write_config
 
 
@@ -52,7 +53,7 @@ def test_accelerate_accepts_a_deepspeed_bundle_and_it_resumes(tmp_path: Path, ti
     refuses a config file that also sets mixed_precision (seen on the GPU machine, fixed in the renderer).
     On a CPU process group accelerate then trains plain data parallel (MULTI_CPU); the DeepSpeed engine
     itself runs in bench/gpu_runs.py on GPUs. The kill and resume go through the same launch."""
-    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (make install adds it)")
+    require_module("deepspeed", "make install adds it")
     root = workspace(tmp_path, tiny_model)
     bundle = compile_bundle(write_config(root, adapter="lora", lora_target_linear=True, max_steps=6, save_steps=2,
                                          deepspeed="zero2", micro_batch_size=2),

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import require_module
 from runtime_bundles import build_tiny_model, compile_bundle, launch, metrics, train_losses, workspace, write_config
 
 pytestmark = pytest.mark.gpu
@@ -46,14 +47,14 @@ def test_bf16_lora_with_varlen_packing(tmp_path: Path, tiny_model: Path) -> None
 
 
 def test_qlora(tmp_path: Path, tiny_model: Path) -> None:
-    pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes (pip install 'tunefile[qlora]')")
+    require_module("bitsandbytes", "QLoRA needs it: pip install 'tunefile[qlora]'")
     out = _run(tmp_path, tiny_model, adapter="qlora", load_in_4bit=True, optimizer="paged_adamw_8bit")
     _learned(out)
     assert (out / "adapter_model.safetensors").exists()
 
 
 def test_lora_on_an_8bit_base(tmp_path: Path, tiny_model: Path) -> None:
-    pytest.importorskip("bitsandbytes", reason="8-bit loading needs bitsandbytes (pip install 'tunefile[qlora]')")
+    require_module("bitsandbytes", "8-bit loading needs it: pip install 'tunefile[qlora]'")
     out = _run(tmp_path, tiny_model, load_in_8bit=True)
     _learned(out)
     assert (out / "adapter_model.safetensors").exists()

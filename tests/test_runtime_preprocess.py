@@ -12,7 +12,9 @@ from typing import Any
 import pytest
 import yaml
 
-pytest.importorskip("torch")
+from helpers import require_module
+
+require_module("torch", "make install")
 
 from tunefile.runtime.__main__ import main  # noqa: E402
 from tunefile.runtime.data.errors import DataError  # noqa: E402
