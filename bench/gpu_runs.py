@@ -92,9 +92,9 @@ RUNS: dict[str, Run] = {
     "8b-lora-single": Run("8b", 1, {}, steps=30, merge=False),
     "8b-lora-ddp": Run("8b", 2, DDP, resume_at=30),
     "8b-lora-fsdp2": Run("8b", 2, FSDP2, resume_at=30),
-    "8b-lora-fsdp2-offload": Run("8b", 2, FSDP2_OFFLOAD, resume_at=30, merge=False),
-    "8b-lora-zero2": Run("8b", 2, ZERO2, resume_at=30, merge=False),
-    "8b-lora-zero3": Run("8b", 2, ZERO3, resume_at=30, merge=False),
+    "8b-lora-fsdp2-offload": Run("8b", 2, FSDP2_OFFLOAD, resume_at=30),
+    "8b-lora-zero2": Run("8b", 2, ZERO2, resume_at=30),
+    "8b-lora-zero3": Run("8b", 2, ZERO3, resume_at=30),
 }
 
 SHAPE_BATCH = {"tiny": {"micro_batch_size": 2, "sequence_len": 512},

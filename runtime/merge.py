@@ -98,6 +98,18 @@ def training_chat_template(cfg: RunConfig, tokenizer: Any) -> str | None:
     return None
 
 
+def is_write_failure(exc: BaseException) -> bool:
+    """OSError from Python's own writes; safetensors reports its I/O errors (a full disk) as SafetensorError,
+    which is no OSError, with "I/O error" in the message."""
+    return isinstance(exc, OSError) or "I/O error" in str(exc)
+
+
+def model_size(model: Any) -> str:
+    """What the weights take on disk, in GiB (MiB below one)."""
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.1f} MiB"
+
+
 def check_output_dir(target: Path, source: Path) -> None:
     """Refuse to write over the adapter or anything that is not an earlier merged model."""
     if target.resolve() == source.resolve():
@@ -111,15 +123,24 @@ def check_output_dir(target: Path, source: Path) -> None:
 
 
 def write_merged(model: Any, tokenizer: Any, target: Path, *, chat_template: str | None) -> None:
-    """Save into a temporary sibling folder, then replace ``target`` with it."""
+    """Save into a temporary sibling folder, then replace ``target`` with it. A write that fails (a full
+    disk: an 8B model is 16 GB more) removes the partial folder and says how much was needed."""
     staging = target.parent / f".{target.name}.tmp"
     shutil.rmtree(staging, ignore_errors=True)  # left by a merge that was killed
-    staging.mkdir(parents=True)
-    model.config.use_cache = True
-    model.save_pretrained(str(staging), max_shard_size=MAX_SHARD_SIZE)
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    tokenizer.save_pretrained(str(staging))
+    try:
+        staging.mkdir(parents=True)
+        model.config.use_cache = True
+        model.save_pretrained(str(staging), max_shard_size=MAX_SHARD_SIZE)
+        if chat_template:
+            tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(str(staging))
+    except Exception as exc:
+        if not is_write_failure(exc):
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot write the merged model to {target}: {reason}; it needs about "
+                             f"{model_size(model)} free there (--output picks another place)") from None
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)

@@ -212,3 +212,30 @@ def test_mistakes_are_one_line_with_exit_2(tmp_path: Path, tiny_model_dir: Path,
     assert (tmp_path / "notes" / "todo.txt").exists()
     assert run_merge(lora, output="out") == 2
     assert "adapter folder itself" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, tiny_model_dir: Path,
+                                                    monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """As the GPU machine's disk filled during an 8B merge: safetensors raises its own error type (no OSError)
+    part-way through the shards. The user gets the reason and the space needed; no partial folder stays."""
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    monkeypatch.chdir(tmp_path)
+    lora = compiled_config(tmp_path, tiny_model_dir, adapter="lora")
+    make_adapter(tiny_model_dir, tmp_path / "out")
+
+    def disk_fills(self: Any, directory: str, **_: Any) -> None:
+        (Path(directory) / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_fills)
+    assert run_merge(lora) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]  # after the weight-loading progress bars
+    assert message.startswith("tunefile merge-lora: cannot write the merged model to out/merged: Error while "
+                              "serializing: I/O error: No space left on device (os error 28); it needs about "), message
+    assert message.endswith(" MiB free there (--output picks another place)"), message
+    assert not (tmp_path / "out" / "merged").exists() and not (tmp_path / "out" / ".merged.tmp").exists()
