@@ -22,10 +22,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-PYTHON = sys.executable
-TUNEFILE = [PYTHON, "-m", "tunefile.compiler"]
+from gpu_runs import PATH, TUNEFILE, device_name  # this folder: how the GPU runs start tunefile
+
 CONFIG = "examples/demo.yml"
-PATH = os.pathsep.join([str(Path(PYTHON).parent), os.environ.get("PATH", "")])
 ENV = {**os.environ, "PATH": PATH, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 
 
@@ -98,14 +97,6 @@ def trained_run(output_dir: Path) -> dict[str, Any]:
             "steps": summary["step"], "loss_first": round(losses[0], 4), "loss_last": round(losses[-1], 4),
             "eval_loss": next((round(r["eval_loss"], 4) for r in reversed(records) if "eval_loss" in r), None),
             "peak_memory_gib": summary.get("peak_memory_gib")}
-
-
-def device_name() -> str:
-    try:
-        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, check=True).stdout.split("\n")[0].strip() or "unknown"
-    except (OSError, subprocess.CalledProcessError):
-        return "cpu"
 
 
 def main() -> int:
