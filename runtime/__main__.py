@@ -29,6 +29,19 @@ def leave_now(code: int) -> int:
     os._exit(code)
 
 
+def quiet_deepspeed_without_a_gpu() -> None:
+    """Where DeepSpeed is installed, transformers and accelerate import it, and on a machine without a GPU it
+    announces on stdout that it chose the CPU: stdout that carries merge-lora's result and inference's
+    replies. Naming the CPU for it, which is what it would choose, keeps it quiet."""
+    import os
+
+    if "DS_ACCELERATOR" not in os.environ:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunefile.runtime", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     infer.add_argument("--port", type=int, default=7860)
 
     args = parser.parse_args(argv)
+    quiet_deepspeed_without_a_gpu()
     from .config import ConfigFileError
     from .data.errors import DataError
 
