@@ -107,9 +107,17 @@ def _engine_options(accelerator: Any, adapter_only: bool, options: dict[str, boo
     return options if adapter_only and accelerator.distributed_type.value == "DEEPSPEED" else {}
 
 
-def register_adapter_hooks(accelerator: Any) -> None:
-    accelerator.register_save_state_pre_hook(_keep_trainable_only)
-    accelerator.register_load_state_pre_hook(_load_trainable_only)
+# Strategies where the model is a plain module or a DDP replica, whose state accelerate hands to save-state
+# hooks (FSDP and DeepSpeed save through their own sharded formats).
+REPLICATED = ("NO", "MULTI_CPU", "MULTI_GPU")
+
+
+def keep_only_the_adapter(accelerator: Any) -> None:
+    """For an adapter run, before `prepare`: the hooks that keep plain and DDP checkpoints to the trainable
+    tensors. DeepSpeed gets its engine options from save_checkpoint / load_checkpoint(adapter_only=True)."""
+    if accelerator.distributed_type.value in REPLICATED:
+        accelerator.register_save_state_pre_hook(_keep_trainable_only)
+        accelerator.register_load_state_pre_hook(_load_trainable_only)
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, *, save_total_limit: int | None,

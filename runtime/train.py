@@ -35,9 +35,6 @@ log = logging.getLogger("tunefile.runtime")
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 FAULT_AFTER_STEP = "TUNEFILE_FAULT_AFTER_STEP"  # tests: die like a killed job right after this step
-# Strategies where the model is a plain module or a DDP replica, so adapter checkpoints can hold
-# just the trainable tensors (FSDP and DeepSpeed save through their own sharded formats).
-REPLICATED = ("NO", "MULTI_CPU", "MULTI_GPU")
 
 
 def build_accelerator(cfg: RunConfig) -> Any:
@@ -151,8 +148,8 @@ def run_training(config_path: str | Path) -> int:
                                 weight_decay=float(cfg.get("weight_decay") or 0.0), device_type=device.type)
     scheduler = build_scheduler(optimizer, lr_scheduler=cfg.get("lr_scheduler") or "cosine", total_steps=total_steps,
                                 warmup_steps=cfg.get("warmup_steps"), warmup_ratio=cfg.get("warmup_ratio"))
-    if options.uses_adapter and accelerator.distributed_type.value in REPLICATED:
-        checkpoint.register_adapter_hooks(accelerator)
+    if options.uses_adapter:
+        checkpoint.keep_only_the_adapter(accelerator)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     # Resume: weights, optimizer, schedule, every rank's RNG, and where in the data plan we were.
