@@ -223,7 +223,7 @@ class Spec(_Strict):
     lr_scheduler: Literal[SCHEDULERS] = _field(  # type: ignore[valid-type]
         "cosine", description="Learning-rate schedule after warmup.", group="training"
     )
-    learning_rate: float = _field(2e-4, gt=0, le=1.0, description="Peak learning rate.", group="training")
+    learning_rate: float = _field(2e-4, gt=0, description="Peak learning rate.", group="training")
     warmup_steps: int | None = _field(None, ge=0, description="Linear warmup steps.", group="training")
     warmup_ratio: float | None = _field(
         None, ge=0.0, lt=1.0, description="Warmup as a fraction of all steps.", group="training"
@@ -232,6 +232,12 @@ class Spec(_Strict):
     max_grad_norm: float = _field(1.0, ge=0.0, description="Gradient clipping norm (0 turns it off).", group="training")
     seed: int = _field(42, ge=0, le=2**32 - 1, description="Random seed for data order and initialisation.",
                        group="training")
+    loss_watchdog_threshold: float | None = _field(
+        None, gt=0, description="Stop the run when the loss stays above this for loss_watchdog_patience steps "
+        "(about twice the first loss is a good value). A non-finite loss or gradient always stops it.",
+        group="training")
+    loss_watchdog_patience: int = _field(
+        3, ge=1, description="Steps in a row above loss_watchdog_threshold before the run stops.", group="training")
 
     # --- precision and kernels -----------------------------------------------------------
     bf16: bool | Literal["auto"] = _field(

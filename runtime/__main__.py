@@ -42,8 +42,32 @@ def quiet_deepspeed_without_a_gpu() -> None:
             os.environ["DS_ACCELERATOR"] = "cpu"
 
 
+def report_user_error(exc: Exception, *, debug: bool) -> int:
+    """The one place a RuntimeUserError becomes output: one line on stderr (the traceback only with --debug),
+    the error's exit code, and that code in $TUNEFILE_EXIT_STATUS_FILE, where launch.sh finds it (accelerate
+    launch reports any failed rank as 1). A verdict every rank reaches alike (the watchdog's) is printed by
+    rank 0 alone."""
+    import os
+    import traceback
+
+    code = int(getattr(exc, "exit_code", 2))
+    if os.environ.get("RANK", "0") == "0" or not getattr(exc, "same_on_every_rank", False):
+        if debug:
+            traceback.print_exception(exc)
+        print(f"tunefile runtime: {exc}", file=sys.stderr, flush=True)
+    status_file = os.environ.get("TUNEFILE_EXIT_STATUS_FILE")
+    if status_file:
+        try:
+            with open(status_file, "w", encoding="utf-8") as out:
+                out.write(f"{code}\n")
+        except OSError:
+            pass  # the status file is a courtesy to launch.sh; the exit code below still tells
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tunefile.runtime", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of configuration and data errors too")
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train from a bundle's config.yaml")
@@ -80,37 +104,41 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     quiet_deepspeed_without_a_gpu()
-    from .config import ConfigFileError
-    from .data.errors import DataError
+    from .errors import RuntimeUserError
 
     try:
-        if args.command == "train":
-            from .train import run_training
+        return run_command(args)
+    except RuntimeUserError as exc:
+        code = report_user_error(exc, debug=args.debug)
+        return leave_now(code) if args.command == "train" else code
 
-            return leave_now(run_training(args.config))
-        if args.command == "preprocess":
-            from .data.preprocess import run_preprocess
 
-            return run_preprocess(args.config, show=args.show)
-        if args.command == "merge-lora":
-            from .merge import run_merge
+def run_command(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from .config import load_run_plan
+        from .fault_injection import fault_hook_from_environment
+        from .train import run_training
 
-            return run_merge(args.config, lora_dir=args.lora_dir, output=args.output, cpu=args.cpu)
-        if args.command == "inference":
-            from .inference import Sampling, run_inference
+        plan = load_run_plan(args.config)
+        return leave_now(run_training(plan, after_step=fault_hook_from_environment()))
+    if args.command == "preprocess":
+        from .data.preprocess import run_preprocess
 
-            sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
-            return run_inference(args.config, lora_dir=args.lora_dir, base_only=args.base_only, prompt=args.prompt,
-                                 sampling=sampling, cpu=args.cpu, gradio=args.gradio, host=args.host,
-                                 port=args.port)
-        from .tiny_model import build_tiny_model
+        return run_preprocess(args.config, show=args.show)
+    if args.command == "merge-lora":
+        from .merge import run_merge
 
-        build_tiny_model(args.directory, arch=args.arch)
-        return 0
-    except (ConfigFileError, DataError) as exc:
-        # Problems the user fixes in their config or data: one line, no traceback.
-        print(f"tunefile runtime: {exc}", file=sys.stderr)
-        return 2
+        return run_merge(args.config, lora_dir=args.lora_dir, output=args.output, cpu=args.cpu)
+    if args.command == "inference":
+        from .inference import Sampling, run_inference
+
+        sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        return run_inference(args.config, lora_dir=args.lora_dir, base_only=args.base_only, prompt=args.prompt,
+                             sampling=sampling, cpu=args.cpu, gradio=args.gradio, host=args.host, port=args.port)
+    from .tiny_model import build_tiny_model
+
+    build_tiny_model(args.directory, arch=args.arch)
+    return 0
 
 
 if __name__ == "__main__":

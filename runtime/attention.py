@@ -22,6 +22,7 @@ import functools
 import importlib.util
 import inspect
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -125,7 +126,7 @@ def torch_varlen_attention_forward(
         else:  # the kernel's default is 1/sqrt(head_dim); fold any other scale into the queries
             q = q * (scaling * head_dim**0.5)
     out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q,
-                      max_length_q, max_length_k or max_length_q, **options)
+                      max_length_q, max_length_q if max_length_k is None else max_length_k, **options)
     return out.reshape(batch, length, heads, head_dim).to(out_dtype), None
 
 
@@ -148,39 +149,57 @@ def register_torch_varlen() -> str:
     return TORCH_VARLEN
 
 
-def choose_packing_attention(requested: str | None, *, sample_packing: bool, attn_implementation: str,
-                             device_type: str) -> tuple[str | None, str]:
-    """(packing mode actually used, attn_implementation to load the model with).
+@dataclass(frozen=True)
+class AttentionDecision:
+    """What this machine runs: the packing isolation, the attn_implementation the model loads with, and why
+    it differs from the plan when it does (recorded in metrics.jsonl and train_summary.json)."""
 
-    The compiler chose ``requested`` for the target; here we check the machine we landed on and fall
-    back to the block mask (always correct, only slower) when a kernel is missing."""
+    packing: str | None  # torch_varlen | flash_varlen | block_mask; None without sample packing
+    attn_implementation: str
+    fallback: str | None  # None: the compiler's choice runs as planned
+
+
+def decide_attention(planned_packing: str | None, *, attn_implementation: str,
+                     device_type: str) -> AttentionDecision:
+    """The compiler chose ``planned_packing`` (None: no packing) and ``attn_implementation`` for the target;
+    here we check the machine we landed on and fall back, saying why, when a kernel is missing: to PyTorch's
+    kernels for a missing flash-attn, to the block mask (always correct, only slower) for a missing varlen."""
+    fallback = None
     if attn_implementation.startswith("flash_attention") and not flash_attn_installed():
-        # The bundle was compiled for flash-attn (flash_attention: true) but this machine lacks the package:
-        # train on with PyTorch's own kernels rather than stop a job that waited in a queue.
-        if sample_packing and torch_varlen_available(device_type):
-            log.warning("flash-attn is not installed; packed samples use PyTorch's varlen kernel instead")
-            return "torch_varlen", register_torch_varlen()
-        log.warning("flash-attn is not installed; using PyTorch SDPA (pip install 'tunefile[flash]' for it)")
-        attn_implementation, requested = "sdpa", None
-    if not sample_packing:
-        return None, attn_implementation
-    mode = requested or "block_mask"
-    if mode == "torch_varlen":
+        # The bundle was compiled for flash-attn but this machine lacks the package: train on with PyTorch's
+        # own kernels rather than stop a job that waited in a queue.
+        if planned_packing is not None and torch_varlen_available(device_type):
+            return AttentionDecision("torch_varlen", register_torch_varlen(),
+                                     "flash-attn is not installed: packed samples use PyTorch's varlen kernel")
+        fallback = "flash-attn is not installed: PyTorch SDPA (pip install 'tunefile[flash]' for it)"
+        attn_implementation = "sdpa"
+        planned_packing = "block_mask" if planned_packing is not None else None
+    if planned_packing is None:
+        return AttentionDecision(None, attn_implementation, fallback)
+    if planned_packing == "torch_varlen":
         if torch_varlen_available(device_type):
-            return mode, register_torch_varlen()
-        log.warning("packing_attention torch_varlen needs CUDA and torch.nn.attention.varlen; "
-                    "falling back to a block-diagonal mask with sdpa")
-        return "block_mask", "sdpa"
-    if mode == "flash_varlen":
-        if attn_implementation.startswith("flash_attention"):
-            return mode, attn_implementation
-        log.warning("packing_attention flash_varlen without flash attention (%s); using a block-diagonal mask",
-                    attn_implementation)
-        mode = "block_mask"
+            return AttentionDecision("torch_varlen", register_torch_varlen(), fallback)
+        return AttentionDecision("block_mask", "sdpa", f"torch_varlen needs CUDA and torch.nn.attention.varlen "
+                                                       f"({device_type} here): a block-diagonal mask with sdpa")
+    if planned_packing == "flash_varlen" and not attn_implementation.startswith("flash_attention"):
+        return AttentionDecision("block_mask", attn_implementation,
+                                 f"flash_varlen without flash attention ({attn_implementation}): a block-diagonal mask")
     if attn_implementation.startswith("flash_attention") or attn_implementation == TORCH_VARLEN:
         # Flash kernels take no dense mask: isolation has to come from cu_seq_lens.
-        return "flash_varlen", attn_implementation
-    return "block_mask", attn_implementation
+        return AttentionDecision("flash_varlen", attn_implementation, fallback)
+    return AttentionDecision("block_mask", attn_implementation, fallback)
+
+
+def choose_packing_attention(requested: str | None, *, sample_packing: bool, attn_implementation: str,
+                             device_type: str) -> tuple[str | None, str]:
+    """(packing mode, attn_implementation) as ``decide_attention`` decides them, logging any fallback."""
+    planned = None
+    if sample_packing:
+        planned = "block_mask" if requested is None else requested
+    decision = decide_attention(planned, attn_implementation=attn_implementation, device_type=device_type)
+    if decision.fallback:
+        log.warning("attention: %s", decision.fallback)
+    return decision.packing, decision.attn_implementation
 
 
 def packing_forward_kwargs(mode: str | None, position_ids: torch.Tensor | None, *, attn_implementation: str,

@@ -14,9 +14,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from .inference import ReplyStreamer
 from .model import ModelLoadError
 from .prompts import Message
+from .reply import ReplyStreamer
 
 
 def require_gradio() -> None:
@@ -33,7 +33,7 @@ def as_messages(history: list[Any]) -> list[Message]:
         content = item.get("content")
         if isinstance(content, list):
             content = "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
-        messages.append({"role": str(item.get("role")), "content": str(content or "")})
+        messages.append({"role": str(item.get("role")), "content": "" if content is None else str(content)})
     return messages
 
 

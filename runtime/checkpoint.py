@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .errors import RuntimeUserError
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
@@ -42,7 +44,7 @@ class TrainState:
     micro_batch: int = 0
 
 
-class CheckpointError(Exception):
+class CheckpointError(RuntimeUserError):
     """A checkpoint asked for cannot be used."""
 
 
@@ -147,7 +149,7 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, *, sa
 
 
 def prune_checkpoints(output_dir: Path, save_total_limit: int | None) -> None:
-    if not save_total_limit or save_total_limit <= 0:
+    if save_total_limit is None:
         return
     found = complete_checkpoints(output_dir)
     for _, path in found[:-save_total_limit]:
@@ -156,8 +158,15 @@ def prune_checkpoints(output_dir: Path, save_total_limit: int | None) -> None:
 
 
 def load_checkpoint(accelerator: Any, path: Path, *, adapter_only: bool = False) -> TrainState:
-    accelerator.load_state(str(path), **_engine_options(accelerator, adapter_only, DEEPSPEED_ADAPTER_LOAD))
-    return TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    """Weights, optimizer, schedule and RNG from a complete checkpoint; CheckpointError (one line) when it
+    cannot be read: a truncated file, or one written by a different model or adapter shape."""
+    try:
+        accelerator.load_state(str(path), **_engine_options(accelerator, adapter_only, DEEPSPEED_ADAPTER_LOAD))
+        return TrainState(**json.loads((path / STATE_FILE).read_text(encoding="utf-8")))
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: cannot resume from this checkpoint ({first_line}); delete it to start "
+                              "from the previous one, or set auto_resume_from_checkpoints: false") from exc
 
 
 def save_final_model(accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: Path) -> None:

@@ -2,131 +2,87 @@
 
 The model is what training produced (trained_model.py): the base with the adapter from output_dir, a
 checkpoint or --lora-dir; a full fine-tune's output_dir; or the base alone with --base-only. Prompts are
-formatted as the training data was (prompts.py). Replies stream to stdout token by token; everything else
-(loading messages, warnings) goes to stderr, so `… | tee replies.txt` keeps only replies.
+formatted as the training data was (prompts.py) and replies stream (reply.py) to stdout token by token;
+everything else (loading messages, warnings) goes to stderr, so `… | tee replies.txt` keeps only replies.
 
 Prompts come from --prompt, or from stdin: one per line, each answered on its own line (a terminal shows a
 "> " prompt); `--prompt -` reads all of stdin until EOF as one multi-line prompt. Lines are independent
 prompts; the browser page (--gradio, chat_ui.py) keeps the conversation for chat templates.
+
+A problem the user fixes (no trained model yet, a wrong --lora-dir, a bad plan) is raised as a
+RuntimeUserError, which the entry point prints as one line (exit 2); a prompt that is not a usable row is
+reported here, skipped, and makes the exit status 2.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import torch
 
-from .config import ConfigFileError, RunConfig, load_run_config
-from .data.errors import DataError
+from ..schemas.run_plan import Precision, RunPlan
+from .config import load_run_plan
 from .model import HALF, ModelLoadError
-from .prompts import Message, PromptBuilder, PromptError
+from .prompts import PromptBuilder, PromptError
+from .reply import ReplyStreamer, Sampling
 
-log = logging.getLogger(__name__)
+__all__ = ["ReplyStreamer", "Sampling", "run_inference"]
 
-
-@dataclass(frozen=True)
-class Sampling:
-    max_new_tokens: int = 256
-    temperature: float = 0.0  # 0: greedy, the same reply every time
-    top_p: float = 1.0
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        # None switches off what the model's generation_config sets (Llama 3 ships temperature 0.6, top_p 0.9,
-        # sampling on), so these flags alone decide how replies are drawn.
-        if self.temperature <= 0:
-            return {"max_new_tokens": self.max_new_tokens, "do_sample": False, "temperature": None, "top_p": None,
-                    "top_k": None}
-        return {"max_new_tokens": self.max_new_tokens, "do_sample": True, "temperature": self.temperature,
-                "top_p": self.top_p, "top_k": None}
-
-
-class ReplyStreamer:
-    """Replies to messages, yielded as text pieces while the model generates them."""
-
-    def __init__(self, model: Any, tokenizer: Any, prompts: PromptBuilder, sampling: Sampling) -> None:
-        self.model, self.tokenizer, self.prompts, self.sampling = model, tokenizer, prompts, sampling
-        configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        configured = configured if isinstance(configured, list) else [configured] if configured is not None else []
-        self.stop_ids = list(dict.fromkeys([*configured, *prompts.stop_token_ids()]))
-        pad = tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.stop_ids[0] if self.stop_ids else 0)
-
-    def stream(self, message: str, history: Sequence[Message] = ()) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
-
-        input_ids = torch.tensor([self.prompts.token_ids(message, history)], device=self.model.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        failure: list[BaseException] = []
-
-        def generate() -> None:
-            try:
-                with torch.inference_mode():
-                    self.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                        streamer=streamer, eos_token_id=self.stop_ids or None,
-                                        pad_token_id=self.pad_id, **self.sampling.generate_kwargs())
-            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread below
-                failure.append(exc)
-                streamer.end()  # unblock the reader
-
-        # generate() runs in a thread and feeds the streamer; this thread reads pieces as they are decoded.
-        worker = threading.Thread(target=generate, daemon=True)
-        worker.start()
-        yield from streamer
-        worker.join()
-        if failure:
-            raise failure[0]
-
-    def reply(self, message: str, history: Sequence[Message] = ()) -> str:
-        return "".join(self.stream(message, history))
+GREEDY = Sampling()  # the command line's defaults: greedy replies of at most 256 new tokens
 
 
 def inference_device(cpu: bool) -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() and not cpu else torch.device("cpu")
 
 
-def inference_dtype(cfg: RunConfig, device: torch.device) -> torch.dtype:
+def inference_dtype(precision: Precision, device: torch.device) -> torch.dtype:
     """The run's half precision on a GPU; fp32 on the CPU, where half-precision matmuls are slow or missing."""
-    if device.type == "cuda":
-        return HALF.get(cfg.resolved.get("precision"), torch.float32)
+    if device.type == "cuda" and precision in HALF:
+        return HALF[precision]
     return torch.float32
 
 
-def attention_for(cfg: RunConfig, device: torch.device) -> str:
+def attention_for(attn_implementation: str, device: torch.device) -> str:
+    """The run's attention kernel where this machine has it; PyTorch SDPA instead of flash-attn off a GPU."""
     from .attention import choose_packing_attention
 
-    requested = cfg.resolved.get("attn_implementation") or "sdpa"
-    if device.type != "cuda" and requested.startswith("flash_attention"):
+    if device.type != "cuda" and attn_implementation.startswith("flash_attention"):
         return "sdpa"
-    return choose_packing_attention(None, sample_packing=False, attn_implementation=requested,
+    return choose_packing_attention(None, sample_packing=False, attn_implementation=attn_implementation,
                                     device_type=device.type)[1]
 
 
-def load_reply_streamer(cfg: RunConfig, *, lora_dir: str | None, base_only: bool, sampling: Sampling,
+def load_reply_streamer(plan: RunPlan, *, lora_dir: str | None, base_only: bool, sampling: Sampling,
                         cpu: bool = False) -> ReplyStreamer:
     from .trained_model import load_trained_model, locate_adapter
 
     device = inference_device(cpu)
+    output_dir = Path(plan.checkpointing.output_dir)
     adapter, base_source = None, None
     if not base_only:
-        if lora_dir or cfg.get("adapter"):
-            adapter = locate_adapter(Path(lora_dir) if lora_dir else cfg.output_dir)
-        elif (cfg.output_dir / "config.json").is_file():
-            base_source = str(cfg.output_dir)  # a full fine-tune saved the whole model there
+        if lora_dir is not None or plan.model.adapter is not None:
+            adapter = locate_adapter(Path(lora_dir) if lora_dir is not None else output_dir)
+        elif (output_dir / "config.json").is_file():
+            base_source = str(output_dir)  # a full fine-tune saved the whole model there
         else:
-            raise ModelLoadError(f"{cfg.output_dir}: no trained model yet (no config.json); train first "
+            raise ModelLoadError(f"{output_dir}: no trained model yet (no config.json); train first "
                                  "(`tunefile train CONFIG`) or pass --base-only to talk to the base model")
-    trained = load_trained_model(cfg, adapter, device=device, dtype=inference_dtype(cfg, device),
-                                 attn_implementation=attention_for(cfg, device), base_source=base_source)
-    prompts = PromptBuilder(cfg, trained.tokenizer)
-    base = cfg["base_model"]
-    what = (f"{base} + adapter {adapter.directory}" if adapter else
-            f"{base_source} (fine-tuned {base})" if base_source else f"{base} (no adapter)")
+    trained = load_trained_model(plan.model, adapter, offline=plan.offline, device=device,
+                                 dtype=inference_dtype(plan.model.precision, device),
+                                 attn_implementation=attention_for(plan.model.attn_implementation, device),
+                                 base_source=base_source)
+    prompts = PromptBuilder(plan.data, trained.tokenizer)
+    base = plan.model.base_model
+    if adapter is not None:
+        what = f"{base} + adapter {adapter.directory}"
+    elif base_source is not None:
+        what = f"{base_source} (fine-tuned {base})"
+    else:
+        what = f"{base} (no adapter)"
     print(f"tunefile inference: {what} on {device.type}; prompts formatted as {prompts.kind} data",
           file=sys.stderr)
     return ReplyStreamer(trained.model, trained.tokenizer, prompts, sampling)
@@ -170,33 +126,24 @@ def answer(chat: ReplyStreamer, prompts: Iterable[str], out: TextIO) -> int:
 
 
 def run_inference(config_path: str | Path, *, lora_dir: str | None = None, base_only: bool = False,
-                  prompt: str | None = None, sampling: Sampling = Sampling(), cpu: bool = False,
+                  prompt: str | None = None, sampling: Sampling = GREEDY, cpu: bool = False,
                   gradio: bool = False, host: str = "127.0.0.1", port: int = 7860,
                   stdin: TextIO | None = None, out: TextIO | None = None) -> int:
-    """Exit status: 0, or 2 with a one-line message on stderr for a problem the user fixes."""
+    """Exit status: 0; 2 when a prompt was not usable; 130 after Ctrl-C. A problem the user fixes before any
+    reply (the plan, the model, the adapter) raises a RuntimeUserError."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return _run(config_path, lora_dir=lora_dir, base_only=base_only, prompt=prompt, sampling=sampling, cpu=cpu,
-                    gradio=gradio, host=host, port=port, stdin=stdin or sys.stdin, out=out or sys.stdout)
-    except (ConfigFileError, DataError, ModelLoadError) as exc:
-        print(f"tunefile inference: {exc}", file=sys.stderr)
-        return 2
+        plan = load_run_plan(config_path)
+        if gradio:
+            from .chat_ui import require_gradio, serve
+
+            require_gradio()  # before minutes of model loading
+        chat = load_reply_streamer(plan, lora_dir=lora_dir, base_only=base_only, sampling=sampling, cpu=cpu)
+        if gradio:
+            serve(chat, host=host, port=port, title=f"tunefile · {plan.model.base_model}")
+            return 0
+        return answer(chat, prompts_from(prompt, sys.stdin if stdin is None else stdin),
+                      sys.stdout if out is None else out)
     except KeyboardInterrupt:  # Ctrl-C ends a session, also while the model loads
         print(file=sys.stderr)
         return 130
-
-
-def _run(config_path: str | Path, *, lora_dir: str | None, base_only: bool, prompt: str | None, sampling: Sampling,
-         cpu: bool, gradio: bool, host: str, port: int, stdin: TextIO, out: TextIO) -> int:
-    cfg = load_run_config(config_path)
-    if gradio:
-        from .chat_ui import require_gradio
-
-        require_gradio()  # before minutes of model loading
-    chat = load_reply_streamer(cfg, lora_dir=lora_dir, base_only=base_only, sampling=sampling, cpu=cpu)
-    if gradio:
-        from .chat_ui import serve
-
-        serve(chat, host=host, port=port, title=f"tunefile · {cfg['base_model']}")
-        return 0
-    return answer(chat, prompts_from(prompt, stdin), out)

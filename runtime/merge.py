@@ -10,20 +10,22 @@ How the merge stays exact:
   (resized vocabulary, or lora_modules_to_save) replace the base's; `shrink_embeddings: true` then trims
   the matrices to the tokenizer's length (base checkpoints often pad them to a multiple of 64 or 128);
 - the result is written into a temporary folder and renamed into place, so a failed merge leaves no model.
+
+Problems the user fixes (no adapter in the plan, a wrong --lora-dir or --output, a full disk, a GPU too small)
+are raised as ModelLoadError, a RuntimeUserError: the entry point prints it as one line and exits 2.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import ConfigFileError, RunConfig, load_run_config
-from .data.errors import DataError
+from ..schemas.run_plan import DataPlan, ModelPlan
+from .config import load_run_plan
 from .model import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -32,32 +34,32 @@ log = logging.getLogger(__name__)
 # one at a time (an 8B bf16 model becomes 4 files), large enough that a tiny model stays one file.
 MAX_SHARD_SIZE = "5GB"
 MERGED_DIR = "merged"
+# Merging runs no forward pass, so the attention kernel only has to load: PyTorch's SDPA loads everywhere
+# (the plan's flash-attn would not load on a CPU, where merges also run).
+MERGE_ATTENTION = "sdpa"
 
 
 def run_merge(config_path: str | Path, *, lora_dir: str | None = None, output: str | None = None,
               cpu: bool = False) -> int:
-    """Exit status: 0, or 2 with a one-line message on stderr for a problem the user fixes."""
+    """Merge, save, print what was written; 0. A problem the user fixes raises a RuntimeUserError."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    plan = load_run_plan(config_path)
+    output_dir = Path(plan.checkpointing.output_dir)
+    if plan.model.adapter is None:
+        raise ModelLoadError(f"the config has no `adapter:`: it trains the full model, so {output_dir} already "
+                             "holds a full model; there is no adapter to merge")
+    source = Path(lora_dir) if lora_dir is not None else output_dir
+    target = Path(output) if output is not None else output_dir / MERGED_DIR
+    check_output_dir(target, source)
+    device = merge_device(cpu)
     try:
-        cfg = load_run_config(config_path)
-        if not cfg.get("adapter"):
-            raise ModelLoadError(f"the config has no `adapter:`: it trains the full model, so {cfg.output_dir} "
-                                 "already holds a full model; there is no adapter to merge")
-        source = Path(lora_dir) if lora_dir else cfg.output_dir
-        target = Path(output) if output else cfg.output_dir / MERGED_DIR
-        check_output_dir(target, source)
-        device = merge_device(cpu)
-        merged, tokenizer = merge_adapter(cfg, source, device=device)
-        write_merged(merged, tokenizer, target, chat_template=training_chat_template(cfg, tokenizer))
-    except (ConfigFileError, DataError, ModelLoadError) as exc:
-        print(f"tunefile merge-lora: {exc}", file=sys.stderr)
-        return 2
+        merged, tokenizer = merge_adapter(plan.model, source, offline=plan.offline, device=device)
+        write_merged(merged, tokenizer, target, chat_template=training_chat_template(plan.data, tokenizer))
     except torch.cuda.OutOfMemoryError:
-        print("tunefile merge-lora: the GPU ran out of memory while merging; rerun with --cpu (needs host memory "
-              "for the base model in its stored dtype)", file=sys.stderr)
-        return 2
+        raise ModelLoadError("the GPU ran out of memory while merging; rerun with --cpu (needs host memory for the "
+                             "base model in its stored dtype)") from None
     shards = len(list(target.glob("*.safetensors")))
-    print(f"Merged the adapter in {source} into {cfg['base_model']} on {device.type} → {target}/ ({shards} "
+    print(f"Merged the adapter in {source} into {plan.model.base_model} on {device.type} → {target}/ ({shards} "
           f"safetensors shard{'s' if shards != 1 else ''}, vocabulary {merged.get_input_embeddings().num_embeddings}, "
           f"{str(merged.dtype).removeprefix('torch.')})")
     return 0
@@ -68,13 +70,14 @@ def merge_device(cpu: bool) -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() and not cpu else torch.device("cpu")
 
 
-def merge_adapter(cfg: RunConfig, source: Path, *, device: torch.device) -> tuple[Any, Any]:
+def merge_adapter(model: ModelPlan, source: Path, *, offline: bool, device: torch.device) -> tuple[Any, Any]:
     """(the merged plain transformers model, its tokenizer)."""
     from .trained_model import load_trained_model, locate_adapter
 
-    trained = load_trained_model(cfg, locate_adapter(source), device=device, dtype="auto")
+    trained = load_trained_model(model, locate_adapter(source), offline=offline, device=device, dtype="auto",
+                                 attn_implementation=MERGE_ATTENTION)
     merged = trained.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaNs instead of saving them
-    if cfg.get("shrink_embeddings"):
+    if model.shrink_embeddings:
         shrink_to_tokenizer(merged, len(trained.tokenizer))
     return merged, trained.tokenizer
 
@@ -87,14 +90,14 @@ def shrink_to_tokenizer(model: Any, vocab_size: int) -> None:
         model.resize_token_embeddings(vocab_size)
 
 
-def training_chat_template(cfg: RunConfig, tokenizer: Any) -> str | None:
+def training_chat_template(data: DataPlan, tokenizer: Any) -> str | None:
     """The template the first chat_template dataset trained with, so the merged model's tokenizer formats
     conversations the way the model learnt them (a named template such as chatml is not in the base's)."""
     from .data.chat import dataset_chat_template
 
-    for entry in cfg.get("datasets") or []:
-        if entry.get("type") == "chat_template":
-            return dataset_chat_template(entry, cfg, tokenizer)
+    for entry in data.datasets:
+        if entry.type == "chat_template":
+            return dataset_chat_template(entry, data, tokenizer)
     return None
 
 

@@ -52,7 +52,7 @@ class Progress:
             self.bar.set_postfix_str(text, refresh=True)
         else:
             print(f"step {record['step']}/{self.total}  epoch {record['epoch']:.2f}  {text}  "
-                  f"grad_norm {record.get('grad_norm') or 0:.3f}", flush=True)
+                  f"grad_norm {record['grad_norm']:.3f}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -94,6 +94,11 @@ class MetricsSink:
         self._write(record)
         print(f"step {record['step']}  eval_loss {record['eval_loss']:.4f}", flush=True)
 
+    def log_runtime_decisions(self, step: int, decisions: dict[str, Any]) -> None:
+        """What this machine decided that the plan could not (device, attention fallback): one record."""
+        self.file.write(json.dumps({"step": step, "runtime_decisions": decisions}, sort_keys=True) + "\n")
+        self.file.flush()
+
     def close(self) -> None:
         self.progress.close()
         self.file.close()
@@ -107,6 +112,7 @@ class NullSink:
     def advance(self, steps: int = 1) -> None: ...
     def log_train(self, record: dict[str, Any]) -> None: ...
     def log_eval(self, record: dict[str, Any]) -> None: ...
+    def log_runtime_decisions(self, step: int, decisions: dict[str, Any]) -> None: ...
     def close(self) -> None: ...
 
 

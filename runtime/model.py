@@ -1,78 +1,47 @@
 """The model to train: base weights (local directory or hub id), quantisation, adapters, checkpointing.
 
+Everything comes from the run plan's ``model`` section (``ModelPlan``) plus the attention kernel the trainer
+chose for this machine; nothing here has a default of its own.
+
 Precision policy (the "why" behind the dtypes):
 - full fine-tuning keeps fp32 master weights; bf16/fp16 compute comes from autocast (accelerate's
   mixed precision), so the optimizer never updates half-precision weights;
 - adapters (LoRA) load the frozen base in the compute dtype (half the memory) while peft keeps the
   small trainable adapter weights in fp32;
-- QLoRA stores the base in 4-bit nf4 with double quantisation and computes in bf16.
+- QLoRA stores the base in 4-bit nf4 with double quantisation and computes in bf16 (in fp16 when the run's
+  precision is fp16; an fp32 run still computes the 4-bit layers in bf16, as bitsandbytes expects).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..schemas.run_plan import LoraPlan, ModelPlan
+from .errors import RuntimeUserError
+
 log = logging.getLogger(__name__)
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZED_COMPUTE_DTYPE = torch.bfloat16  # bitsandbytes' 4-bit matmuls when the run's precision is fp32
 
 
-class ModelLoadError(Exception):
+class ModelLoadError(RuntimeUserError):
     """The base model or adapter cannot be loaded; the message names it and says what to do."""
 
 
-@dataclass(frozen=True)
-class ModelOptions:
-    base_model: str
-    precision: str  # fp32 | bf16 | fp16
-    attn_implementation: str
-    adapter: str | None = None  # lora | qlora | None (full fine-tuning)
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_linear: bool = False
-    lora_target_modules: tuple[str, ...] | None = None
-    lora_modules_to_save: tuple[str, ...] | None = None
-    lora_model_dir: str | None = None
-    gradient_checkpointing: bool = False
-    trust_remote_code: bool = False
-    shrink_embeddings: bool = False
+def uses_adapter(model: ModelPlan) -> bool:
+    """Whether the run trains a LoRA adapter (lora or qlora) rather than the whole model."""
+    return model.adapter is not None
 
-    @classmethod
-    def from_config(cls, values: dict[str, Any], *, attn_implementation: str) -> ModelOptions:
-        def names(key: str) -> tuple[str, ...] | None:
-            value = values.get(key)
-            return tuple(value) if value else None
 
-        return cls(
-            base_model=str(values["base_model"]), precision=values["resolved"]["precision"],
-            attn_implementation=attn_implementation, adapter=values.get("adapter"),
-            load_in_4bit=bool(values.get("load_in_4bit")), load_in_8bit=bool(values.get("load_in_8bit")),
-            lora_r=int(values.get("lora_r") or 8), lora_alpha=int(values.get("lora_alpha") or 16),
-            lora_dropout=float(values.get("lora_dropout") or 0.0),
-            lora_target_linear=bool(values.get("lora_target_linear")),
-            lora_target_modules=names("lora_target_modules"), lora_modules_to_save=names("lora_modules_to_save"),
-            lora_model_dir=values.get("lora_model_dir"),
-            gradient_checkpointing=bool(values.get("gradient_checkpointing")),
-            trust_remote_code=bool(values.get("trust_remote_code")),
-            shrink_embeddings=bool(values.get("shrink_embeddings")),
-        )
-
-    @property
-    def quantized(self) -> bool:
-        return self.load_in_4bit or self.load_in_8bit or self.adapter == "qlora"
-
-    @property
-    def uses_adapter(self) -> bool:
-        return self.adapter in ("lora", "qlora")
+def is_quantized(model: ModelPlan) -> bool:
+    """Whether the frozen base is loaded in 4 or 8 bits (QLoRA, or LoRA on an 8-bit base)."""
+    return model.load_in_4bit or model.load_in_8bit or model.adapter == "qlora"
 
 
 def is_offline() -> bool:
@@ -96,16 +65,21 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
-def weights_dtype(options: ModelOptions) -> torch.dtype:
-    if options.quantized:
-        return HALF.get(options.precision, torch.bfloat16)
-    if options.uses_adapter and options.precision in HALF:
-        return HALF[options.precision]
+def compute_dtype(model: ModelPlan) -> torch.dtype:
+    """The dtype quantised layers compute in: the run's half precision, bf16 for an fp32 run."""
+    return HALF.get(model.precision, QUANTIZED_COMPUTE_DTYPE)
+
+
+def weights_dtype(model: ModelPlan) -> torch.dtype:
+    if is_quantized(model):
+        return compute_dtype(model)
+    if uses_adapter(model) and model.precision in HALF:
+        return HALF[model.precision]
     return torch.float32
 
 
-def quantization_config(options: ModelOptions) -> Any:
-    if not options.quantized:
+def quantization_config(model: ModelPlan) -> Any:
+    if not is_quantized(model):
         return None
     try:
         import bitsandbytes  # noqa: F401
@@ -114,14 +88,14 @@ def quantization_config(options: ModelOptions) -> Any:
                              "pip install 'tunefile[qlora]'") from None
     from transformers import BitsAndBytesConfig
 
-    if options.load_in_8bit:
+    if model.load_in_8bit:
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=HALF.get(options.precision, torch.bfloat16))
+                              bnb_4bit_compute_dtype=compute_dtype(model))
 
 
 def from_pretrained(base_model: str, **kwargs: Any) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` of a config's base_model (offline-aware), with a missing or
+    """``AutoModelForCausalLM.from_pretrained`` of a plan's base_model (offline-aware), with a missing or
     unreadable model reported as one line."""
     from transformers import AutoModelForCausalLM
 
@@ -131,86 +105,97 @@ def from_pretrained(base_model: str, **kwargs: Any) -> torch.nn.Module:
         raise ModelLoadError(f"base_model {base_model}: cannot load: {exc}") from None
 
 
-def load_base_model(options: ModelOptions, *, device_index: int | None = None) -> torch.nn.Module:
+def load_base_model(model: ModelPlan, *, attn_implementation: str,
+                    device_index: int | None = None) -> torch.nn.Module:
     kwargs: dict[str, Any] = {
-        "dtype": weights_dtype(options),
-        "attn_implementation": options.attn_implementation,
-        "trust_remote_code": options.trust_remote_code,
+        "dtype": weights_dtype(model),
+        "attn_implementation": attn_implementation,
+        "trust_remote_code": model.trust_remote_code,
     }
-    quant = quantization_config(options)
+    quant = quantization_config(model)
     if quant is not None:
         # bitsandbytes quantises while loading, straight onto this process's GPU.
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": device_index if device_index is not None else 0}
-    model = from_pretrained(options.base_model, **kwargs)
-    model.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
-    return model
+        kwargs["device_map"] = {"": 0 if device_index is None else device_index}
+    module = from_pretrained(model.base_model, **kwargs)
+    module.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    return module
 
 
-def match_vocabulary(model: torch.nn.Module, vocab_size: int, *, shrink: bool) -> None:
+def match_vocabulary(module: torch.nn.Module, vocab_size: int, *, shrink: bool) -> None:
     """Grow the embeddings when the tokenizer gained tokens (pad, special tokens); shrink only on request."""
-    current = model.get_input_embeddings().num_embeddings
+    current = module.get_input_embeddings().num_embeddings
     if vocab_size > current or (shrink and vocab_size < current):
         log.info("resizing token embeddings %d → %d", current, vocab_size)
-        model.resize_token_embeddings(vocab_size)
+        module.resize_token_embeddings(vocab_size)
 
 
-def lora_target_modules(options: ModelOptions) -> str | list[str]:
-    if options.lora_target_linear:
+def lora_target_modules(lora: LoraPlan) -> str | list[str]:
+    if lora.target_linear:
         return "all-linear"  # peft: every nn.Linear except the output head
-    return list(options.lora_target_modules or ("q_proj", "v_proj"))
+    if not lora.target_modules:
+        raise ModelLoadError("model.lora: neither target_linear nor target_modules is set; recompile the config "
+                             "with `tunefile compile`")
+    return list(lora.target_modules)
 
 
-def add_adapter(model: torch.nn.Module, options: ModelOptions) -> torch.nn.Module:
+def add_adapter(module: torch.nn.Module, lora: LoraPlan) -> torch.nn.Module:
+    """A fresh LoRA adapter on ``module`` as ``lora`` describes it, or the one in lora.model_dir to continue."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
-    if options.lora_model_dir:
-        if not Path(options.lora_model_dir).is_dir():
-            raise ModelLoadError(f"lora_model_dir {options.lora_model_dir}: not a directory")
-        log.info("continuing training of the adapter in %s", options.lora_model_dir)
-        return PeftModel.from_pretrained(model, options.lora_model_dir, is_trainable=True)
+    if lora.model_dir is not None:
+        if not Path(lora.model_dir).is_dir():
+            raise ModelLoadError(f"lora_model_dir {lora.model_dir}: not a directory")
+        log.info("continuing training of the adapter in %s", lora.model_dir)
+        return PeftModel.from_pretrained(module, lora.model_dir, is_trainable=True)
     config = LoraConfig(
-        r=options.lora_r, lora_alpha=options.lora_alpha, lora_dropout=options.lora_dropout,
-        target_modules=lora_target_modules(options),
-        modules_to_save=list(options.lora_modules_to_save) if options.lora_modules_to_save else None,
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_target_modules(lora),
+        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
         bias="none", task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config)
+    return get_peft_model(module, config)
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module, options: ModelOptions) -> None:
+def enable_gradient_checkpointing(module: torch.nn.Module, *, adapter: bool) -> None:
     # Non-reentrant checkpointing works with frozen inputs and under FSDP/DDP; the reentrant kind
     # needs an input that requires grad, which frozen embeddings (adapters) do not provide.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if options.uses_adapter:
-        model.enable_input_require_grads()
+    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if adapter:
+        module.enable_input_require_grads()
 
 
-def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+def parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters. Under ZeRO-3 the weights are partitioned as they load: a parameter's
     local numel() is then 0 and its full size is DeepSpeed's ds_numel."""
     def size(p: torch.nn.Parameter) -> int:
-        return int(getattr(p, "ds_numel", 0) or p.numel())
+        return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()
 
-    params = list(model.parameters())
+    params = list(module.parameters())
     return sum(size(p) for p in params if p.requires_grad), sum(size(p) for p in params)
 
 
-def load_model(options: ModelOptions, *, vocab_size: int, device_index: int | None = None) -> torch.nn.Module:
-    """The trainable model, not yet placed or wrapped (accelerator.prepare does that)."""
-    model = load_base_model(options, device_index=device_index)
-    match_vocabulary(model, vocab_size, shrink=options.shrink_embeddings)
-    if options.quantized:
+def load_model(model: ModelPlan, *, attn_implementation: str, vocab_size: int,
+               device_index: int | None = None) -> torch.nn.Module:
+    """The trainable model, not yet placed or wrapped (accelerator.prepare does that). ``attn_implementation``
+    is the kernel this machine runs (the plan's, or the fallback the trainer chose); ``vocab_size`` the
+    tokenizer's length."""
+    quantized = is_quantized(model)
+    if quantized and model.lora is None:
+        raise ModelLoadError("model: a quantised base (load_in_4bit / load_in_8bit) needs an adapter, and the plan "
+                             "has none; recompile the config with `tunefile compile`")
+    module = load_base_model(model, attn_implementation=attn_implementation, device_index=device_index)
+    match_vocabulary(module, vocab_size, shrink=model.shrink_embeddings)
+    if quantized:
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=options.gradient_checkpointing,
+        module = prepare_model_for_kbit_training(
+            module, use_gradient_checkpointing=model.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif options.gradient_checkpointing:
-        enable_gradient_checkpointing(model, options)
-    if options.uses_adapter or options.quantized:
-        model = add_adapter(model, options)
-    trainable, total = parameter_counts(model)
+    elif model.gradient_checkpointing:
+        enable_gradient_checkpointing(module, adapter=uses_adapter(model))
+    if model.lora is not None:
+        module = add_adapter(module, model.lora)
+    trainable, total = parameter_counts(module)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
              100 * trainable / max(total, 1))
-    return model
+    return module

@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules, from the config's Axolotl-style keys.
+"""Optimizers and learning-rate schedules, from the run plan's ``optimizer`` and ``schedule`` sections.
 
 Schedules are plain `LambdaLR`s of our own: the multiplier is a pure function of the step, so a
 resumed run recomputes exactly the same learning rates from the saved step count.
@@ -12,12 +12,15 @@ from typing import Any
 
 import torch
 
+from ..schemas.run_plan import OptimizerPlan, SchedulePlan
+from .errors import RuntimeUserError
+
 OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
-class OptimizerError(Exception):
-    """The configured optimizer cannot run here."""
+class OptimizerError(RuntimeUserError):
+    """The planned optimizer or schedule cannot run here."""
 
 
 def param_groups(named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
@@ -42,25 +45,27 @@ def _bitsandbytes(name: str) -> Any:
     return bitsandbytes
 
 
-def build_optimizer(model: torch.nn.Module, *, optimizer: str, learning_rate: float, weight_decay: float,
-                    device_type: str, betas: tuple[float, float] = (0.9, 0.999),
-                    eps: float = 1e-8) -> torch.optim.Optimizer:
-    groups = param_groups(model.named_parameters(), weight_decay)
+def build_optimizer(model: torch.nn.Module, optimizer: OptimizerPlan, *, device_type: str,
+                    betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> torch.optim.Optimizer:
+    """The plan's optimizer over the model's trainable parameters. ``betas`` and ``eps`` are AdamW's own
+    constants, which no config sets."""
+    groups = param_groups(model.named_parameters(), optimizer.weight_decay)
     if not groups:
         raise OptimizerError("the model has no trainable parameters")
-    common = {"lr": learning_rate, "betas": betas, "eps": eps}
-    if optimizer == "adamw_torch":
+    name = optimizer.name
+    common = {"lr": optimizer.learning_rate, "betas": betas, "eps": eps}
+    if name == "adamw_torch":
         return torch.optim.AdamW(groups, **common)
-    if optimizer == "adamw_torch_fused":
+    if name == "adamw_torch_fused":
         # The fused kernel exists for CUDA tensors; on CPU the plain (foreach) AdamW is the same maths.
         return torch.optim.AdamW(groups, fused=device_type == "cuda", **common)
-    if optimizer == "adamw_8bit":
-        return _bitsandbytes(optimizer).optim.AdamW8bit(groups, **common)
-    if optimizer == "paged_adamw_8bit":
-        return _bitsandbytes(optimizer).optim.PagedAdamW8bit(groups, **common)
-    if optimizer == "paged_adamw_32bit":
-        return _bitsandbytes(optimizer).optim.PagedAdamW32bit(groups, **common)
-    raise OptimizerError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if name == "adamw_8bit":
+        return _bitsandbytes(name).optim.AdamW8bit(groups, **common)
+    if name == "paged_adamw_8bit":
+        return _bitsandbytes(name).optim.PagedAdamW8bit(groups, **common)
+    if name == "paged_adamw_32bit":
+        return _bitsandbytes(name).optim.PagedAdamW32bit(groups, **common)
+    raise OptimizerError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
 
 
 def warmup_steps_for(total_steps: int, *, warmup_steps: int | None, warmup_ratio: float | None) -> int:
@@ -91,15 +96,19 @@ def lr_multiplier(name: str, *, total_steps: int, warmup: int) -> Callable[[int]
     return multiplier
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, lr_scheduler: str, total_steps: int,
-                    warmup_steps: int | None, warmup_ratio: float | None) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = warmup_steps_for(total_steps, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(lr_scheduler, total_steps=total_steps,
+def build_scheduler(optimizer: torch.optim.Optimizer, schedule: SchedulePlan, *,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = warmup_steps_for(total_steps, warmup_steps=schedule.warmup_steps, warmup_ratio=schedule.warmup_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(schedule.lr_scheduler, total_steps=total_steps,
                                                                       warmup=warmup))
 
 
-def total_optimizer_steps(*, max_steps: int | None, num_epochs: float, steps_per_epoch: int) -> int:
-    """max_steps wins; else num_epochs (fractions allowed) × optimizer steps per epoch."""
-    if max_steps:
-        return int(max_steps)
-    return max(1, int(math.ceil(num_epochs * steps_per_epoch)))
+def total_optimizer_steps(schedule: SchedulePlan, *, steps_per_epoch: int) -> int:
+    """max_steps when the plan sets it; else num_epochs (fractions allowed) × optimizer steps per epoch. The plan
+    sets exactly one of the two."""
+    if schedule.max_steps is not None:
+        return schedule.max_steps
+    if schedule.num_epochs is None:
+        raise OptimizerError("schedule: neither max_steps nor num_epochs is set; recompile the config with "
+                             "`tunefile compile`")
+    return max(1, int(math.ceil(schedule.num_epochs * steps_per_epoch)))

@@ -1,7 +1,7 @@
 """Prompts for inference, built by the same code that built the training examples, so the model sees at
 inference exactly the token sequence it was trained to continue.
 
-The format is that of the config's first dataset:
+The format is that of the run plan's first dataset (``data.datasets[0]``; a compiled plan always has one):
 - alpaca: Alpaca's prompt (formats.AlpacaFormat's own template) around the message as the instruction,
   tokenised with the tokenizer's special tokens, as in training;
 - chat_template: the conversation so far plus the user's message, rendered with the template training
@@ -19,29 +19,43 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
-from .config import RunConfig
+from ..schemas.run_plan import DataPlan, DatasetPlan
 from .data.chat import row_messages  # the message parser training used (aliases, content parts)
 from .data.errors import DataError
 from .data.formats import AlpacaFormat, Format, RowError, make_formatter
 
 Message = dict[str, str]  # {"role": ..., "content": ...}
 
+# Pretokenized data has no text format to follow: its prompts are raw text, formatted as a completion dataset
+# whose rows keep the text in this column (the JSON-row form of a prompt is then {"text": …}).
+RAW_TEXT_FIELD = "text"
+
 
 class PromptError(DataError):
-    """A JSON prompt that is not a usable row of the dataset's format."""
+    """A prompt that is not a usable row of the dataset's format, or a plan with no dataset to follow."""
+
+
+def prompt_entry(entry: DatasetPlan) -> DatasetPlan:
+    """The dataset entry whose format prompts follow: the entry itself, or for pretokenized data a completion
+    entry over raw text."""
+    if entry.type == "pretokenized":
+        return replace(entry, type="completion", field=RAW_TEXT_FIELD)
+    return entry
 
 
 class PromptBuilder:
-    def __init__(self, cfg: RunConfig, tokenizer: Any) -> None:
-        datasets = cfg.get("datasets") or [{"type": "completion"}]
-        self.entry = datasets[0]
-        self.kind: str = self.entry.get("type") or "completion"
+    def __init__(self, data: DataPlan, tokenizer: Any) -> None:
+        if not data.datasets:
+            raise PromptError("the run plan has no datasets, so there is no prompt format to follow; recompile the "
+                              "config with `tunefile compile`")
+        self.entry = data.datasets[0]
+        self.kind: str = self.entry.type
         self.tokenizer = tokenizer
-        # Pretokenized data has no text format to follow: the prompt is raw text, like completion.
-        entry = self.entry if self.kind != "pretokenized" else {**self.entry, "type": "completion"}
-        self.format: Format = make_formatter(entry, cfg, tokenizer)
+        self.format_entry = prompt_entry(self.entry)
+        self.format: Format = make_formatter(self.format_entry, data, tokenizer)
 
     @property
     def keeps_history(self) -> bool:
@@ -58,8 +72,7 @@ class PromptBuilder:
         if isinstance(self.format, AlpacaFormat):
             row = {**(row if row is not None else {"instruction": message}), "output": ""}
         else:
-            field = getattr(self.format, "field", "text")
-            row = row if row is not None else {field: message}
+            row = row if row is not None else {self.format_entry.field: message}
         try:
             texts, _ = self.format.texts(row)
         except RowError as exc:
@@ -81,9 +94,9 @@ class PromptBuilder:
         return list(dict.fromkeys(ids))
 
     def _row_conversation(self, row: dict[str, Any]) -> list[dict[str, Any]]:
-        chat = self.format
+        entry = self.entry  # a chat_template entry: the plan fills in its message keys
         try:
-            messages = row_messages(row, chat.field, chat.role_key, chat.content_key)  # type: ignore[attr-defined]
+            messages = row_messages(row, entry.field_messages, entry.message_field_role, entry.message_field_content)
         except RowError as exc:
             raise PromptError(f"prompt row: not a chat_template row: {exc}") from None
         while messages and messages[-1]["role"] == "assistant":

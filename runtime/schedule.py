@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+
+from ..schemas.run_plan import CheckpointPlan, SchedulePlan
 
 MicroBatch = list[list[int]]  # rows of sample indices (several per row when packing)
 
@@ -28,14 +29,14 @@ def steps_in(plan: list[MicroBatch], accumulation: int) -> int:
     return -(-len(plan) // accumulation)
 
 
-def _every(value: Any, *, per_epoch: Any, steps_per_epoch: int, total_steps: int) -> int | None:
+def _every(value: float | int | None, *, per_epoch: int | None, steps_per_epoch: int,
+           total_steps: int) -> int | None:
     """A step interval from `x_steps` (an int, or a fraction of the whole run as Axolotl allows) or
-    `x_per_epoch`; None when neither is set."""
-    if value:
-        value = float(value)
+    `x_per_epoch`; None when neither is set (the plan sets at most one)."""
+    if value is not None:
         return max(1, round(value * total_steps) if value < 1 else int(value))
-    if per_epoch:
-        return max(1, steps_per_epoch // int(per_epoch))
+    if per_epoch is not None:
+        return max(1, steps_per_epoch // per_epoch)
     return None
 
 
@@ -46,17 +47,16 @@ class Cadence:
     save_steps: int | None
 
     @classmethod
-    def from_config(cls, values: dict[str, Any], *, steps_per_epoch: int, total_steps: int,
-                    has_eval: bool) -> Cadence:
-        def every(key: str, per_epoch_key: str) -> int | None:
-            return _every(values.get(key), per_epoch=values.get(per_epoch_key), steps_per_epoch=steps_per_epoch,
-                          total_steps=total_steps)
-
-        eval_steps = every("eval_steps", "evals_per_epoch")
+    def from_plan(cls, schedule: SchedulePlan, checkpointing: CheckpointPlan, *, steps_per_epoch: int,
+                  total_steps: int, has_eval: bool) -> Cadence:
+        eval_steps = _every(schedule.eval_steps, per_epoch=schedule.evals_per_epoch, steps_per_epoch=steps_per_epoch,
+                            total_steps=total_steps)
         if has_eval and eval_steps is None:
             eval_steps = steps_per_epoch  # a validation split nobody looks at is a waste: once per epoch
-        return cls(logging_steps=max(1, int(values.get("logging_steps") or 1)),
-                   eval_steps=eval_steps if has_eval else None, save_steps=every("save_steps", "saves_per_epoch"))
+        save_steps = _every(checkpointing.save_steps, per_epoch=checkpointing.saves_per_epoch,
+                            steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        return cls(logging_steps=schedule.logging_steps, eval_steps=eval_steps if has_eval else None,
+                   save_steps=save_steps)
 
     def log_now(self, step: int, total_steps: int) -> bool:
         return step % self.logging_steps == 0 or step == total_steps

@@ -1,13 +1,18 @@
-"""The training loop: `run_training(config_path)`, what every bundle's launch.sh runs.
+"""The trainer: what every bundle's launch.sh runs, `Trainer(plan).run()`.
 
-Read it top to bottom: seed → tokenizer and data → model → optimizer and schedule → accelerate →
-resume → for each optimizer step: collate its micro-batches, forward, loss, backward, clip, step →
-log, evaluate, save → final model. We own the loop (on accelerate, no Trainer subclass) so packing,
-the loss, data order and checkpoints stay ours to change.
+Read it top to bottom: ``setup`` (accelerate, seed, tokenizer and data, model, optimizer and schedule,
+resume), ``train_step`` (collate a step's micro-batches, forward, loss, backward, the watchdog's verdict,
+the update), ``run`` (the loop: steps, logging, evaluation, checkpoints) and ``teardown`` (final model,
+summary). We own the loop (on accelerate, no Trainer subclass) so packing, the loss, data order and
+checkpoints stay ours to change.
 
 The loss is exact under packing, padding, accumulation and data parallelism: each micro-batch
 contributes the SUM of its token losses divided by the number of label tokens in the whole optimizer
 step across all ranks (one all-reduce per step), so every trained token weighs the same.
+
+Each component receives only its part of the run plan (tunefile.schemas.run_plan); nothing here picks a
+default. What this machine decides that the plan could not (the device, an attention fallback) is recorded
+in metrics.jsonl and train_summary.json.
 """
 
 from __future__ import annotations
@@ -15,51 +20,48 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
+import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..schemas.run_plan import DistributionPlan, RunPlan
 from . import attention, checkpoint
-from .config import RunConfig, load_run_config
 from .evaluate import evaluate
 from .losses import label_token_count, token_loss_sum
 from .metrics import metrics_sink
-from .model import ModelOptions, load_model
+from .model import load_model, uses_adapter
 from .optim import build_optimizer, build_scheduler, total_optimizer_steps
-from .schedule import Cadence, optimizer_steps, steps_in
+from .schedule import Cadence, MicroBatch, optimizer_steps, steps_in
+from .watchdog import Alarm, Watchdog
 
 log = logging.getLogger("tunefile.runtime")
 
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-FAULT_AFTER_STEP = "TUNEFILE_FAULT_AFTER_STEP"  # tests: die like a killed job right after this step
+SUMMARY_FILE = "train_summary.json"
 
 
-def build_accelerator(cfg: RunConfig) -> Any:
+def build_accelerator(*, precision: str, accumulation: int, distribution: DistributionPlan) -> Any:
     """Distributed type, process count and FSDP/DeepSpeed settings come from `accelerate launch` (the
-    bundle's accelerate.yaml); precision and accumulation from the resolved config."""
+    bundle's accelerate.yaml); precision and accumulation from the plan."""
     from accelerate import Accelerator
 
-    settings: dict[str, Any] = {
-        "mixed_precision": MIXED_PRECISION[cfg.resolved["precision"]],
-        "gradient_accumulation_steps": accumulation_steps(cfg),
-    }
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true":
+    settings: dict[str, Any] = {"mixed_precision": MIXED_PRECISION[precision],
+                                "gradient_accumulation_steps": accumulation}
+    if distribution.deepspeed is not None:
         # deepspeed.json holds both (the compiler wrote the same numbers there); accelerate takes them from it.
         settings = {}
     return Accelerator(
         # accelerate only forms a gloo group from torchrun's environment when told it is on CPU.
-        cpu=cfg.resolved.get("device") == "cpu",
+        cpu=distribution.device == "cpu",
         # Our schedule counts optimizer steps; accelerate's default would step it once per process.
         step_scheduler_with_optimizer=False,
         **settings,
     )
-
-
-def accumulation_steps(cfg: RunConfig) -> int:
-    return int(cfg.resolved.get("gradient_accumulation_steps") or cfg.get("gradient_accumulation_steps") or 1)
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -78,165 +80,271 @@ def dataset_lengths(dataset: Any) -> list[int]:
     return [len(ids) for ids in dataset["input_ids"]]
 
 
-def run_training(config_path: str | Path) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
-    cfg = load_run_config(config_path)
-    from accelerate.utils import set_seed
+@dataclass
+class StepResult:
+    loss_sum: float  # over all ranks
+    label_tokens: float  # over all ranks
+    input_tokens: float  # this rank
+    grad_norm: float | None
 
-    from .data import prepare_data
-    from .data.batching import collate, packing_efficiency, plan_batches
-    from .data.tokenizer import load_tokenizer
 
-    accelerator = build_accelerator(cfg)
-    device, world, rank, main = (accelerator.device, accelerator.num_processes, accelerator.process_index,
-                                 accelerator.is_main_process)
-    if not main:
-        logging.getLogger().setLevel(logging.WARNING)
-    seed = int(cfg.get("seed") or 42)
-    set_seed(seed)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(cfg.get("tf32"))
-    output_dir = cfg.output_dir
-    if cfg.resolved.get("strategy") == "fsdp" and accelerator.distributed_type.value != "FSDP":
-        # accelerate (1.15) turns FSDP on only for GPU-family process groups; on CPU (gloo) it drops the
-        # plugin and the run is plain data parallel. PyTorch's fully_shard itself works on CPU.
-        log.warning("strategy fsdp requested but accelerate runs %s on %s: training unsharded (data parallel)",
-                    accelerator.distributed_type.value, device.type)
+class Trainer:
+    """One training run of a bundle. ``after_step(step)`` runs after each step's logging and saving, outside
+    the step itself (tests inject a crash there)."""
 
-    # Data: the main process tokenises (or reuses the cache) while the others wait at the barrier.
-    tokenizer, _ = load_tokenizer(cfg)
-    data = prepare_data(cfg, tokenizer, is_main_process=main, barrier=accelerator.wait_for_everyone)
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_lengths, eval_lengths = dataset_lengths(data.train), dataset_lengths(data.eval)
-    sequence_len, accumulation = int(cfg["sequence_len"]), accumulation_steps(cfg)
-    micro_batch_size = int(cfg.resolved.get("micro_batch_size") or cfg["micro_batch_size"])
-    sample_packing = bool(cfg.get("sample_packing"))
+    def __init__(self, plan: RunPlan, *, after_step: Callable[[int], None] | None = None) -> None:
+        self.plan = plan
+        self.after_step = after_step
 
-    def plan(lengths: list[int], epoch: int) -> list[list[list[int]]]:
+    # --- set-up ---------------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        from accelerate.utils import set_seed
+
+        from .data import prepare_data
+        from .data.tokenizer import load_tokenizer
+
+        plan = self.plan
+        self.accumulation = plan.schedule.gradient_accumulation_steps
+        self.accelerator = build_accelerator(precision=plan.model.precision, accumulation=self.accumulation,
+                                             distribution=plan.distribution)
+        acc = self.accelerator
+        self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
+        self.main = acc.is_main_process
+        self.deepspeed = acc.distributed_type.value == "DEEPSPEED"
+        if not self.main:
+            logging.getLogger().setLevel(logging.WARNING)
+        set_seed(plan.seed)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = plan.model.tf32
+        self.output_dir = Path(plan.checkpointing.output_dir)
+        if plan.distribution.strategy == "fsdp" and acc.distributed_type.value != "FSDP":
+            # accelerate (1.15) turns FSDP on only for GPU-family process groups; on CPU (gloo) it drops the
+            # plugin and the run is plain data parallel. PyTorch's fully_shard itself works on CPU.
+            log.warning("strategy fsdp requested but accelerate runs %s on %s: training unsharded (data parallel)",
+                        acc.distributed_type.value, self.device.type)
+
+        # Data: the main process tokenises (or reuses the cache) while the others wait at the barrier.
+        self.tokenizer, _ = load_tokenizer(plan.model, offline=plan.offline)
+        self.data = prepare_data(plan.data, self.tokenizer, seed=plan.seed, offline=plan.offline,
+                                 is_main_process=self.main, barrier=acc.wait_for_everyone)
+        self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
+            else self.tokenizer.eos_token_id
+        self.train_lengths, self.eval_lengths = dataset_lengths(self.data.train), dataset_lengths(self.data.eval)
+        self.packing = plan.data.packing_attention is not None
+        self.first_plan = self.micro_batches(self.train_lengths, epoch=0)
+        self.steps_per_epoch = steps_in(self.first_plan, self.accumulation)
+        self.total_steps = total_optimizer_steps(plan.schedule, steps_per_epoch=self.steps_per_epoch)
+        if self.packing:
+            from .data.batching import packing_efficiency
+
+            log.info("packing efficiency %.1f%%",
+                     100 * packing_efficiency(self.train_lengths, self.first_plan, plan.data.sequence_len))
+
+        # Model: the attention kernel this machine has, then weights, vocabulary, adapters.
+        self.attention = attention.decide_attention(plan.data.packing_attention,
+                                                    attn_implementation=plan.model.attn_implementation,
+                                                    device_type=self.device.type)
+        if self.attention.fallback:
+            log.warning("attention: %s", self.attention.fallback)
+        model = load_model(plan.model, attn_implementation=self.attention.attn_implementation,
+                           vocab_size=len(self.tokenizer), device_index=acc.local_process_index)
+        self.sliding_window = getattr(model.config, "sliding_window", None)
+        if not getattr(model.config, "use_sliding_window", True):
+            self.sliding_window = None  # qwen2 carries a window size it does not use
+        self.mask_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+        optimizer = build_optimizer(model, plan.optimizer, device_type=self.device.type)
+        scheduler = build_scheduler(optimizer, plan.schedule, total_steps=self.total_steps)
+        self.adapter_only = uses_adapter(plan.model)
+        if self.adapter_only:
+            checkpoint.keep_only_the_adapter(acc)
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+
+        # Resume: weights, optimizer, schedule, every rank's RNG, and where in the data plan we were.
+        self.state = checkpoint.TrainState()
+        resume_path = checkpoint.find_resume_checkpoint(self.output_dir,
+                                                        resume_from=plan.checkpointing.resume_from_checkpoint,
+                                                        auto_resume=plan.checkpointing.auto_resume)
+        if resume_path is not None:
+            self.state = checkpoint.load_checkpoint(acc, resume_path, adapter_only=self.adapter_only)
+            log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_path, self.state.step,
+                     self.state.epoch, self.state.micro_batch)
+
+        self.cadence = Cadence.from_plan(plan.schedule, plan.checkpointing, steps_per_epoch=self.steps_per_epoch,
+                                         total_steps=self.total_steps, has_eval=bool(self.eval_lengths))
+        self.watchdog = Watchdog(plan.watchdog)
+        self.sink = metrics_sink(self.output_dir, is_main_process=self.main, total_steps=self.total_steps,
+                                 start_step=self.state.step)
+        self.sink.log_runtime_decisions(self.state.step, self.runtime_decisions())
+        log.info("training %d optimizer steps (%d per epoch; %d micro-batch × %d accumulation × %d processes), "
+                 "packing attention: %s", self.total_steps, self.steps_per_epoch, plan.data.micro_batch_size,
+                 self.accumulation, self.world, self.attention.packing if self.packing else "off")
+
+    def runtime_decisions(self) -> dict[str, Any]:
+        """What this machine decided that the plan could not, for metrics.jsonl and train_summary.json."""
+        return {"device": self.device.type, "distributed_type": self.accelerator.distributed_type.value,
+                "packing_attention": self.attention.packing, "attn_implementation": self.attention.attn_implementation,
+                "attention_fallback": self.attention.fallback}
+
+    def micro_batches(self, lengths: list[int], *, epoch: int) -> list[MicroBatch]:
         """This rank's micro-batches for one epoch: a pure function of (seed, epoch, rank)."""
-        return plan_batches(lengths, micro_batch_size=micro_batch_size, sequence_len=sequence_len,
-                            sample_packing=sample_packing, seed=seed, epoch=epoch, world_size=world, rank=rank)
+        from .data.batching import plan_batches
 
-    def batch_of(dataset: Any, micro_batch: list[list[int]]) -> dict[str, torch.Tensor]:
-        return collate(dataset, micro_batch, pad_token_id=pad_token_id, sequence_len=sequence_len,
-                       pad_to_sequence_len=bool(cfg.get("pad_to_sequence_len")), packed=sample_packing)
+        data = self.plan.data
+        return plan_batches(lengths, micro_batch_size=data.micro_batch_size, sequence_len=data.sequence_len,
+                            sample_packing=self.packing, seed=self.plan.seed, epoch=epoch, world_size=self.world,
+                            rank=self.rank)
 
-    first_plan = plan(train_lengths, 0)
-    steps_per_epoch = steps_in(first_plan, accumulation)
-    total_steps = total_optimizer_steps(max_steps=cfg.get("max_steps"), num_epochs=float(cfg.get("num_epochs") or 1),
-                                        steps_per_epoch=steps_per_epoch)
-    if sample_packing:
-        log.info("packing efficiency %.1f%%", 100 * packing_efficiency(train_lengths, first_plan, sequence_len))
+    def collate(self, dataset: Any, micro_batch: MicroBatch) -> dict[str, torch.Tensor]:
+        from .data.batching import collate
 
-    # Model: the attention kernel this machine has, then weights, vocabulary, adapters.
-    packing_mode, attn_implementation = attention.choose_packing_attention(
-        cfg.resolved.get("packing_attention"), sample_packing=sample_packing,
-        attn_implementation=cfg.resolved["attn_implementation"], device_type=device.type)
-    options = ModelOptions.from_config(cfg.values, attn_implementation=attn_implementation)
-    model = load_model(options, vocab_size=len(tokenizer), device_index=accelerator.local_process_index)
-    sliding_window = getattr(model.config, "sliding_window", None)
-    if not getattr(model.config, "use_sliding_window", True):
-        sliding_window = None  # qwen2 carries a window size it does not use
-    mask_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        data = self.plan.data
+        return collate(dataset, micro_batch, pad_token_id=self.pad_token_id, sequence_len=data.sequence_len,
+                       pad_to_sequence_len=data.pad_to_sequence_len, packed=self.packing)
 
-    def isolation(position_ids: torch.Tensor | None) -> dict[str, Any]:
-        return attention.packing_forward_kwargs(packing_mode, position_ids, attn_implementation=attn_implementation,
-                                                dtype=mask_dtype, sliding_window=sliding_window)
+    def isolation(self, position_ids: torch.Tensor | None) -> dict[str, Any]:
+        return attention.packing_forward_kwargs(self.attention.packing, position_ids,
+                                                attn_implementation=self.attention.attn_implementation,
+                                                dtype=self.mask_dtype, sliding_window=self.sliding_window)
 
-    optimizer = build_optimizer(model, optimizer=cfg.get("optimizer") or "adamw_torch",
-                                learning_rate=float(cfg["learning_rate"]),
-                                weight_decay=float(cfg.get("weight_decay") or 0.0), device_type=device.type)
-    scheduler = build_scheduler(optimizer, lr_scheduler=cfg.get("lr_scheduler") or "cosine", total_steps=total_steps,
-                                warmup_steps=cfg.get("warmup_steps"), warmup_ratio=cfg.get("warmup_ratio"))
-    if options.uses_adapter:
-        checkpoint.keep_only_the_adapter(accelerator)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # --- one step -------------------------------------------------------------------------------------------
 
-    # Resume: weights, optimizer, schedule, every rank's RNG, and where in the data plan we were.
-    state = checkpoint.TrainState()
-    resume_path = checkpoint.find_resume_checkpoint(output_dir, resume_from=cfg.get("resume_from_checkpoint"),
-                                                    auto_resume=cfg.get("auto_resume_from_checkpoints", True))
-    if resume_path is not None:
-        state = checkpoint.load_checkpoint(accelerator, resume_path, adapter_only=options.uses_adapter)
-        log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_path, state.step, state.epoch,
-                 state.micro_batch)
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sum of the micro-batch's token losses, its label tokens)."""
+        batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        inputs = {k: v for k, v in batch.items() if k != "labels"} | self.isolation(batch.get("position_ids"))
+        logits = self.model(**inputs, use_cache=False).logits
+        return token_loss_sum(logits, batch["labels"])
 
-    cadence = Cadence.from_config(cfg.values, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                                  has_eval=bool(eval_lengths))
-    sink = metrics_sink(output_dir, is_main_process=main, total_steps=total_steps, start_step=state.step)
-    max_grad_norm = float(cfg.get("max_grad_norm") or 0.0)
-    fault_after = int(os.environ.get(FAULT_AFTER_STEP) or 0)
-    log.info("training %d optimizer steps (%d per epoch; %d micro-batch × %d accumulation × %d processes), "
-             "packing attention: %s", total_steps, steps_per_epoch, micro_batch_size, accumulation, world,
-             packing_mode or "off")
-
-    # Sums since the last log line, on this rank: [loss sum, label tokens, input tokens].
-    window = torch.zeros(3, dtype=torch.float64, device=device)
-    window_start, grad_norm = time.perf_counter(), None
-    model.train()
-    steps = optimizer_steps(lambda epoch: first_plan if epoch == 0 else plan(train_lengths, epoch),
-                            epoch=state.epoch, micro_batch=state.micro_batch, accumulation=accumulation)
-    for epoch, index, group in steps:
-        if state.step >= total_steps:
-            break
-        batches = [batch_of(data.train, micro_batch) for micro_batch in group]
-        local_tokens = torch.stack([label_token_count(b["labels"]) for b in batches]).sum().to(device)
-        step_tokens = accelerator.reduce(local_tokens, reduction="sum").clamp(min=1)
+    def train_step(self, step: int, group: list[MicroBatch]) -> StepResult:
+        """Forward and backward over the step's micro-batches, the watchdog's verdict, then the update."""
+        acc = self.accelerator
+        batches = [self.collate(self.data.train, micro_batch) for micro_batch in group]
+        local_tokens = torch.stack([label_token_count(b["labels"]) for b in batches]).sum().to(self.device)
+        step_tokens = acc.reduce(local_tokens, reduction="sum").clamp(min=1)
         # accelerator.backward divides by the accumulation steps (DeepSpeed's engine does the same) and
         # data-parallel gradients are averaged over ranks: this scale undoes both.
-        scale = accumulation * world / step_tokens
+        scale = self.accumulation * self.world / step_tokens
+        local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            accelerator.sync_gradients = last  # accelerate's optimizer wrapper steps only on the last one
-            with contextlib.nullcontext() if last else accelerator.no_sync(model):
-                batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-                inputs = {k: v for k, v in batch.items() if k != "labels"} | isolation(batch.get("position_ids"))
-                logits = model(**inputs, use_cache=False).logits
-                loss_sum, count = token_loss_sum(logits, batch["labels"])
-                accelerator.backward(loss_sum * scale)
-            input_tokens = sum(train_lengths[j] for row in group[i] for j in row)
-            window += torch.stack([loss_sum.detach().double(), count.double(),
-                                   torch.tensor(float(input_tokens), dtype=torch.float64, device=device)])
-        if max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state = checkpoint.TrainState(step=state.step + 1, epoch=epoch, micro_batch=index + len(group))
-        sink.advance()
+            acc.sync_gradients = last  # accelerate's optimizer wrapper steps only on the last one
+            with contextlib.nullcontext() if last else acc.no_sync(self.model):
+                loss_sum, _ = self.forward_loss(batch)
+                local_loss += loss_sum.detach().double()
+                if last and self.deepspeed:
+                    # DeepSpeed applies the update inside the last backward: judge the loss before it.
+                    self.judge(step, group, self.step_loss(local_loss, step_tokens), grad_norm=None)
+                acc.backward(loss_sum * scale)
+        input_tokens = float(sum(self.train_lengths[j] for micro_batch in group for row in micro_batch
+                                 for j in row))
+        loss_all = acc.reduce(local_loss.clone(), reduction="sum")
+        grad_norm = self.gradient_norm()
+        if not self.deepspeed:
+            self.judge(step, group, float(loss_all / step_tokens), grad_norm=grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.deepspeed and grad_norm is not None and not math.isfinite(grad_norm):
+            # DeepSpeed measured its norm inside the step it already took: stop before anything is saved.
+            self.judge(step, group, float(loss_all / step_tokens), grad_norm=grad_norm)
+        return StepResult(loss_sum=float(loss_all), label_tokens=float(step_tokens), input_tokens=input_tokens,
+                          grad_norm=grad_norm)
 
-        if cadence.log_now(state.step, total_steps):
-            loss_sum_all, label_tokens, input_tokens = accelerator.reduce(window.clone(), reduction="sum").tolist()
-            sink.log_train({
-                "step": state.step, "epoch": round(epoch + state.micro_batch / max(1, len(first_plan)), 4),
-                "loss": loss_sum_all / max(1.0, label_tokens), "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": input_tokens / max(time.perf_counter() - window_start, 1e-9),
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            } | peak_memory(device))
-            window.zero_()
-            window_start = time.perf_counter()
-        if cadence.eval_now(state.step, total_steps):
-            eval_loss = evaluate(model, accelerator, plan(eval_lengths, 0), lambda mb: batch_of(data.eval, mb),
-                                 isolation)
-            sink.log_eval({"step": state.step, "eval_loss": eval_loss})
-            window_start = time.perf_counter()  # evaluation time is not training throughput
-        if cadence.save_now(state.step, total_steps):
-            checkpoint.save_checkpoint(accelerator, output_dir, state, save_total_limit=cfg.get("save_total_limit"),
-                                       adapter_only=options.uses_adapter)
-            window_start = time.perf_counter()
-        if state.step == fault_after:
-            os._exit(17)  # no cleanup, no final save: what a SIGKILL leaves behind
+    def step_loss(self, local_loss: torch.Tensor, step_tokens: torch.Tensor) -> float:
+        return float(self.accelerator.reduce(local_loss.clone(), reduction="sum") / step_tokens)
 
-    sink.close()
-    checkpoint.save_final_model(accelerator, model, tokenizer, output_dir)
-    digests = accelerator.gather(checkpoint.weights_digest(model).to(device)).tolist()
-    if main:
-        summary = {"step": state.step, "epoch": state.epoch, "distributed_type": accelerator.distributed_type.value,
-                   "world_size": world, **peak_memory(device),
-                   # Trainable-weight digest per rank: equal under DDP (replicas), per shard under FSDP.
-                   "rank_weight_digests": digests}
-        (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
-                                                       encoding="utf-8")
-        log.info("done after %d steps; model saved in %s", state.step, output_dir)
-    accelerator.end_training()
-    return 0
+    def gradient_norm(self) -> float | None:
+        """The global gradient norm, clipped to max_grad_norm when that is set (0: measured, not clipped)."""
+        max_norm = self.plan.optimizer.max_grad_norm
+        norm = self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
+        return None if norm is None else float(norm)
+
+    def judge(self, step: int, group: list[MicroBatch], loss: float, *, grad_norm: float | None) -> None:
+        """Collective when it stops the run: every rank reaches the same verdict (the values are global) and
+        the main process names every rank's rows."""
+        alarm = self.watchdog.check(step, loss, grad_norm)
+        if alarm is not None:
+            raise self.stop(alarm, group)
+
+    def stop(self, alarm: Alarm, group: list[MicroBatch]) -> Exception:
+        from .data import describe_examples
+
+        rows = describe_examples(self.data.train, [j for micro_batch in group for row in micro_batch for j in row])
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            rows = "; ".join(f"rank {rank}: {text}" for rank, text in enumerate(gather_object([rows])))
+        return alarm.stop(rows)
+
+    # --- the loop -------------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.setup()
+        state, total = self.state, self.total_steps
+        # Sums since the last log line: [loss sum (all ranks), label tokens (all ranks), input tokens (this rank)].
+        window = [0.0, 0.0, 0.0]
+        window_start, grad_norm = time.perf_counter(), None
+        self.model.train()
+        steps = optimizer_steps(lambda epoch: self.first_plan if epoch == 0 else
+                                self.micro_batches(self.train_lengths, epoch=epoch),
+                                epoch=state.epoch, micro_batch=state.micro_batch, accumulation=self.accumulation)
+        for epoch, index, group in steps:
+            if state.step >= total:
+                break
+            result = self.train_step(state.step + 1, group)
+            window = [window[0] + result.loss_sum, window[1] + result.label_tokens, window[2] + result.input_tokens]
+            grad_norm = result.grad_norm
+            state = self.state = checkpoint.TrainState(step=state.step + 1, epoch=epoch,
+                                                       micro_batch=index + len(group))
+            self.sink.advance()
+            if self.cadence.log_now(state.step, total):
+                input_tokens = float(self.accelerator.reduce(torch.tensor(window[2], dtype=torch.float64,
+                                                                          device=self.device), reduction="sum"))
+                self.sink.log_train({
+                    "step": state.step, "epoch": round(epoch + state.micro_batch / max(1, len(self.first_plan)), 4),
+                    "loss": window[0] / max(1.0, window[1]), "lr": self.scheduler.get_last_lr()[0],
+                    "tokens_per_s": input_tokens / max(time.perf_counter() - window_start, 1e-9),
+                    "grad_norm": grad_norm,
+                } | peak_memory(self.device))
+                window, window_start = [0.0, 0.0, 0.0], time.perf_counter()
+            if self.cadence.eval_now(state.step, total):
+                eval_loss = evaluate(self.model, self.accelerator, self.micro_batches(self.eval_lengths, epoch=0),
+                                     lambda mb: self.collate(self.data.eval, mb), self.isolation)
+                self.sink.log_eval({"step": state.step, "eval_loss": eval_loss})
+                window_start = time.perf_counter()  # evaluation time is not training throughput
+            if self.cadence.save_now(state.step, total):
+                checkpoint.save_checkpoint(self.accelerator, self.output_dir, state,
+                                           save_total_limit=self.plan.checkpointing.save_total_limit,
+                                           adapter_only=self.adapter_only)
+                window_start = time.perf_counter()
+            if self.after_step is not None:
+                self.after_step(state.step)
+        self.teardown()
+        return 0
+
+    # --- teardown -------------------------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        from .teardown import finish_distributed
+
+        acc, state = self.accelerator, self.state
+        self.sink.close()
+        checkpoint.save_final_model(acc, self.model, self.tokenizer, self.output_dir)
+        digests = acc.gather(checkpoint.weights_digest(self.model).to(self.device)).tolist()
+        if self.main:
+            summary = {"step": state.step, "epoch": state.epoch, "distributed_type": acc.distributed_type.value,
+                       "world_size": self.world, **peak_memory(self.device),
+                       "runtime_decisions": self.runtime_decisions(),
+                       # Trainable-weight digest per rank: equal under DDP (replicas), per shard under FSDP.
+                       "rank_weight_digests": digests}
+            (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
+                                                        encoding="utf-8")
+            log.info("done after %d steps; model saved in %s", state.step, self.output_dir)
+        finish_distributed(acc)
+
+
+def run_training(plan: RunPlan, *, after_step: Callable[[int], None] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
+    return Trainer(plan, after_step=after_step).run()

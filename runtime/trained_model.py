@@ -9,7 +9,8 @@ Three layouts hold an adapter:
   holds only the trainable tensors under their in-training names (see checkpoint.py);
 - a `checkpoint-<step>/` folder of an FSDP or DeepSpeed run: the whole model in their own formats, from which
   sharded_checkpoints.py reads the adapter's tensors (and the embedding matrices when training resized them).
-For both checkpoint kinds the adapter's shape comes from the config: it is rebuilt, then the tensors loaded.
+For both checkpoint kinds the adapter's shape comes from the run plan's ``model.lora``: it is rebuilt, then the
+tensors loaded.
 
 The base model is always loaded unquantised, even for QLoRA runs: merging needs real weights to add the
 update to, and 4-bit weights cannot take it (see merge.py).
@@ -25,9 +26,9 @@ from typing import Any
 
 import torch
 
+from ..schemas.run_plan import ModelPlan
 from .checkpoint import CHECKPOINT, STATE_FILE
-from .config import RunConfig
-from .model import ModelLoadError, ModelOptions, add_adapter, from_pretrained, match_vocabulary
+from .model import ModelLoadError, add_adapter, from_pretrained, match_vocabulary
 from .sharded_checkpoints import LAYOUTS_READ, CheckpointTensors, find_sharded_checkpoint
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ def locate_adapter(directory: Path) -> AdapterSource:
             return AdapterSource(directory, "checkpoint", directory / CHECKPOINT_WEIGHTS)
         if sharded is not None:
             return AdapterSource(directory, "sharded", sharded.path, tensors=sharded)
-        held = ", ".join(sorted(p.name for p in directory.iterdir())) or "nothing"
+        names = sorted(p.name for p in directory.iterdir())
+        held = ", ".join(names) if names else "nothing"
         raise ModelLoadError(f"{directory}: a checkpoint without model weights (it holds {held}); expected "
                              f"{LAYOUTS_READ}")
     if (directory / "config.json").is_file():
@@ -88,32 +90,33 @@ def locate_adapter(directory: Path) -> AdapterSource:
                          "train first (`tunefile train CONFIG`) or point --lora-dir at the adapter")
 
 
-def load_trained_tokenizer(cfg: RunConfig, adapter: AdapterSource | None) -> Any:
+def load_trained_tokenizer(model: ModelPlan, adapter: AdapterSource | None, *, offline: bool) -> Any:
     """The tokenizer training saved beside the adapter when there is one (it has the tokens training added);
-    otherwise the config's, built the way training built it."""
+    otherwise the plan's, built the way training built it."""
     if adapter is not None and adapter.has_tokenizer:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(adapter.directory), local_files_only=True,
-                                             trust_remote_code=bool(cfg.get("trust_remote_code")))
+                                             trust_remote_code=model.trust_remote_code)
     from .data.tokenizer import load_tokenizer
 
-    return load_tokenizer(cfg)[0]
+    return load_tokenizer(model, offline=offline)[0]
 
 
-def unquantised_options(cfg: RunConfig, attn_implementation: str) -> ModelOptions:
-    """The run's model options without quantisation: a QLoRA adapter is a LoRA adapter on the real weights."""
-    options = ModelOptions.from_config(cfg.values, attn_implementation=attn_implementation)
-    adapter = "lora" if options.uses_adapter else None
-    return replace(options, adapter=adapter, load_in_4bit=False, load_in_8bit=False)
+def unquantised(model: ModelPlan) -> ModelPlan:
+    """The run's model without quantisation: a QLoRA adapter is a LoRA adapter on the real weights."""
+    return replace(model, adapter="lora" if model.adapter is not None else None, load_in_4bit=False,
+                   load_in_8bit=False)
 
 
-def load_base(options: ModelOptions, *, source: str, dtype: torch.dtype | str, device: torch.device) -> Any:
+def load_base(model: ModelPlan, *, source: str, dtype: torch.dtype | str, device: torch.device,
+              attn_implementation: str) -> Any:
     """The base weights in ``dtype`` ("auto": the dtype they are stored in), placed on ``device``."""
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": options.attn_implementation,
-                              "trust_remote_code": options.trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
+                              "trust_remote_code": model.trust_remote_code}
     if device.type == "cuda":
-        kwargs["device_map"] = {"": device.index or 0}  # load straight onto the GPU, never a CPU copy first
+        # Load straight onto the GPU, never a CPU copy first.
+        kwargs["device_map"] = {"": 0 if device.index is None else device.index}
     return from_pretrained(source, **kwargs)
 
 
@@ -181,7 +184,7 @@ def fit_vocabulary(model: torch.nn.Module, *, tokenizer_size: int, saved_rows: i
         model.resize_token_embeddings(saved_rows, mean_resizing=False)  # the adapter brings the rows
 
 
-def attach_adapter(model: torch.nn.Module, adapter: AdapterSource, options: ModelOptions, *,
+def attach_adapter(model: torch.nn.Module, adapter: AdapterSource, plan: ModelPlan, *,
                    resized_modules: Collection[str] = ()) -> torch.nn.Module:
     """The base with the adapter's weights in place, ready to merge or generate. ``resized_modules``: base
     modules (the embeddings) whose whole weights a sharded checkpoint replaces, because training resized them."""
@@ -192,10 +195,13 @@ def attach_adapter(model: torch.nn.Module, adapter: AdapterSource, options: Mode
             return PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=False)
         except RuntimeError as exc:  # peft's "size mismatch for …" when a shape differs
             raise ModelLoadError(f"{adapter.directory}: the adapter does not fit the base model "
-                                 f"{options.base_model}: {str(exc).strip().splitlines()[-1]}") from None
-    # A checkpoint: rebuild the adapter training built (from lora_* in the config, or the lora_model_dir it
+                                 f"{plan.base_model}: {str(exc).strip().splitlines()[-1]}") from None
+    # A checkpoint: rebuild the adapter training built (from the plan's model.lora, or the lora_model_dir it
     # continued), then load the checkpointed trainable tensors into it.
-    peft_model = add_adapter(model, options)
+    if plan.lora is None:
+        raise ModelLoadError(f"{adapter.directory}: a checkpoint of an adapter run, but the run plan has no adapter "
+                             "(model.lora) to rebuild it from; use the config that trained it")
+    peft_model = add_adapter(model, plan.lora)
     expected = {name for name, param in peft_model.named_parameters() if param.requires_grad}
     if adapter.tensors is None:
         from safetensors.torch import load_file
@@ -240,30 +246,31 @@ def read_sharded_adapter(peft_model: torch.nn.Module, tensors: CheckpointTensors
     return {name: value.to(targets[name].dtype) for name, value in state.items()}
 
 
-def load_trained_model(cfg: RunConfig, adapter: AdapterSource | None, *, device: torch.device,
-                       dtype: torch.dtype | str, attn_implementation: str = "sdpa",
+def load_trained_model(model: ModelPlan, adapter: AdapterSource | None, *, offline: bool, device: torch.device,
+                       dtype: torch.dtype | str, attn_implementation: str,
                        base_source: str | None = None) -> TrainedModel:
     """Tokenizer, base (unquantised, ``dtype``, on ``device``) resized to the trained vocabulary, and the
-    adapter on it. ``base_source`` replaces base_model (a full fine-tune's output_dir)."""
-    options = unquantised_options(cfg, attn_implementation)
-    tokenizer = load_trained_tokenizer(cfg, adapter)
-    model = load_base(options, source=base_source or options.base_model, dtype=dtype, device=device)
-    saved_rows = saved_embedding_rows(adapter, embedding_module_name(model)) if adapter else None
-    base_rows = model.get_input_embeddings().num_embeddings
-    fit_vocabulary(model, tokenizer_size=len(tokenizer), saved_rows=saved_rows, shrink=options.shrink_embeddings,
-                   adapter=adapter, base_model=options.base_model)
-    rows = model.get_input_embeddings().num_embeddings
+    adapter on it. ``base_source`` replaces model.base_model (a full fine-tune's output_dir); ``offline`` is the
+    plan's (the tokenizer's hub lookups)."""
+    plan = unquantised(model)
+    tokenizer = load_trained_tokenizer(plan, adapter, offline=offline)
+    source = plan.base_model if base_source is None else base_source
+    module = load_base(plan, source=source, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    saved_rows = saved_embedding_rows(adapter, embedding_module_name(module)) if adapter else None
+    base_rows = module.get_input_embeddings().num_embeddings
+    fit_vocabulary(module, tokenizer_size=len(tokenizer), saved_rows=saved_rows, shrink=plan.shrink_embeddings,
+                   adapter=adapter, base_model=plan.base_model)
+    rows = module.get_input_embeddings().num_embeddings
     if adapter is not None and adapter.layout != "adapter" and saved_rows is None and rows > base_rows:
         log.warning("%s holds only trainable tensors, not the embeddings of the tokens training added: they are "
                     "re-initialised here, so text with those tokens differs from training. Use the final adapter "
                     "in output_dir, or train with lora_modules_to_save: [embed_tokens, lm_head]", adapter.directory)
-    model.config.use_cache = True  # generation wants the KV cache that training switched off
+    module.config.use_cache = True  # generation wants the KV cache that training switched off
     if adapter is not None:
         # FSDP and DeepSpeed checkpoints hold the whole model: when training resized the vocabulary, the
         # embedding matrices come from there, with the new rows as training initialised them.
-        resized = (embedding_module_name(model), output_module_name(model)) \
+        resized = (embedding_module_name(module), output_module_name(module)) \
             if adapter.tensors is not None and saved_rows is not None and rows != base_rows else ()
-        model = attach_adapter(model, adapter, options, resized_modules=[name for name in resized if name])
-    model.eval()
-    return TrainedModel(model=model, tokenizer=tokenizer, adapter=adapter)
-
+        module = attach_adapter(module, adapter, plan, resized_modules=[name for name in resized if name])
+    module.eval()
+    return TrainedModel(model=module, tokenizer=tokenizer, adapter=adapter)

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 import torch
+from test_inference import data_plan
 from test_merge_lora import compiled_config
 
 from helpers import require_module, require_tool
 from runtime_bundles import VENV_BIN, free_port, subprocess_env
-from tunefile.runtime.config import RunConfig
 from tunefile.runtime.data.chat import ChatTemplateFormat
 
 MAX_NEW_TOKENS = 10
@@ -31,7 +31,8 @@ CHAT_DATA = {"path": "data/chat.jsonl", "type": "chat_template"}
 
 def expected_reply(model: Any, tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """Greedy reply computed without inference.py: training's chat rendering, plain generate and decode."""
-    chat = ChatTemplateFormat(CHAT_DATA, RunConfig({"datasets": [CHAT_DATA]}, Path(".")), tokenizer)
+    data = data_plan(CHAT_DATA)
+    chat = ChatTemplateFormat(data.datasets[0], data, tokenizer)
     ids = torch.tensor([tokenizer(chat.render(messages, generation_prompt=True), add_special_tokens=False).input_ids])
     stops = [*model.generation_config.eos_token_id, tokenizer.eos_token_id]
     with torch.no_grad():

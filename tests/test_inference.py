@@ -11,18 +11,28 @@ import torch
 from test_merge_lora import compiled_config, make_adapter
 
 from runtime_bundles import run_tunefile as tunefile
-from tunefile.runtime.config import RunConfig, load_run_config
+from tunefile.compiler.render.config_yaml import dataset_plan
+from tunefile.compiler.spec import DatasetSpec
+from tunefile.runtime.config import load_run_plan
 from tunefile.runtime.data.chat import ChatTemplateFormat
 from tunefile.runtime.data.formats import IGNORE, AlpacaFormat
-from tunefile.runtime.inference import ReplyStreamer, Sampling, run_inference
+from tunefile.runtime.inference import run_inference
+from tunefile.runtime.model import ModelLoadError
 from tunefile.runtime.prompts import PromptBuilder, PromptError
+from tunefile.runtime.reply import ReplyStreamer, Sampling
+from tunefile.schemas.run_plan import DataPlan
 
 CONVERSATION = [{"role": "system", "content": "You repeat colours in capitals."},
                 {"role": "user", "content": "Say red."}, {"role": "assistant", "content": "RED"}]
 
 
-def run_config(dataset: dict[str, Any], **values: Any) -> RunConfig:
-    return RunConfig(values={"datasets": [dataset], "sequence_len": 128, **values}, bundle_dir=Path("."))
+def data_plan(dataset: dict[str, Any], **changes: Any) -> DataPlan:
+    """The run plan's data section for one dataset, its entry's defaults written out by the compiler's own code."""
+    values: dict[str, Any] = {
+        "datasets": (dataset_plan(DatasetSpec.model_validate(dataset)),), "sequence_len": 128, "micro_batch_size": 1,
+        "packing_attention": None, "pad_to_sequence_len": False, "train_on_inputs": False, "val_set_size": 0.0,
+        "prepared_path": "prepared", "chat_template": None, "chat_template_jinja": None}
+    return DataPlan(**{**values, **changes})
 
 
 def prompt_part(example: Any) -> list[int]:
@@ -36,7 +46,7 @@ def prompt_part(example: Any) -> list[int]:
 def test_alpaca_prompt_is_the_training_prompt(tiny_tokenizer: Any, row: dict[str, str]) -> None:
     import json
 
-    builder = PromptBuilder(run_config({"path": "a.jsonl", "type": "alpaca"}), tiny_tokenizer)
+    builder = PromptBuilder(data_plan({"path": "a.jsonl", "type": "alpaca"}), tiny_tokenizer)
     trained = prompt_part(AlpacaFormat(tiny_tokenizer, train_on_inputs=False)(row)[0])
     assert builder.token_ids(json.dumps(row)) == trained  # a line of the training file
     if "input" not in row:
@@ -48,10 +58,9 @@ def test_alpaca_prompt_is_the_training_prompt(tiny_tokenizer: Any, row: dict[str
 def test_chat_prompt_is_the_training_rendering(tiny_tokenizer: Any, template: str | None, end_of_turn: str) -> None:
     import json
 
-    entry = {"path": "c.jsonl", "type": "chat_template"}
-    cfg = run_config(entry, chat_template=template)
-    builder = PromptBuilder(cfg, tiny_tokenizer)
-    trained = prompt_part(ChatTemplateFormat(entry, cfg, tiny_tokenizer)({"messages": CONVERSATION})[0])
+    data = data_plan({"path": "c.jsonl", "type": "chat_template"}, chat_template=template)
+    builder = PromptBuilder(data, tiny_tokenizer)
+    trained = prompt_part(ChatTemplateFormat(data.datasets[0], data, tiny_tokenizer)({"messages": CONVERSATION})[0])
     assert builder.token_ids(json.dumps({"messages": CONVERSATION})) == trained
     assert builder.token_ids("Say red.", history=CONVERSATION[:1]) == trained
     assert tiny_tokenizer.convert_tokens_to_ids(end_of_turn) in builder.stop_token_ids()
@@ -60,19 +69,23 @@ def test_chat_prompt_is_the_training_rendering(tiny_tokenizer: Any, template: st
 
 
 def test_completion_prompt_is_raw_text_and_bad_rows_are_reported(tiny_tokenizer: Any) -> None:
-    builder = PromptBuilder(run_config({"path": "t.jsonl", "type": "completion", "field": "text"}), tiny_tokenizer)
+    builder = PromptBuilder(data_plan({"path": "t.jsonl", "type": "completion", "field": "text"}), tiny_tokenizer)
     assert builder.token_ids("Once upon a time") == tiny_tokenizer("Once upon a time").input_ids
     assert builder.token_ids('{"text": "Once upon a time"}') == tiny_tokenizer("Once upon a time").input_ids
-    alpaca = PromptBuilder(run_config({"path": "a.jsonl", "type": "alpaca"}), tiny_tokenizer)
+    alpaca = PromptBuilder(data_plan({"path": "a.jsonl", "type": "alpaca"}), tiny_tokenizer)
     with pytest.raises(PromptError, match="instruction"):
         alpaca.token_ids('{"input": "25 + 49"}')
+    pretokenized = PromptBuilder(data_plan({"path": "p.jsonl", "type": "pretokenized"}), tiny_tokenizer)
+    assert pretokenized.token_ids("Once upon a time") == tiny_tokenizer("Once upon a time").input_ids
+    with pytest.raises(PromptError, match="no datasets"):
+        PromptBuilder(data_plan({"path": "t.jsonl", "type": "completion"}, datasets=()), tiny_tokenizer)
 
 
 def test_streamed_greedy_reply_is_what_generate_returns(tiny_model_dir: Path, tiny_tokenizer: Any) -> None:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-    builder = PromptBuilder(run_config({"path": "a.jsonl", "type": "alpaca"}), tiny_tokenizer)
+    builder = PromptBuilder(data_plan({"path": "a.jsonl", "type": "alpaca"}), tiny_tokenizer)
     chat = ReplyStreamer(model, tiny_tokenizer, builder, Sampling(max_new_tokens=16, temperature=0))
     pieces = list(chat.stream("Tell me a story about a cat."))
     assert len(pieces) > 1  # streamed, not handed over at the end
@@ -121,13 +134,23 @@ def test_cli_answers_stdin_with_the_adapter_and_a_prompt_without_it(tmp_path: Pa
     assert base.stdout == expected_base + "\n"
 
 
-def test_missing_model_is_one_line_with_exit_2(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_model_is_a_user_error(tmp_path: Path, tiny_model_dir: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raised as a RuntimeUserError (ModelLoadError), which the entry point prints as one line, exit 2."""
     monkeypatch.chdir(tmp_path)
     full = compiled_config(tmp_path, tiny_model_dir)  # full fine-tune, not trained yet
-    assert run_inference(full, prompt="hi") == 2
-    assert "no trained model yet" in capsys.readouterr().err
+    with pytest.raises(ModelLoadError, match="no trained model yet"):
+        run_inference(full, prompt="hi")
     lora = compiled_config(tmp_path, tiny_model_dir, adapter="lora")
-    assert run_inference(lora, prompt="hi", lora_dir="nowhere") == 2
-    assert "nowhere: no such directory" in capsys.readouterr().err
-    assert load_run_config(lora)["adapter"] == "lora"
+    with pytest.raises(ModelLoadError, match="nowhere: no such directory"):
+        run_inference(lora, prompt="hi", lora_dir="nowhere")
+    assert load_run_plan(lora).model.adapter == "lora"
+
+
+def test_cli_reports_a_missing_model_in_one_line_with_exit_2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    compiled_config(tmp_path, tiny_model_dir)  # full fine-tune, not trained yet
+    result = tunefile("inference", "cfg.yml", "--prompt", "hi", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    message = [line for line in result.stderr.splitlines() if "no trained model yet" in line]
+    assert len(message) == 1 and message[0].startswith("tunefile runtime: "), result.stderr[-3000:]

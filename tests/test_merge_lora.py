@@ -19,6 +19,7 @@ from runtime_bundles import build_tiny_model, compile_bundle, launch, workspace,
 from runtime_bundles import run_tunefile as tunefile
 from tunefile.runtime import merge
 from tunefile.runtime.merge import run_merge
+from tunefile.runtime.model import ModelLoadError
 
 ADDED_TOKENS = ["<|tool|>", "<|result|>"]
 SAMPLE_TEXT = "Add the two numbers. 25 + 49 = 74"
@@ -149,7 +150,7 @@ def test_resized_adapter_on_an_original_size_base_explains_the_size_mismatch(tmp
     result = tunefile("merge-lora", "cfg.yml", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    message = [line for line in result.stderr.splitlines() if line.startswith("tunefile merge-lora:")]
+    message = [line for line in result.stderr.splitlines() if line.startswith("tunefile runtime:")]
     assert len(message) == 1, result.stderr[-3000:]
     assert "size mismatch" in message[0] and "1026" in message[0] and "1024" in message[0]
     assert "special_tokens" in message[0] and "adapter_model.safetensors" in message[0]
@@ -191,32 +192,33 @@ def test_train_then_merge_the_final_adapter_and_a_checkpoint(tmp_path: Path, tin
     torch.testing.assert_close(logits(merged, tokenizer, extra), logits(adapted, tokenizer, extra), atol=1e-4, rtol=0)
 
 
-def test_mistakes_are_one_line_with_exit_2(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_mistakes_are_one_line_user_errors(tmp_path: Path, tiny_model_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each is a ModelLoadError (a RuntimeUserError: the entry point prints it as one line and exits 2)."""
     monkeypatch.chdir(tmp_path)
     full = compiled_config(tmp_path, tiny_model_dir)  # no adapter: a full fine-tune
-    assert run_merge(full) == 2
-    assert "no `adapter:`" in capsys.readouterr().err
+    with pytest.raises(ModelLoadError, match="no `adapter:`"):
+        run_merge(full)
 
     lora = compiled_config(tmp_path, tiny_model_dir, adapter="lora")
-    assert run_merge(lora) == 2  # nothing trained yet
-    assert "out: no such directory" in capsys.readouterr().err
-    assert run_merge(lora, lora_dir="elsewhere") == 2
-    assert "elsewhere: no such directory" in capsys.readouterr().err
+    with pytest.raises(ModelLoadError, match="out: no such directory"):
+        run_merge(lora)  # nothing trained yet
+    with pytest.raises(ModelLoadError, match="elsewhere: no such directory"):
+        run_merge(lora, lora_dir="elsewhere")
 
     make_adapter(tiny_model_dir, tmp_path / "out")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me\n", encoding="utf-8")
-    assert run_merge(lora, output="notes") == 2
-    assert "notes: exists and is not a merged model" in capsys.readouterr().err
+    with pytest.raises(ModelLoadError, match="notes: exists and is not a merged model"):
+        run_merge(lora, output="notes")
     assert (tmp_path / "notes" / "todo.txt").exists()
-    assert run_merge(lora, output="out") == 2
-    assert "adapter folder itself" in capsys.readouterr().err
+    with pytest.raises(ModelLoadError, match="adapter folder itself") as failure:
+        run_merge(lora, output="out")
+    assert "\n" not in str(failure.value)
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, tiny_model_dir: Path,
-                                                    monkeypatch: pytest.MonkeyPatch,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """As the GPU machine's disk filled during an 8B merge: safetensors raises its own error type (no OSError)
     part-way through the shards. The user gets the reason and the space needed; no partial folder stays."""
     from safetensors import SafetensorError
@@ -231,11 +233,11 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path, tiny_model_d
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", disk_fills)
-    assert run_merge(lora) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    message = err.strip().splitlines()[-1]  # after the weight-loading progress bars
-    assert message.startswith("tunefile merge-lora: cannot write the merged model to out/merged: Error while "
-                              "serializing: I/O error: No space left on device (os error 28); it needs about "), message
+    with pytest.raises(ModelLoadError) as failure:
+        run_merge(lora)
+    message = str(failure.value)
+    assert "\n" not in message
+    assert message.startswith("cannot write the merged model to out/merged: Error while serializing: I/O error: No "
+                              "space left on device (os error 28); it needs about "), message
     assert message.endswith(" MiB free there (--output picks another place)"), message
     assert not (tmp_path / "out" / "merged").exists() and not (tmp_path / "out" / ".merged.tmp").exists()

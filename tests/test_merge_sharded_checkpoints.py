@@ -241,10 +241,11 @@ def test_merge_from_a_sharded_checkpoint_equals_merge_from_the_saved_adapter(lay
 
     adapter = locate_adapter(checkpoint)
     assert adapter.layout == "sharded"
-    from tunefile.runtime.config import load_run_config
+    from tunefile.runtime.config import load_run_plan
 
-    loaded = load_trained_model(load_run_config(written.configs[variant]), adapter, device=torch.device("cpu"),
-                                dtype=torch.float32)
+    plan = load_run_plan(written.configs[variant])
+    loaded = load_trained_model(plan.model, adapter, offline=plan.offline, device=torch.device("cpu"),
+                                dtype=torch.float32, attn_implementation="sdpa")
     held = {name: param for name, param in loaded.model.named_parameters() if name in written.trained[variant]}
     assert held.keys() == written.trained[variant].keys()
     for name, tensor in written.trained[variant].items():
@@ -281,17 +282,17 @@ def test_an_adapter_deepspeed_checkpoint_leaves_the_base_out_and_resumes(layout:
         torch.testing.assert_close(loaded[name], tensor.detach(), atol=0, rtol=0, msg=name)
 
 
-def test_a_checkpoint_with_no_weights_it_can_read_is_one_line(tmp_path: Path, written: SimpleNamespace,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_checkpoint_with_no_weights_it_can_read_is_one_line(tmp_path: Path, written: SimpleNamespace) -> None:
     checkpoint = tmp_path / "out" / "checkpoint-4"
     checkpoint.mkdir(parents=True)
     for name in ("trainer_state.json", "optimizer.bin", "random_states_0.pkl", "COMPLETE"):
         (checkpoint / name).write_text("{}\n", encoding="utf-8")
     (checkpoint / "latest").write_text("pytorch_model\n", encoding="utf-8")  # a DeepSpeed save killed early
-    assert run_merge(written.configs["plain"], lora_dir=str(checkpoint), output=str(tmp_path / "merged")) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert err.startswith(f"tunefile merge-lora: {checkpoint}: a checkpoint without model weights")
+    with pytest.raises(ModelLoadError) as failure:
+        run_merge(written.configs["plain"], lora_dir=str(checkpoint), output=str(tmp_path / "merged"))
+    err = str(failure.value)
+    assert "\n" not in err
+    assert err.startswith(f"{checkpoint}: a checkpoint without model weights")
     assert "optimizer.bin" in err and "model.safetensors" in err and "pytorch_model_fsdp_0/" in err
     assert not (tmp_path / "merged").exists()
 
@@ -307,14 +308,14 @@ def test_a_deepspeed_checkpoint_without_deepspeed_names_the_install(written: Sim
     assert "\n" not in message and str(written.checkpoints["zero2"]) in message and DEEPSPEED_INSTALL in message
 
 
-def test_a_changed_adapter_config_is_reported(tmp_path: Path, written: SimpleNamespace,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
-    config = yaml.safe_load(written.configs["plain"].read_text(encoding="utf-8"))
-    config["lora_target_linear"], config["lora_target_modules"] = False, ["q_proj", "v_proj"]
+def test_a_changed_adapter_config_is_reported(tmp_path: Path, written: SimpleNamespace) -> None:
+    plan = yaml.safe_load(written.configs["plain"].read_text(encoding="utf-8"))
+    plan["model"]["lora"]["target_linear"], plan["model"]["lora"]["target_modules"] = False, ["q_proj", "v_proj"]
     changed = tmp_path / "changed.yaml"
-    changed.write_text(yaml.safe_dump(config), encoding="utf-8")
-    assert run_merge(changed, lora_dir=str(written.checkpoints["fsdp-sharded"]), output=str(tmp_path / "m")) == 2
-    err = capsys.readouterr().err
+    changed.write_text(yaml.safe_dump(plan), encoding="utf-8")
+    with pytest.raises(ModelLoadError) as failure:
+        run_merge(changed, lora_dir=str(written.checkpoints["fsdp-sharded"]), output=str(tmp_path / "m"))
+    err = str(failure.value)
     assert "holds 28 adapter tensors, the config's adapter has 8" in err and "lora_target_*" in err
 
 

@@ -59,19 +59,22 @@ def test_launch_sh_header_and_command() -> None:
     assert "relative paths in config.yaml" in text.lower()
     assert "export TOKENIZERS_PARALLELISM=false" in lines and "TF32 matmuls: off" in text
     assert "HF_HUB_OFFLINE" not in text
-    command = shlex.split(text[text.index("exec accelerate launch"):].replace("\\\n", " "))
-    assert command == ["exec", "accelerate", "launch", "--config_file", "$BUNDLE_DIR/accelerate.yaml",
+    launch_line = text[text.index("\naccelerate launch") + 1:text.index(" || status=$?")]
+    command = shlex.split(launch_line.replace("\\\n", " "))
+    assert command == ["accelerate", "launch", "--quiet", "--config_file", "$BUNDLE_DIR/accelerate.yaml",
                        "--num_machines", "1", "--num_processes", "2", "--machine_rank", "$NODE_RANK",
                        "--main_process_ip", "$MASTER_ADDR", "--main_process_port", "$MASTER_PORT",
                        "--deepspeed_config_file", "$BUNDLE_DIR/deepspeed.json",
                        "--deepspeed_multinode_launcher", "standard",
                        "-m", "tunefile.runtime", "train", "$BUNDLE_DIR/config.yaml"]
-    assert "deepspeed" not in render("single")["launch.sh"].split("exec accelerate launch")[1]
+    assert "deepspeed" not in render("single")["launch.sh"].split("\naccelerate launch")[1]
+    # accelerate reports a failed rank as 1: the runtime's own status (2, 3) comes back through a file.
+    assert 'exit "$status"' in lines and 'trap \'rm -f "$TUNEFILE_EXIT_STATUS_FILE"\' EXIT' in lines
 
 
 def test_offline_exports_come_before_any_python() -> None:
     text = render("single", spec={"offline": True})["launch.sh"]
-    assert text.index("HF_HUB_OFFLINE=1") < text.index("exec accelerate")
+    assert text.index("HF_HUB_OFFLINE=1") < text.index("\naccelerate launch")
     assert "HF_DATASETS_OFFLINE=1" in text and "TRANSFORMERS_OFFLINE=1" in text
 
 
@@ -199,7 +202,7 @@ def test_launch_sh_runs_accelerate_with_the_bundle(tmp_path: Path) -> None:
                  force=False)
     record = run_script(["bash", str(bundle / "launch.sh")], tmp_path)
     argv, env = record["argv"], record["env"]
-    assert argv[:3] == ["launch", "--config_file", f"{bundle}/accelerate.yaml"]
+    assert argv[:4] == ["launch", "--quiet", "--config_file", f"{bundle}/accelerate.yaml"]
     assert argv[argv.index("--num_processes") + 1] == "2" and argv[argv.index("--machine_rank") + 1] == "0"
     assert argv[argv.index("--main_process_ip") + 1] == "127.0.0.1"
     assert argv[argv.index("--deepspeed_config_file") + 1] == f"{bundle}/deepspeed.json"

@@ -114,3 +114,10 @@ def test_collate_width_never_rounds_past_sequence_len() -> None:
     long_example = [example(list(range(1, 11)))]
     batch = collate(long_example, [[0]], pad_token_id=0, sequence_len=10, pad_to_sequence_len=False)
     assert batch["input_ids"].shape == (1, 10)
+
+
+@pytest.mark.parametrize("geometry", [{"micro_batch_size": 0}, {"world_size": 0}, {"rank": 2, "world_size": 2},
+                                      {"rank": -1}])
+def test_a_bad_batch_geometry_is_refused(geometry: dict[str, int]) -> None:
+    with pytest.raises(ValueError, match="bad batch geometry"):
+        plan(**geometry)

@@ -12,6 +12,7 @@ import torch
 from runtime_bundles import build_tiny_model, compile_bundle, launch, metrics, train_losses, workspace, write_config
 from tunefile.runtime import optim
 from tunefile.runtime.schedule import Cadence, optimizer_steps, steps_in
+from tunefile.schemas.run_plan import CheckpointPlan, OptimizerPlan, SchedulePlan
 
 # --- pure pieces ---------------------------------------------------------------------------------
 
@@ -31,8 +32,8 @@ def test_schedules_warm_up_then_follow_their_shape() -> None:
 
 
 def test_total_steps_from_max_steps_or_epochs() -> None:
-    assert optim.total_optimizer_steps(max_steps=7, num_epochs=3, steps_per_epoch=10) == 7
-    assert optim.total_optimizer_steps(max_steps=None, num_epochs=1.5, steps_per_epoch=10) == 15
+    assert optim.total_optimizer_steps(schedule_plan(max_steps=7), steps_per_epoch=10) == 7
+    assert optim.total_optimizer_steps(schedule_plan(max_steps=None, num_epochs=1.5), steps_per_epoch=10) == 15
 
 
 def test_no_weight_decay_on_biases_and_norms() -> None:
@@ -40,8 +41,7 @@ def test_no_weight_decay_on_biases_and_norms() -> None:
     groups = optim.param_groups(model.named_parameters(), 0.1)
     assert [len(g["params"]) for g in groups] == [1, 3]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
-    fused = optim.build_optimizer(model, optimizer="adamw_torch_fused", learning_rate=1e-3, weight_decay=0.1,
-                                  device_type="cpu")
+    fused = optim.build_optimizer(model, OptimizerPlan("adamw_torch_fused", 1e-3, 0.1, 1.0), device_type="cpu")
     assert not fused.defaults.get("fused")  # the fused kernel is CUDA-only; CPU gets the same maths unfused
 
 
@@ -52,8 +52,8 @@ def test_bitsandbytes_optimizers_fail_clearly_without_it() -> None:
     except ImportError:
         pass
     with pytest.raises(optim.OptimizerError, match="bitsandbytes"):
-        optim.build_optimizer(torch.nn.Linear(2, 2), optimizer="paged_adamw_8bit", learning_rate=1e-3,
-                              weight_decay=0.0, device_type="cpu")
+        optim.build_optimizer(torch.nn.Linear(2, 2), OptimizerPlan("paged_adamw_8bit", 1e-3, 0.0, 1.0),
+                              device_type="cpu")
 
 
 def test_optimizer_steps_group_micro_batches_and_resume_mid_epoch() -> None:
@@ -66,13 +66,27 @@ def test_optimizer_steps_group_micro_batches_and_resume_mid_epoch() -> None:
     assert steps_in(plans[0], 2) == 3
 
 
+def schedule_plan(**changes: object) -> SchedulePlan:
+    values = {"gradient_accumulation_steps": 1, "max_steps": 40, "num_epochs": None, "lr_scheduler": "cosine",
+              "warmup_steps": None, "warmup_ratio": None, "logging_steps": 1, "eval_steps": None,
+              "evals_per_epoch": None}
+    return SchedulePlan(**(values | changes))
+
+
+def checkpoint_plan(**changes: object) -> CheckpointPlan:
+    values = {"output_dir": "out", "save_steps": None, "saves_per_epoch": None, "save_total_limit": None,
+              "resume_from_checkpoint": None, "auto_resume": True}
+    return CheckpointPlan(**(values | changes))
+
+
 def test_cadences() -> None:
-    cadence = Cadence.from_config({"logging_steps": 5, "evals_per_epoch": 2, "save_steps": 0.5},
-                                  steps_per_epoch=10, total_steps=40, has_eval=True)
+    cadence = Cadence.from_plan(schedule_plan(logging_steps=5, evals_per_epoch=2), checkpoint_plan(save_steps=20),
+                                steps_per_epoch=10, total_steps=40, has_eval=True)
     assert (cadence.logging_steps, cadence.eval_steps, cadence.save_steps) == (5, 5, 20)
     assert cadence.save_now(40, 40) and not cadence.save_now(30, 40)
-    no_eval = Cadence.from_config({"eval_steps": 3}, steps_per_epoch=10, total_steps=40, has_eval=False)
-    assert no_eval.eval_steps is None and not no_eval.eval_now(3, 40)
+    no_eval = Cadence.from_plan(schedule_plan(eval_steps=3), checkpoint_plan(saves_per_epoch=2), steps_per_epoch=10,
+                                total_steps=40, has_eval=False)
+    assert no_eval.eval_steps is None and not no_eval.eval_now(3, 40) and no_eval.save_steps == 5
 
 
 # --- end to end ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from ..plan import Plan
 from .accelerate import render_accelerate_yaml, render_deepspeed_json
-from .config_yaml import render_config_yaml
+from .config_yaml import build_run_plan, render_config_yaml
 from .manifest import MANIFEST, render_manifest
 from .readme import render_readme
 from .scripts import render_job_sbatch, render_launch_sh, summary_lines
@@ -21,11 +21,7 @@ def render_bundle(plan: Plan) -> dict[str, str]:
     summary = summary_lines(spec=spec, target=target, distribution=distribution, batch=batch,
                             precision=plan.precision, attention=plan.attention, load_in_4bit=plan.load_in_4bit)
     files = {
-        "config.yaml": render_config_yaml(
-            spec=spec, config_name=plan.config_name, version=plan.tunefile_version, target=target,
-            distribution=distribution, batch=batch, model=plan.model, precision=plan.precision, tf32=plan.tf32,
-            attention=plan.attention, packing_attention=plan.packing_attention, load_in_4bit=plan.load_in_4bit,
-            load_in_8bit=plan.load_in_8bit, optimizer=plan.optimizer),
+        "config.yaml": render_config_yaml(build_run_plan(plan), config_name=plan.config_name),
         "accelerate.yaml": render_accelerate_yaml(target=target, distribution=distribution,
                                                   precision=plan.precision, batch=batch),
         "launch.sh": render_launch_sh(version=plan.tunefile_version, config_name=plan.config_name, summary=summary,

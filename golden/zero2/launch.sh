@@ -23,8 +23,18 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 # The tokenizers thread pool does not survive the fork of data-loader workers.
 export TOKENIZERS_PARALLELISM=false
 
+# accelerate launch reports any failed rank as exit status 1. The runtime writes its own status to this file
+# (2: a problem to fix in the config or data, 3: the watchdog stopped a run whose loss or gradient went
+# non-finite), and this script exits with it. (--quiet: a failed single-process or DeepSpeed launch exits 1 instead
+# of printing the launcher's own traceback under the runtime's one-line message.)
+TUNEFILE_EXIT_STATUS_FILE="$(mktemp)"
+export TUNEFILE_EXIT_STATUS_FILE
+trap 'rm -f "$TUNEFILE_EXIT_STATUS_FILE"' EXIT
+
 # 1 node(s) × 2 process(es) = 2 in total; accelerate starts this node's share.
-exec accelerate launch \
+status=0
+accelerate launch \
+    --quiet \
     --config_file "$BUNDLE_DIR/accelerate.yaml" \
     --num_machines 1 \
     --num_processes 2 \
@@ -33,4 +43,8 @@ exec accelerate launch \
     --main_process_port "$MASTER_PORT" \
     --deepspeed_config_file "$BUNDLE_DIR/deepspeed.json" \
     --deepspeed_multinode_launcher standard \
-    -m tunefile.runtime train "$BUNDLE_DIR/config.yaml"
+    -m tunefile.runtime train "$BUNDLE_DIR/config.yaml" || status=$?
+if [ "$status" -ne 0 ] && [ -s "$TUNEFILE_EXIT_STATUS_FILE" ]; then
+    status="$(cat "$TUNEFILE_EXIT_STATUS_FILE")"
+fi
+exit "$status"

@@ -1,8 +1,10 @@
 """Data for the training loop: rows → formatted, tokenised, label-masked examples in a prepared-data cache.
 
 ``prepare_data`` is the one entry point: the main process builds the cache when it is missing or stale (its
-key covers everything that changes tokens), every process then opens it memory-mapped. Batching (packing,
-padding, per-rank order) lives in ``batching.py``.
+key covers everything that changes tokens), every process then opens it memory-mapped. It reads the run plan's
+``data`` section only. Batching (packing, padding, per-rank order) lives in ``batching.py``; where an example
+came from (file and row, for the watchdog's report) in ``cache.py`` (``TokenizedDataset.origin``,
+``describe_examples``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...schemas.run_plan import DataPlan
 from . import build as builder
-from .cache import SHARD_ROWS, TokenizedDataset
+from .cache import SHARD_ROWS, TokenizedDataset, describe_examples
 from .errors import DataError
 
-__all__ = ["DataError", "PreparedData", "TokenizedDataset", "prepare_data", "prepared_cache_dir"]
+__all__ = ["DataError", "PreparedData", "TokenizedDataset", "describe_examples", "prepare_data",
+           "prepared_cache_dir"]
 log = logging.getLogger(__name__)
 
 
@@ -26,28 +30,36 @@ log = logging.getLogger(__name__)
 class PreparedData:
     train: TokenizedDataset
     eval: TokenizedDataset | None
-    stats: dict[str, Any]  # rows, tokens, trained_tokens, dropped_rows, dropped, split_rows, train, eval, reused, …
+    # rows, tokens, trained_tokens, dropped_rows, dropped, split_rows, leading_padding_stripped, train, eval,
+    # reused, …
+    stats: dict[str, Any]
     cache_dir: Path
 
 
-def prepared_cache_dir(cfg: Any, tokenizer: Any) -> Path:
-    """Where this config's prepared data lives: ``<dataset_prepared_path>/<key>``."""
-    root = Path(cfg.get("dataset_prepared_path") or "last_run_prepared").expanduser()
-    return root / builder.cache_key(cfg, tokenizer, builder.resolve_sources(cfg))
+def _no_barrier() -> None:
+    """A single process has nobody to wait for."""
 
 
-def prepare_data(cfg: Any, tokenizer: Any, *, is_main_process: bool = True,
-                 barrier: Callable[[], None] = lambda: None, shard_rows: int = SHARD_ROWS) -> PreparedData:
-    """Build (main process, when needed) or reuse the prepared data, wait at ``barrier``, then open it."""
-    sources = builder.resolve_sources(cfg)
-    root = Path(cfg.get("dataset_prepared_path") or "last_run_prepared").expanduser()
-    directory = root / builder.cache_key(cfg, tokenizer, sources)
+def prepared_cache_dir(data: DataPlan, tokenizer: Any, *, seed: int, offline: bool) -> Path:
+    """Where this plan's prepared data lives: ``<data.prepared_path>/<key>``."""
+    sources = builder.resolve_sources(data.datasets, offline=offline)
+    return Path(data.prepared_path).expanduser() / builder.cache_key(data, tokenizer, sources, seed=seed)
+
+
+def prepare_data(data: DataPlan, tokenizer: Any, *, seed: int, offline: bool, is_main_process: bool = True,
+                 barrier: Callable[[], None] = _no_barrier, shard_rows: int = SHARD_ROWS) -> PreparedData:
+    """Build (main process, when needed) or reuse the prepared data, wait at ``barrier``, then open it.
+
+    ``seed`` is the run's (it picks the eval rows; 0 is a seed like any other); ``offline`` the plan's flag
+    (the HF_* offline environment counts too)."""
+    sources = builder.resolve_sources(data.datasets, offline=offline)
+    directory = Path(data.prepared_path).expanduser() / builder.cache_key(data, tokenizer, sources, seed=seed)
     reused = builder.is_complete(directory)
     failure: Exception | None = None
     if is_main_process and not reused:
         log.info("tokenising %d dataset(s) into %s", len(sources), directory)
         try:
-            builder.build(cfg, tokenizer, sources, directory, shard_rows=shard_rows)
+            builder.build(data, tokenizer, sources, directory, seed=seed, shard_rows=shard_rows)
         except Exception as exc:  # noqa: BLE001 - reach the barrier first so the other ranks are not left waiting
             failure = exc
     barrier()
@@ -57,7 +69,7 @@ def prepare_data(cfg: Any, tokenizer: Any, *, is_main_process: bool = True,
         # Not visible after the barrier: prepared path on node-local disk of another node. Build our own copy
         # (deterministic, and the atomic rename settles races between this node's processes).
         log.info("prepared data not found at %s after the main process built it; building a local copy", directory)
-        builder.build(cfg, tokenizer, sources, directory, shard_rows=shard_rows)
+        builder.build(data, tokenizer, sources, directory, seed=seed, shard_rows=shard_rows)
     elif reused and is_main_process:
         log.info("reusing prepared data in %s", directory)
     stats = json.loads((directory / "stats.json").read_text(encoding="utf-8"))

@@ -62,7 +62,7 @@ def plan_batches(lengths: Sequence[int] | np.ndarray, *, micro_batch_size: int, 
     ``len(rows) % world_size`` rows, so every rank has as many rows, hence as many micro-batches; only a rank's
     final micro-batch may be smaller than ``micro_batch_size``, and then on every rank alike."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+    if not (micro_batch_size >= 1 and world_size >= 1 and 0 <= rank < world_size):
         raise ValueError(f"bad batch geometry: micro_batch_size={micro_batch_size}, rank {rank} of {world_size}")
     if len(lengths) and int(lengths.max()) > sequence_len:
         raise ValueError(f"an example has {int(lengths.max())} tokens, more than sequence_len={sequence_len}")

@@ -1,6 +1,6 @@
 """Build the prepared-data cache: the key over everything that changes tokens, and the streaming build.
 
-The folder is ``<dataset_prepared_path>/<key>``. It is built under a temporary name and renamed into place
+The folder is ``<data.prepared_path>/<key>``. It is built under a temporary name and renamed into place
 after its ``COMPLETE`` file is written, so a reader sees either nothing or a whole cache, even when a build is
 killed or two processes race (the loser's copy is discarded).
 """
@@ -21,18 +21,23 @@ from typing import Any
 
 import numpy as np
 
-from . import chat, formats
-from .cache import COMPLETE, SHARD_ROWS, ShardWriter
+from ...schemas.run_plan import DataPlan, DatasetPlan, plan_to_dict
+from . import chat, examples, formats
+from .cache import COMPLETE, SHARD_ROWS, ShardWriter, SourceFiles
 from .errors import DataError
-from .formats import RowError, make_formatter
+from .examples import Example, RowError, leading_padding_id, strip_leading_padding
+from .formats import make_formatter
 from .sources import Source, count_rows, fingerprint, iter_rows, resolve_source
 from .tokenizer import is_offline, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
-# Run-wide options that change tokens or the split; dataset entries are hashed whole.
-KEY_OPTIONS = ("sequence_len", "special_tokens", "tokens", "train_on_inputs", "val_set_size", "seed",
-               "chat_template", "chat_template_jinja")
+# 2: every example records its dataset and row (origins); leading padding is stripped.
+CACHE_VERSION = 2
+# Run-wide options that change tokens or the split; dataset entries are hashed whole. The tokenizer (with the
+# plan's special_tokens and tokens already added) is hashed by tokenizer_fingerprint.
+TOKEN_OPTIONS = ("sequence_len", "train_on_inputs", "val_set_size", "chat_template", "chat_template_jinja")
+# The modules that turn rows into tokens: a change to any of them invalidates old caches.
+TOKENISING_CODE = (examples, formats, chat)
 MAX_PROBLEMS = 5
 TOKENISE_BATCH = 512  # rows tokenised per call: enough to keep every core busy, little memory
 
@@ -42,25 +47,25 @@ def _chunks(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str
         yield chunk
 
 
-def resolve_sources(cfg: Any) -> list[Source]:
-    entries = cfg.get("datasets") or []
-    if not entries:
-        raise DataError("no datasets: the config's `datasets:` list is empty")
-    offline = is_offline(cfg)
-    return [resolve_source(dict(entry), offline=offline) for entry in entries]
+def resolve_sources(datasets: tuple[DatasetPlan, ...], *, offline: bool) -> list[Source]:
+    if not datasets:
+        raise DataError("no datasets: the run plan's data.datasets is empty")
+    offline = is_offline(offline)
+    return [resolve_source(entry, offline=offline) for entry in datasets]
 
 
-def cache_key(cfg: Any, tokenizer: Any, sources: list[Source]) -> str:
+def cache_key(data: DataPlan, tokenizer: Any, sources: list[Source], *, seed: int) -> str:
     """sha256 over: the data (local file bytes, Hub coordinates), each dataset entry, the run options that
-    change tokens, the tokenizer (its full serialisation, special tokens, chat template) and the code that
-    turns rows into tokens (so a fix to a format invalidates old caches)."""
+    change tokens or the split (``seed`` picks the eval rows), the tokenizer (its full serialisation, special
+    tokens, chat template) and the code that turns rows into tokens (so a fix to a format invalidates old
+    caches)."""
     code = hashlib.sha256()
-    for module in (formats, chat):
+    for module in TOKENISING_CODE:
         code.update(Path(module.__file__).read_bytes())
     material = {
         "version": CACHE_VERSION,
-        "datasets": [{"entry": source.entry, "data": fingerprint(source)} for source in sources],
-        "options": {key: cfg.get(key) for key in KEY_OPTIONS},
+        "datasets": [{"entry": plan_to_dict(source.entry), "data": fingerprint(source)} for source in sources],
+        "options": {**{key: getattr(data, key) for key in TOKEN_OPTIONS}, "seed": seed},
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "code": code.hexdigest(),
     }
@@ -74,19 +79,20 @@ def is_complete(directory: Path) -> bool:
 def eval_rows(total: int, val_set_size: float, seed: int) -> np.ndarray:
     """Sorted global row numbers held out for evaluation: a fraction (< 1) or a count (>= 1) of the rows,
     chosen by ``seed`` alone so every process and every rebuild picks the same ones."""
-    if not val_set_size or total < 2:
+    if not (val_set_size > 0 and total >= 2):
         return np.zeros(0, dtype=np.int64)
     count = int(val_set_size) if val_set_size >= 1 else round(total * val_set_size)
     count = min(max(count, 1), total - 1)
     return np.sort(np.random.default_rng(seed).choice(total, size=count, replace=False)).astype(np.int64)
 
 
-def build(cfg: Any, tokenizer: Any, sources: list[Source], directory: Path, *, shard_rows: int = SHARD_ROWS) -> None:
+def build(data: DataPlan, tokenizer: Any, sources: list[Source], directory: Path, *, seed: int,
+          shard_rows: int = SHARD_ROWS) -> None:
     """Tokenise every source into ``directory`` (train/ and, with val_set_size, eval/), atomically."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        stats = _tokenise(cfg, tokenizer, sources, staging, shard_rows=shard_rows)
+        stats = _tokenise(data, tokenizer, sources, staging, seed=seed, shard_rows=shard_rows)
         (staging / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         marker = staging / COMPLETE
         marker.write_text(directory.name + "\n", encoding="utf-8")
@@ -103,53 +109,79 @@ def build(cfg: Any, tokenizer: Any, sources: list[Source], directory: Path, *, s
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _tokenise(cfg: Any, tokenizer: Any, sources: list[Source], staging: Path, *, shard_rows: int) -> dict[str, Any]:
-    sequence_len = int(cfg["sequence_len"])
-    val_set_size = float(cfg.get("val_set_size") or 0)
-    held_out = eval_rows(sum(count_rows(s) for s in sources) if val_set_size else 0, val_set_size,
-                         int(cfg.get("seed") or 42))
+def _examples_to_keep(result: list[Example], *, pad_id: int | None,
+                      sequence_len: int) -> tuple[list[Example], str | None, int]:
+    """(the row's examples to store, why the whole row is dropped or None, how many examples lost leading
+    padding)."""
+    # Leading pad tokens are padding, not content, and a sample must never start with one: a pad token's
+    # embedding row is often exactly zero, which keeps that position's hidden state zero through every layer
+    # and turns RMSNorm's backward into NaN gradients (strip_leading_padding says how). Stripped before any
+    # length or training check; a row left with nothing but padding is dropped and counted.
+    stripped = [strip_leading_padding(example, pad_id) for example in result]
+    changed = sum(1 for before, after in zip(result, stripped, strict=True) if after is not before)
+    if changed and not any(example.input_ids for example in stripped):
+        return [], "only_padding", changed
+    if any(len(example.input_ids) > sequence_len for example in stripped):
+        return [], "too_long", changed
+    kept = [example for example in stripped if example.trained_tokens]
+    return kept, (None if kept else "nothing_to_train"), changed
+
+
+def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Path, *, seed: int,
+              shard_rows: int) -> dict[str, Any]:
+    sequence_len = data.sequence_len
+    total_rows = sum(count_rows(s) for s in sources) if data.val_set_size > 0 else 0
+    held_out = eval_rows(total_rows, data.val_set_size, seed)
     train = ShardWriter(staging / "train", shard_rows=shard_rows)
     evaluation = ShardWriter(staging / "eval", shard_rows=shard_rows) if len(held_out) else None
+    pad_id = leading_padding_id(tokenizer)
     dropped: Counter[str] = Counter()
     problems: list[str] = []
-    rows = split_rows = split_chunks = 0
+    rows = split_rows = split_chunks = padding_stripped = 0
     per_dataset = []
+    files_of_sources: list[SourceFiles] = []  # per dataset: (file label, rows) for provenance
     next_held = 0  # index into held_out: rows stream in order, so one pointer walks the sorted list
-    for source in sources:
-        fmt = make_formatter(source.entry, cfg, tokenizer)
+    for number, source in enumerate(sources):
+        fmt = make_formatter(source.entry, data, tokenizer)
         source_rows = 0
-        for chunk in _chunks(iter_rows(source), TOKENISE_BATCH):
-            for result in fmt.batch(chunk):
-                row_number, global_row = source_rows, rows
-                source_rows, rows = source_rows + 1, rows + 1
-                is_eval = next_held < len(held_out) and held_out[next_held] == global_row
-                next_held += is_eval
-                if isinstance(result, RowError):
-                    dropped["malformed"] += 1
-                    if len(problems) < MAX_PROBLEMS:
-                        problems.append(f"{source.label} row {row_number}: {result}")
-                    continue
-                if len(result) > 1:
-                    split_rows, split_chunks = split_rows + 1, split_chunks + len(result)
-                if any(len(example.input_ids) > sequence_len for example in result):
-                    dropped["too_long"] += 1
-                    continue
-                examples = [example for example in result if example.trained_tokens]
-                if not examples:
-                    dropped["nothing_to_train"] += 1
-                    continue
-                writer = evaluation if is_eval and evaluation is not None else train
-                for example in examples:
-                    writer.add(example.input_ids, example.labels)
-        per_dataset.append({"dataset": source.label, "type": source.entry.get("type"), "rows": source_rows})
-    train_stats = train.close()
-    eval_stats = evaluation.close() if evaluation is not None else None
+        files: SourceFiles = []
+        for label, part in source.parts():
+            first_row = source_rows
+            for chunk in _chunks(iter_rows(part), TOKENISE_BATCH):
+                for result in fmt.batch(chunk):
+                    row_number, global_row = source_rows, rows
+                    source_rows, rows = source_rows + 1, rows + 1
+                    is_eval = next_held < len(held_out) and held_out[next_held] == global_row
+                    next_held += is_eval
+                    if isinstance(result, RowError):
+                        dropped["malformed"] += 1
+                        if len(problems) < MAX_PROBLEMS:
+                            problems.append(f"{label} row {row_number - first_row}: {result}")
+                        continue
+                    if len(result) > 1:
+                        split_rows, split_chunks = split_rows + 1, split_chunks + len(result)
+                    kept, reason, changed = _examples_to_keep(result, pad_id=pad_id, sequence_len=sequence_len)
+                    padding_stripped += changed
+                    if reason is not None:
+                        dropped[reason] += 1
+                        continue
+                    writer = evaluation if is_eval and evaluation is not None else train
+                    for example in kept:
+                        writer.add(example.input_ids, example.labels, source=number, row=row_number)
+            files.append((label, source_rows - first_row))
+        files_of_sources.append(files)
+        per_dataset.append({"dataset": source.label, "type": source.entry.type, "rows": source_rows})
+    if padding_stripped:
+        log.info("stripped leading padding (token id %d) from %d example(s): a sample that starts with a pad "
+                 "token makes non-finite gradients", pad_id, padding_stripped)
+    train_stats = train.close(files_of_sources)
+    eval_stats = evaluation.close(files_of_sources) if evaluation is not None else None
     if not train_stats["examples"]:
         first = f" (first problem: {problems[0]})" if problems else ""
         raise DataError(f"no training examples: all {rows} rows were dropped{first}")
     return {
         "rows": rows, "dropped_rows": sum(dropped.values()), "dropped": dict(dropped), "problems": problems,
-        "split_rows": split_rows, "split_chunks": split_chunks,
+        "split_rows": split_rows, "split_chunks": split_chunks, "leading_padding_stripped": padding_stripped,
         "tokens": train_stats["tokens"] + (eval_stats["tokens"] if eval_stats else 0),
         "trained_tokens": train_stats["trained_tokens"] + (eval_stats["trained_tokens"] if eval_stats else 0),
         "train": train_stats, "eval": eval_stats, "datasets": per_dataset, "sequence_len": sequence_len,

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from ...schemas.run_plan import DataPlan, DatasetPlan
 from .errors import DataError
-from .formats import IGNORE, Encoded, Example, Format, RowError
+from .examples import IGNORE, Encoded, Example, Format, RowError
 
 CHATML = (
     "{% for message in messages %}"
@@ -40,11 +41,13 @@ TRAIN_ON_EOS = ("all", "turn", "last", "none")
 
 def resolve_chat_template(name: str | None, jinja: str | None, tokenizer: Any) -> str:
     """The Jinja text for a dataset: a name (chatml, llama3, tokenizer_default,
-    tokenizer_default_fallback_<name>, jinja) or a Jinja string itself. Unset means the tokenizer's own."""
-    if name is None and jinja:
-        return jinja
-    name = name or "tokenizer_default"
-    if "{{" in name or "{%" in name:
+    tokenizer_default_fallback_<name>, jinja) or a Jinja string itself. Unset (None) means the tokenizer's own,
+    or ``jinja`` when only that is given."""
+    if name is None:
+        if jinja:
+            return jinja
+        name = "tokenizer_default"
+    if any(marker in name for marker in ("{{", "{%")):
         return name
     if name == "jinja":
         if not jinja:
@@ -59,31 +62,41 @@ def resolve_chat_template(name: str | None, jinja: str | None, tokenizer: Any) -
                             f"set chat_template to one of {', '.join(NAMED_TEMPLATES)} or give chat_template_jinja")
         return own
     if name.startswith("tokenizer_default_fallback_"):
-        return own or resolve_chat_template(name.removeprefix("tokenizer_default_fallback_"), jinja, tokenizer)
+        if own:
+            return own
+        return resolve_chat_template(name.removeprefix("tokenizer_default_fallback_"), jinja, tokenizer)
     if name not in NAMED_TEMPLATES:
         raise DataError(f"chat_template {name!r} is not known; choose one of "
                         f"{', '.join([*NAMED_TEMPLATES, 'tokenizer_default', 'jinja'])} or give a Jinja string")
     return NAMED_TEMPLATES[name]
 
 
-def dataset_chat_template(entry: dict[str, Any], cfg: Any, tokenizer: Any) -> str:
-    """The dataset's own template wins over the run's (``chat_template`` / ``chat_template_jinja``)."""
-    if entry.get("chat_template"):
-        return resolve_chat_template(entry["chat_template"], cfg.get("chat_template_jinja"), tokenizer)
-    return resolve_chat_template(cfg.get("chat_template"), cfg.get("chat_template_jinja"), tokenizer)
+def dataset_chat_template(entry: DatasetPlan, data: DataPlan, tokenizer: Any) -> str:
+    """The dataset's own template wins over the run's (``data.chat_template`` / ``data.chat_template_jinja``)."""
+    name = data.chat_template if entry.chat_template is None else entry.chat_template
+    return resolve_chat_template(name, data.chat_template_jinja, tokenizer)
+
+
+def _chat_option(entry: DatasetPlan, name: str) -> Any:
+    """A chat option the compiler fills in for every chat_template entry; None only in a hand-made plan."""
+    value = getattr(entry, name)
+    if value is None:
+        raise DataError(f"dataset {entry.path}: {name} is not set; a chat_template dataset needs it "
+                        "(the compiler writes it; recompile the config)")
+    return value
 
 
 class ChatTemplateFormat(Format):
-    def __init__(self, entry: dict[str, Any], cfg: Any, tokenizer: Any) -> None:
+    def __init__(self, entry: DatasetPlan, data: DataPlan, tokenizer: Any) -> None:
         super().__init__(tokenizer)
-        self.template = dataset_chat_template(entry, cfg, tokenizer)
-        self.field = entry.get("field_messages") or "messages"
-        self.role_key = entry.get("message_field_role") or "role"
-        self.content_key = entry.get("message_field_content") or "content"
-        self.roles_to_train = set(entry.get("roles_to_train") or ["assistant"])
-        self.train_on_eos = entry.get("train_on_eos") or "turn"
+        self.template = dataset_chat_template(entry, data, tokenizer)
+        self.field = _chat_option(entry, "field_messages")
+        self.role_key = _chat_option(entry, "message_field_role")
+        self.content_key = _chat_option(entry, "message_field_content")
+        self.roles_to_train = set(_chat_option(entry, "roles_to_train"))
+        self.train_on_eos = _chat_option(entry, "train_on_eos")
         if self.train_on_eos not in TRAIN_ON_EOS:
-            raise DataError(f"dataset {entry.get('path')}: train_on_eos {self.train_on_eos!r} is not one of "
+            raise DataError(f"dataset {entry.path}: train_on_eos {self.train_on_eos!r} is not one of "
                             f"{', '.join(TRAIN_ON_EOS)}")
         vocabulary = tokenizer.get_vocab()
         self.terminators = [t for t in dict.fromkeys([tokenizer.eos_token, *TURN_TERMINATORS])
@@ -127,11 +140,11 @@ class ChatTemplateFormat(Format):
 
 def row_messages(row: dict[str, Any], field: str, role_key: str, content_key: str) -> list[dict[str, Any]]:
     raw = row.get(field)
-    if not isinstance(raw, list) or not raw:
+    if not (isinstance(raw, list) and raw):
         raise RowError(f"field {field!r} is not a non-empty list of messages")
     messages = []
     for message in raw:
-        if not isinstance(message, dict) or role_key not in message:
+        if not (isinstance(message, dict) and role_key in message):
             raise RowError(f"a message has no {role_key!r}")
         content = message.get(content_key)
         if isinstance(content, list):  # OpenAI content parts: keep the text ones

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from ..errors import RuntimeUserError
 
-class DataError(Exception):
+
+class DataError(RuntimeUserError):
     """A missing file, an unreachable dataset, a malformed row: the message is one line, shown without a
     traceback (``preprocess`` exits 2)."""

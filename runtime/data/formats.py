@@ -3,15 +3,23 @@
 Labels are aligned with input_ids (the Hugging Face convention: the model shifts them by one inside its loss).
 Each format turns a row into a list of examples; most rows give one, a long ``completion`` text gives several
 consecutive chunks. Length limits are applied by the caller (``build.py``), which counts what it drops.
+
+``make_formatter`` is the registry of every type; the shared pieces (``Example``, ``Format``, ``RowError``, …)
+live in ``examples.py`` and are re-exported here, and the chat_template format in ``chat.py``. Imports run one
+way only: formats → chat → examples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
-IGNORE = -100
+from ...schemas.run_plan import DataPlan, DatasetPlan
+from .chat import ChatTemplateFormat
+from .errors import DataError
+from .examples import IGNORE, PROBE_TEXT, Encoded, Example, Format, RowError, batch_encoder
+
+__all__ = ["IGNORE", "PROBE_TEXT", "AlpacaFormat", "ChatTemplateFormat", "CompletionFormat", "Encoded", "Example",
+           "Format", "PretokenizedFormat", "RowError", "batch_encoder", "make_formatter"]
 
 ALPACA_PROMPT_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -25,109 +33,22 @@ ALPACA_PROMPT_NO_INPUT = (
 )
 
 
-@dataclass(frozen=True)
-class Example:
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def trained_tokens(self) -> int:
-        return sum(1 for label in self.labels if label != IGNORE)
-
-
-class RowError(Exception):
-    """This row cannot be formatted (a missing field, a wrong type); it is skipped and counted."""
-
-
-Encoded = tuple[list[int], list[tuple[int, int]]]  # token ids and each token's character span
-PROBE_TEXT = "Hello, world!  12 + 30 = 42\n\tnaïve café 🙂 <|im_start|>user\n</s><s>"
-
-
-class Format:
-    """Rows → examples. A format says which texts a row needs tokenised (``texts``) and how the tokens make
-    examples (``assemble``); ``batch`` tokenises the texts of many rows in one call, which the Rust tokenizer
-    spreads over every core. ``format(row)`` does one row (raises ``RowError``)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.encode_many = batch_encoder(tokenizer)
-
-    def texts(self, row: dict[str, Any]) -> tuple[list[tuple[str, bool]], Any]:
-        """((text, add the tokenizer's special tokens?) for each text to tokenise, context for assemble)."""
-        raise NotImplementedError
-
-    def assemble(self, encoded: list[Encoded], context: Any) -> list[Example]:
-        raise NotImplementedError
-
-    def batch(self, rows: list[dict[str, Any]]) -> list[list[Example] | RowError]:
-        plans: list[tuple[list[tuple[str, bool]], Any] | RowError] = []
-        for row in rows:
-            try:
-                plans.append(self.texts(row))
-            except RowError as exc:
-                plans.append(exc)
-        encoded: dict[tuple[int, int], Encoded] = {}
-        for special in (False, True):
-            where = [(r, t) for r, plan in enumerate(plans) if not isinstance(plan, RowError)
-                     for t, (_, wants) in enumerate(plan[0]) if wants is special]
-            texts = [plans[r][0][t][0] for r, t in where]  # type: ignore[index]
-            encoded.update(zip(where, self.encode_many(texts, special) if texts else [], strict=True))
-        results: list[list[Example] | RowError] = []
-        for r, plan in enumerate(plans):
-            if isinstance(plan, RowError):
-                results.append(plan)
-                continue
-            try:
-                results.append(self.assemble([encoded[(r, t)] for t in range(len(plan[0]))], plan[1]))
-            except RowError as exc:
-                results.append(exc)
-        return results
-
-    def __call__(self, row: dict[str, Any]) -> list[Example]:
-        result = self.batch([row])[0]
-        if isinstance(result, RowError):
-            raise result
-        return result
-
-
-def make_formatter(entry: dict[str, Any], cfg: Any, tokenizer: Any) -> Format:
-    """The format of one `datasets:` entry; ``cfg`` supplies run-wide options (sequence_len, templates)."""
-    kind = entry.get("type")
-    if kind == "alpaca":
-        return AlpacaFormat(tokenizer, train_on_inputs=bool(cfg.get("train_on_inputs")))
-    if kind == "completion":
-        return CompletionFormat(tokenizer, field=entry.get("field") or "text", sequence_len=int(cfg["sequence_len"]))
-    if kind == "pretokenized":
+def make_formatter(entry: DatasetPlan, data: DataPlan, tokenizer: Any) -> Format:
+    """The format of one dataset; ``data`` supplies the run-wide options (sequence_len, train_on_inputs, the
+    run's chat template)."""
+    if entry.type == "alpaca":
+        return AlpacaFormat(tokenizer, train_on_inputs=data.train_on_inputs)
+    if entry.type == "completion":
+        if entry.field is None:
+            raise DataError(f"dataset {entry.path}: field is not set; a completion dataset needs it "
+                            "(the compiler writes it; recompile the config)")
+        return CompletionFormat(tokenizer, field=entry.field, sequence_len=data.sequence_len)
+    if entry.type == "pretokenized":
         return PretokenizedFormat(tokenizer)
-    if kind == "chat_template":
-        from .chat import ChatTemplateFormat
-
-        return ChatTemplateFormat(entry, cfg, tokenizer)
-    from .errors import DataError
-
-    raise DataError(f"dataset {entry.get('path')}: unknown type {kind!r} "
+    if entry.type == "chat_template":
+        return ChatTemplateFormat(entry, data, tokenizer)
+    raise DataError(f"dataset {entry.path}: unknown type {entry.type!r} "
                     "(alpaca, chat_template, completion, pretokenized)")
-
-
-def batch_encoder(tokenizer: Any) -> Callable[[list[str], bool], list[Encoded]]:
-    """``encode_many(texts, special)``: ids and offsets of each text; ``special`` adds what the tokenizer adds
-    around a sequence (e.g. bos). Calls the Rust tokenizer directly (several times faster than the transformers
-    wrapper, and parallel) when a probe text shows both give the same tokens, else goes through the wrapper."""
-
-    def wrapped(texts: list[str], special: bool) -> list[Encoded]:
-        encoding = tokenizer(texts, add_special_tokens=special, return_offsets_mapping=True)
-        return [(list(ids), [tuple(pair) for pair in offsets])
-                for ids, offsets in zip(encoding["input_ids"], encoding["offset_mapping"], strict=True)]
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return wrapped
-
-    def direct(texts: list[str], special: bool) -> list[Encoded]:
-        return [(e.ids, e.offsets) for e in backend.encode_batch(texts, add_special_tokens=special)]
-
-    same = all(direct([PROBE_TEXT], special) == wrapped([PROBE_TEXT], special) for special in (True, False))
-    return direct if same else wrapped
 
 
 def _text(row: dict[str, Any], key: str, *, required: bool = True) -> str:
@@ -185,11 +106,11 @@ class PretokenizedFormat(Format):
 
     def texts(self, row: dict[str, Any]) -> tuple[list[tuple[str, bool]], Any]:
         ids, labels = row.get("input_ids"), row.get("labels")
-        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) for i in ids):
+        if not (isinstance(ids, (list, tuple)) and all(isinstance(i, int) for i in ids)):
             raise RowError("input_ids is not a list of integers")
         if labels is None:
             labels = ids
-        if not isinstance(labels, (list, tuple)) or len(labels) != len(ids):
+        if not (isinstance(labels, (list, tuple)) and len(labels) == len(ids)):
             raise RowError(f"labels has {len(labels) if isinstance(labels, (list, tuple)) else 'no'} entries, "
                            f"input_ids {len(ids)}")
         return [], Example([int(i) for i in ids], [int(label) for label in labels])

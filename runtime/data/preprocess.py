@@ -1,4 +1,4 @@
-"""`preprocess CONFIG [--show N]`: tokenise into dataset_prepared_path (or reuse it), print a summary, and
+"""`preprocess CONFIG [--show N]`: tokenise into the plan's prepared_path (or reuse it), print a summary, and
 optionally N examples with the trained tokens marked: green on a terminal, ``[[...]]`` otherwise. This is the
 view that answers "why doesn't my loss go down": a wrong format or roles_to_train shows as the wrong text
 being marked."""
@@ -7,30 +7,32 @@ from __future__ import annotations
 
 import os
 import sys
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import ConfigFileError, load_run_config
-from .errors import DataError
+from ...schemas.run_plan import DataPlan
+from ..config import load_run_plan
 
 GREEN, RESET = "\033[32m", "\033[0m"
 OPEN, CLOSE = "[[", "]]"
 
 
-def run_preprocess(config_path: str | Path, show: int = 0, *, out: TextIO | None = None) -> int:
-    """Exit status: 0, or 2 with a one-line message on stderr for a problem in the config or data."""
-    out = out or sys.stdout
-    try:
-        cfg = load_run_config(config_path)
-        from . import prepare_data
-        from .tokenizer import load_tokenizer
+def run_preprocess(config_path: str | Path, *, show: int = 0, out: TextIO | None = None) -> int:
+    """Prepare the plan's data and print the summary to ``out`` (stdout by default); exit status 0.
 
-        tokenizer, added = load_tokenizer(cfg)
-        data = prepare_data(cfg, tokenizer)
-    except (ConfigFileError, DataError) as exc:
-        print(f"tunefile preprocess: {exc}", file=sys.stderr)
-        return 2
-    out.write(summary(data, cfg, added_tokens=added) + "\n")
+    A problem the user fixes (the plan, a dataset, the tokenizer) raises a ``RuntimeUserError`` subclass
+    (ConfigFileError, DataError) for the caller to report in one line."""
+    from . import prepare_data
+    from .tokenizer import load_tokenizer
+
+    if out is None:
+        out = sys.stdout
+    plan = load_run_plan(config_path)
+    tokenizer, added = load_tokenizer(plan.model, offline=plan.offline)
+    data = prepare_data(plan.data, tokenizer, seed=plan.seed, offline=plan.offline)
+    out.write(summary(data, plan.data, seed=plan.seed, added_tokens=added) + "\n")
     if show > 0:
         # Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org).
         colour = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
@@ -42,15 +44,16 @@ def run_preprocess(config_path: str | Path, show: int = 0, *, out: TextIO | None
     return 0
 
 
-def summary(data: Any, cfg: Any, *, added_tokens: int = 0) -> str:
+def summary(data: Any, plan: DataPlan, *, seed: int, added_tokens: int = 0) -> str:
+    """The prepared data in a few lines; with packing, how full the first epoch's rows are (``seed`` orders
+    it as training will)."""
     from .batching import packing_efficiency, plan_batches
 
     stats = data.stats
-    train, evaluation = stats["train"], stats.get("eval")
-    dropped = stats.get("dropped") or {}
-    reasons = ", ".join(f"{reason.replace('_', ' ')} {count:,}" for reason, count in sorted(dropped.items()))
+    train, evaluation = stats["train"], stats["eval"]
+    reasons = ", ".join(f"{reason.replace('_', ' ')} {count:,}" for reason, count in sorted(stats["dropped"].items()))
     lines = [
-        f"prepared data: {data.cache_dir} ({'reused' if stats.get('reused') else 'built'})",
+        f"prepared data: {data.cache_dir} ({'reused' if stats['reused'] else 'built'})",
         f"  rows: {stats['rows']:,} read from {len(stats['datasets'])} dataset(s)",
         f"  examples: {train['examples']:,} train" + (f", {evaluation['examples']:,} eval" if evaluation else ""),
         f"  tokens: {stats['tokens']:,} ({stats['trained_tokens']:,} trained, "
@@ -60,30 +63,31 @@ def summary(data: Any, cfg: Any, *, added_tokens: int = 0) -> str:
         f"  split rows: {stats['split_rows']:,}" + (f" (into {stats['split_chunks']:,} chunks of at most "
                                                     f"sequence_len tokens)" if stats["split_rows"] else ""),
     ]
-    lines += [f"  problem: {problem}" for problem in stats.get("problems") or []]
+    if stats["leading_padding_stripped"]:
+        lines.append(f"  leading padding stripped: {stats['leading_padding_stripped']:,} examples started with the "
+                     "pad token (a sample that starts with padding makes non-finite gradients)")
+    lines += [f"  problem: {problem}" for problem in stats["problems"]]
     if added_tokens:
         lines.append(f"  tokens added to the tokenizer: {added_tokens} (the model's embeddings are resized)")
-    if cfg.get("sample_packing"):
-        sequence_len = int(cfg["sequence_len"])
-        plan = plan_batches(data.train.lengths, micro_batch_size=int(cfg.get("micro_batch_size") or 1),
-                            sequence_len=sequence_len, sample_packing=True, seed=int(cfg.get("seed") or 42), epoch=0)
-        rows = sum(len(micro_batch) for micro_batch in plan)
-        lines.append(f"  packing efficiency: {100 * packing_efficiency(data.train.lengths, plan, sequence_len):.1f}% "
-                     f"({train['examples']:,} examples in {rows:,} rows of {sequence_len:,} tokens)")
+    if plan.packing_attention is not None:
+        batches = plan_batches(data.train.lengths, micro_batch_size=plan.micro_batch_size,
+                               sequence_len=plan.sequence_len, sample_packing=True, seed=seed, epoch=0)
+        rows = sum(len(micro_batch) for micro_batch in batches)
+        efficiency = packing_efficiency(data.train.lengths, batches, plan.sequence_len)
+        lines.append(f"  packing efficiency: {100 * efficiency:.1f}% ({train['examples']:,} examples in {rows:,} "
+                     f"rows of {plan.sequence_len:,} tokens)")
     return "\n".join(lines)
 
 
 def render_example(tokenizer: Any, input_ids: Any, labels: Any, *, colour: bool) -> str:
     """The example's text with trained spans marked; consecutive tokens of the same kind are decoded together
     so multi-byte characters stay whole."""
-    ids, trained = [int(i) for i in input_ids], [int(label) != -100 for label in labels]
+    tokens = [(int(token), int(label) != -100) for token, label in zip(input_ids, labels, strict=True)]
     parts: list[str] = []
-    start = 0
-    for end in range(1, len(ids) + 1):
-        if end == len(ids) or trained[end] != trained[start]:
-            text = tokenizer.decode(ids[start:end], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-            if trained[start]:
-                text = f"{GREEN}{text}{RESET}" if colour else f"{OPEN}{text}{CLOSE}"
-            parts.append(text)
-            start = end
+    for trained, run in groupby(tokens, key=itemgetter(1)):
+        text = tokenizer.decode([token for token, _ in run], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+        if trained:
+            text = f"{GREEN}{text}{RESET}" if colour else f"{OPEN}{text}{CLOSE}"
+        parts.append(text)
     return "".join(parts)

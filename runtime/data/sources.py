@@ -10,11 +10,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ...schemas.run_plan import DatasetPlan
 from .errors import DataError
 
 READERS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
@@ -26,9 +28,9 @@ _CHUNK_CHARS = 1 << 20
 
 @dataclass(frozen=True)
 class Source:
-    """One `datasets:` entry, resolved: local files (in a fixed order) or a Hub dataset."""
+    """One dataset of the plan, resolved: local files (in a fixed order) or a Hub dataset."""
 
-    entry: dict[str, Any]
+    entry: DatasetPlan
     files: tuple[Path, ...] = ()  # empty for a Hub dataset
     offline: bool = False
 
@@ -38,30 +40,44 @@ class Source:
 
     @property
     def label(self) -> str:
-        name = self.entry.get("name")
-        return f"{self.entry['path']}" + (f" ({name})" if name else "")
+        """The dataset as the user wrote it: its path, and a Hub dataset's configuration name."""
+        if self.entry.name is None:
+            return self.entry.path
+        return f"{self.entry.path} ({self.entry.name})"
+
+    def parts(self) -> list[tuple[str, Source]]:
+        """(label, source of that one file) for each file, in reading order; the whole source for the Hub.
+        A file inside a folder is labelled by the folder as written plus the file's path within it."""
+        if not self.is_local:
+            return [(self.label, self)]
+        folder = Path(self.entry.path).expanduser()
+        if not folder.is_dir():
+            return [(self.label, self)]
+        return [(os.path.join(self.entry.path, str(path.relative_to(folder))), replace(self, files=(path,)))
+                for path in self.files]
 
 
-def resolve_source(entry: dict[str, Any], *, offline: bool) -> Source:
-    path = Path(str(entry["path"])).expanduser()
+def resolve_source(entry: DatasetPlan, *, offline: bool) -> Source:
+    path = Path(entry.path).expanduser()
     if path.is_file():
         return Source(entry, (path,), offline)
     if path.is_dir():
         return Source(entry, tuple(_folder_files(path, entry)), offline)
-    text = str(entry["path"])
-    if text.startswith((".", "/", "~")) or Path(text).suffix.lower() in READERS:
-        raise DataError(f"dataset {text}: no such file or folder (relative paths are relative to {Path.cwd()})")
+    looks_local = any((entry.path.startswith((".", "/", "~")), path.suffix.lower() in READERS))
+    if looks_local:
+        raise DataError(f"dataset {entry.path}: no such file or folder (relative paths are relative to "
+                        f"{Path.cwd()})")
     return Source(entry, (), offline)
 
 
-def _folder_files(folder: Path, entry: dict[str, Any]) -> list[Path]:
-    if entry.get("data_files"):
-        files = [folder / name for name in entry["data_files"]]
+def _folder_files(folder: Path, entry: DatasetPlan) -> list[Path]:
+    if entry.data_files:
+        files = [folder / name for name in entry.data_files]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise DataError(f"dataset {folder}: data_files not found: {', '.join(missing)}")
         return files
-    wanted = DS_TYPE_READERS.get(entry.get("ds_type") or "", tuple(READERS.values()))
+    wanted = tuple(READERS.values()) if entry.ds_type is None else DS_TYPE_READERS[entry.ds_type]
     files = sorted(p for p in folder.rglob("*") if p.is_file() and READERS.get(p.suffix.lower()) in wanted
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
@@ -69,11 +85,10 @@ def _folder_files(folder: Path, entry: dict[str, Any]) -> list[Path]:
     return files
 
 
-def _reader(path: Path, entry: dict[str, Any]) -> str:
-    ds_type = entry.get("ds_type")
+def _reader(path: Path, entry: DatasetPlan) -> str:
     by_extension = READERS.get(path.suffix.lower())
-    if ds_type:
-        choices = DS_TYPE_READERS[ds_type]
+    if entry.ds_type is not None:
+        choices = DS_TYPE_READERS[entry.ds_type]
         return by_extension if by_extension in choices else choices[0]
     if by_extension is None:
         raise DataError(f"dataset {path}: unknown file type {path.suffix!r}; set ds_type (json, parquet, csv, text)")
@@ -84,8 +99,9 @@ def fingerprint(source: Source) -> dict[str, Any]:
     """What identifies the rows, for the cache key: content hashes of local files; the Hub coordinates."""
     if source.is_local:
         return {"files": [[str(path), file_sha256(path)] for path in source.files]}
-    keys = ("path", "name", "split", "revision", "data_files", "ds_type")
-    return {"hub": {key: source.entry.get(key) for key in keys}}
+    entry = source.entry
+    return {"hub": {"path": entry.path, "name": entry.name, "split": entry.split, "data_files": entry.data_files,
+                    "ds_type": entry.ds_type}}
 
 
 def file_sha256(path: Path) -> str:
@@ -144,7 +160,7 @@ def _json_rows(path: Path) -> Iterator[Any]:
         while True:
             while position < len(buffer) and buffer[position] in " \t\r\n,[]":
                 position += 1  # separators and the outer array's brackets (rows themselves are objects)
-            if position >= len(buffer) or not eof and len(buffer) - position < 2:
+            if position >= len(buffer) or (not eof and len(buffer) - position < 2):
                 if eof:
                     return
                 chunk = handle.read(_CHUNK_CHARS)
@@ -186,13 +202,12 @@ def _hub_dataset(source: Source) -> Any:
     import datasets
 
     entry = source.entry
+    data_files = list(entry.data_files) if entry.data_files else None
     try:
-        return datasets.load_dataset(entry["path"], name=entry.get("name"), split=entry.get("split") or "train",
-                                     data_files=entry.get("data_files"), revision=entry.get("revision"))
+        return datasets.load_dataset(entry.path, name=entry.name, split=entry.split, data_files=data_files)
     except Exception as exc:  # noqa: BLE001 - datasets raises many types (connection, offline, not found)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        offline = source.offline or datasets.config.HF_HUB_OFFLINE
-        if offline:
+        if any((source.offline, datasets.config.HF_HUB_OFFLINE)):
             raise DataError(f"dataset {source.label}: not in the local Hugging Face cache and the hub is offline "
                             f"(HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); download it on a machine with network first "
                             f"({reason})") from None

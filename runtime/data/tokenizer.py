@@ -1,6 +1,6 @@
-"""Load the run's tokenizer (``tokenizer_config`` or ``base_model``; a local folder or a hub id, offline-aware)
-and add the config's ``special_tokens`` and ``tokens``. The model side resizes its embeddings when
-``len(tokenizer)`` exceeds its vocabulary."""
+"""Load the run's tokenizer (``model.tokenizer``: a local folder or a hub id, offline-aware; the class
+``model.tokenizer_class`` names, else ``AutoTokenizer``) and add the plan's ``special_tokens`` and ``tokens``.
+The model side resizes its embeddings when ``len(tokenizer)`` exceeds its vocabulary."""
 
 from __future__ import annotations
 
@@ -10,53 +10,79 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ..config import RunConfig
+from ...schemas.run_plan import ModelPlan
 from .errors import DataError
 
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+TRUE_WORDS = ("1", "true", "yes", "on")
 
 
-def is_offline(cfg: RunConfig | dict[str, Any]) -> bool:
-    """Offline when the config says so or the environment does (launch.sh exports these before Python)."""
-    flags = (os.environ.get("HF_HUB_OFFLINE", ""), os.environ.get("TRANSFORMERS_OFFLINE", ""))
-    return bool(cfg.get("offline")) or any(flag.strip().lower() in ("1", "true", "yes", "on") for flag in flags)
+def is_offline(offline: bool) -> bool:
+    """Offline when the plan says so (``offline``) or the environment does (launch.sh exports these before
+    Python)."""
+    if offline:
+        return True
+    return any(os.environ.get(name, "").strip().lower() in TRUE_WORDS for name in OFFLINE_VARIABLES)
 
 
-def load_tokenizer(cfg: RunConfig) -> tuple[Any, int]:
-    """(tokenizer, number of tokens added to its vocabulary by ``special_tokens`` and ``tokens``)."""
-    from transformers import AutoTokenizer
+def tokenizer_class(name: str | None) -> Any:
+    """The transformers class ``name`` (``model.tokenizer_class``, e.g. ``LlamaTokenizerFast``); None:
+    ``AutoTokenizer``, which reads the class from the tokenizer's own files."""
+    import transformers
 
-    source = cfg.get("tokenizer_config") or cfg.get("base_model")
-    if not source:
-        raise DataError("no tokenizer: set base_model (or tokenizer_config)")
-    local = Path(source).expanduser()
-    offline = is_offline(cfg)
-    if not local.is_dir() and str(source).startswith((".", "/", "~")):
-        raise DataError(f"tokenizer {source}: no such folder")
+    if name is None:
+        return transformers.AutoTokenizer
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else str(source),
-                                                  trust_remote_code=bool(cfg.get("trust_remote_code")),
-                                                  local_files_only=offline or local.is_dir())
+        found = getattr(transformers, name, None)
+    except Exception as exc:  # noqa: BLE001 - transformers' lazy import of a class whose backend is missing
+        raise DataError(f"tokenizer_class {name}: cannot be imported from transformers ({exc})") from None
+    is_tokenizer = isinstance(found, type) and issubclass(found, transformers.PreTrainedTokenizerBase)
+    if found is not transformers.AutoTokenizer and not is_tokenizer:
+        raise DataError(f"tokenizer_class {name}: transformers has no tokenizer class of that name "
+                        "(e.g. AutoTokenizer, PreTrainedTokenizerFast, LlamaTokenizerFast)")
+    return found
+
+
+def load_tokenizer(model: ModelPlan, *, offline: bool) -> tuple[Any, int]:
+    """(tokenizer, number of tokens added to its vocabulary by ``special_tokens`` and ``tokens``).
+
+    ``offline`` is the plan's flag; the HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE environment counts too."""
+    source = model.tokenizer
+    local = Path(source).expanduser()
+    offline = is_offline(offline)
+    if local.is_dir():
+        name, local_files_only = str(local), True
+    elif source.startswith((".", "/", "~")):
+        raise DataError(f"tokenizer {source}: no such folder")
+    else:
+        name, local_files_only = source, offline
+    loader = tokenizer_class(model.tokenizer_class)
+    try:
+        tokenizer = loader.from_pretrained(name, trust_remote_code=model.trust_remote_code,
+                                           local_files_only=local_files_only)
     except (OSError, ValueError) as exc:
         where = "offline and not in the Hugging Face cache" if offline else "cannot be loaded"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"tokenizer {source}: {where} ({first_line})") from None
-    return tokenizer, add_config_tokens(tokenizer, cfg.get("special_tokens"), cfg.get("tokens"))
+    return tokenizer, add_config_tokens(tokenizer, model.special_tokens, model.tokens)
 
 
-def add_config_tokens(tokenizer: Any, special_tokens: dict[str, Any] | None, tokens: list[str] | None) -> int:
+def add_config_tokens(tokenizer: Any, special_tokens: dict[str, Any] | None,
+                      tokens: tuple[str, ...] | list[str] | None) -> int:
     """Set the named special tokens, add the additional special tokens and plain tokens; return how many new
     vocabulary entries that made."""
     before = len(tokenizer)
-    special_tokens = special_tokens or {}
-    named = {key: value for key in NAMED_SPECIAL_TOKENS if (value := special_tokens.get(key))
-             and getattr(tokenizer, key, None) != value}
-    if named:
-        tokenizer.add_special_tokens(named)
-    extra = [token for token in special_tokens.get("additional_special_tokens") or []]
-    if extra:
-        # Extend, not replace: the tokenizer's own extra tokens (chat markers) must stay special.
-        tokenizer.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
+    if special_tokens:
+        named = {key: value for key in NAMED_SPECIAL_TOKENS if (value := special_tokens.get(key))
+                 and getattr(tokenizer, key, None) != value}
+        if named:
+            tokenizer.add_special_tokens(named)
+        extra = special_tokens.get("additional_special_tokens")
+        if extra:
+            # Extend, not replace: the tokenizer's own extra tokens (chat markers) must stay special.
+            tokenizer.add_special_tokens({"additional_special_tokens": list(extra)},
+                                         replace_extra_special_tokens=False)
     if tokens:
         tokenizer.add_tokens(list(tokens))
     return len(tokenizer) - before
@@ -72,7 +98,8 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     else:  # a slow (Python) tokenizer: its vocabulary and added tokens are what we can see
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     specials = {key: str(getattr(tokenizer, key, None)) for key in NAMED_SPECIAL_TOKENS}
-    specials["extra"] = [str(token) for token in getattr(tokenizer, "extra_special_tokens", []) or []]
+    extra = getattr(tokenizer, "extra_special_tokens", None)
+    specials["extra"] = [str(token) for token in extra] if extra else []
     digest.update(json.dumps(specials, sort_keys=True).encode())
     template = getattr(tokenizer, "chat_template", None)
     digest.update(json.dumps(template, sort_keys=True, default=str).encode())

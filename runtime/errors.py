@@ -1,0 +1,21 @@
+"""The runtime's user-facing errors: one base class, caught once in ``__main__``, printed as one line.
+
+A ``RuntimeUserError`` is a problem the user fixes (a config, a file, a missing package) or a verdict about
+the run (the watchdog stopped it); anything else is a bug and keeps its traceback. ``--debug`` shows the
+traceback of user errors too. Each subclass may carry its own exit code.
+"""
+
+from __future__ import annotations
+
+EXIT_USER_ERROR = 2
+EXIT_WATCHDOG = 3  # the loss or gradient went non-finite (or stayed above loss_watchdog_threshold)
+
+
+class RuntimeUserError(Exception):
+    """One line that names what is wrong and what to do; exits ``exit_code``."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class ConfigFileError(RuntimeUserError):
+    """The file is not a run plan this runtime reads (missing, unreadable, another version, a bad key)."""

@@ -1,0 +1,327 @@
+"""The run plan: the one contract between the compiler and the runtime.
+
+The compiler resolves a user's YAML into a ``RunPlan`` and writes it as a bundle's ``config.yaml``; the
+runtime reads that file back into the same types and reads nothing else. Both sides import this module and
+neither imports the other, so it holds no logic of either side: only the shape of the plan and a strict
+parser. It imports nothing outside the standard library (a login node has no torch, a GPU node may have no
+pydantic).
+
+Rules the types encode:
+- every default is already decided: a field is ``None`` only where ``None`` is a meaning the field documents
+  ("no adapter", "no checkpoint cadence"), never "the runtime picks";
+- each fact appears once, in the section of the component that reads it (data, model, optimizer,
+  schedule, watchdog, checkpointing, distribution);
+- sections that mean nothing for the run are absent (``lora`` without an adapter, ``fsdp`` unless the
+  strategy is FSDP, ``deepspeed`` unless it is DeepSpeed);
+- parsing is strict: a missing key, an unknown key, a value of the wrong type or another ``run_plan_version``
+  is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+RUN_PLAN_VERSION = 1
+
+Precision = Literal["fp32", "bf16", "fp16"]
+Strategy = Literal["single", "ddp", "fsdp", "deepspeed"]
+PackingAttention = Literal["torch_varlen", "flash_varlen", "block_mask"]
+
+# Optional sections: written only when they apply (None is then "absent" in the YAML, not `key: null`).
+OMIT_WHEN_NONE = {"omit_when_none": True}
+
+
+class RunPlanError(ValueError):
+    """The mapping is not a run plan of this version; the message names the key."""
+
+
+@dataclass(frozen=True)
+class DatasetPlan:
+    """One `datasets:` entry with the defaults of its type written out; fields a type does not use are None."""
+
+    path: str
+    type: Literal["alpaca", "chat_template", "completion", "pretokenized"]
+    name: str | None  # Hub dataset configuration
+    split: str
+    data_files: tuple[str, ...] | None
+    ds_type: Literal["json", "parquet", "csv", "text"] | None  # None: from the file extension
+    field: str | None  # completion: the text column
+    field_messages: str | None  # chat_template: the messages column …
+    message_field_role: str | None
+    message_field_content: str | None
+    roles_to_train: tuple[str, ...] | None
+    train_on_eos: Literal["turn", "last", "all", "none"] | None
+    chat_template: str | None  # chat_template: None = the tokenizer's own template
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the data pipeline reads: sources, tokenisation options, the prepared-data cache, batching."""
+
+    datasets: tuple[DatasetPlan, ...]
+    sequence_len: int
+    micro_batch_size: int
+    # Sample packing, and the attention isolation the compiler chose for it; None: no packing.
+    packing_attention: PackingAttention | None
+    pad_to_sequence_len: bool
+    train_on_inputs: bool
+    val_set_size: float  # < 1: a fraction of the rows; >= 1: a count; 0: no evaluation split
+    prepared_path: str
+    chat_template: str | None
+    chat_template_jinja: str | None
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    r: int
+    alpha: int
+    dropout: float
+    target_linear: bool
+    target_modules: tuple[str, ...] | None  # None with target_linear (every linear layer but the output head)
+    modules_to_save: tuple[str, ...] | None
+    model_dir: str | None  # an existing adapter to continue training
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """The base model, its tokenizer and vocabulary, precision, attention and the adapter."""
+
+    base_model: str
+    architecture: str | None
+    parameters: int | None
+    tokenizer: str  # folder or hub id the tokenizer loads from
+    tokenizer_class: str | None  # a transformers class name; None: AutoTokenizer
+    special_tokens: dict[str, Any] | None
+    tokens: tuple[str, ...] | None  # added to the vocabulary
+    trust_remote_code: bool
+    precision: Precision
+    tf32: bool
+    attn_implementation: str
+    load_in_4bit: bool
+    load_in_8bit: bool
+    gradient_checkpointing: bool
+    shrink_embeddings: bool
+    adapter: Literal["lora", "qlora"] | None
+    lora: LoraPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+
+
+@dataclass(frozen=True)
+class OptimizerPlan:
+    name: str
+    learning_rate: float
+    weight_decay: float
+    max_grad_norm: float  # 0: no clipping (the norm is still measured, for the watchdog)
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """How long to train, the learning-rate schedule, and how often to log and evaluate."""
+
+    gradient_accumulation_steps: int
+    max_steps: int | None  # exactly one of max_steps and num_epochs is set
+    num_epochs: float | None
+    lr_scheduler: str
+    warmup_steps: int | None  # at most one of warmup_steps and warmup_ratio is set; neither: no warmup
+    warmup_ratio: float | None
+    logging_steps: int
+    eval_steps: int | None  # at most one of eval_steps and evals_per_epoch; neither: no evaluation
+    evals_per_epoch: int | None
+
+
+@dataclass(frozen=True)
+class WatchdogPlan:
+    """A non-finite loss or gradient norm always stops the run; the threshold is Axolotl's loss watchdog."""
+
+    loss_threshold: float | None
+    loss_patience: int
+
+
+@dataclass(frozen=True)
+class CheckpointPlan:
+    output_dir: str
+    save_steps: int | None  # at most one of save_steps and saves_per_epoch; neither: only the final save
+    saves_per_epoch: int | None
+    save_total_limit: int | None
+    resume_from_checkpoint: str | None
+    auto_resume: bool
+
+
+@dataclass(frozen=True)
+class FsdpPlan:
+    version: int
+    offload_params: bool
+    state_dict_type: str
+    auto_wrap_policy: str
+    layer_cls_to_wrap: str | None
+    reshard_after_forward: bool
+    cpu_ram_efficient_loading: bool
+    activation_checkpointing: bool
+
+
+@dataclass(frozen=True)
+class DeepSpeedPlan:
+    stage: int
+    config_file: str  # beside config.yaml in the bundle
+
+
+@dataclass(frozen=True)
+class DistributionPlan:
+    strategy: Strategy
+    device: Literal["cpu", "cuda"]
+    num_nodes: int
+    processes_per_node: int
+    world_size: int
+    fsdp: FsdpPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    deepspeed: DeepSpeedPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    run_plan_version: int
+    tunefile_version: str
+    seed: int
+    offline: bool
+    data: DataPlan
+    model: ModelPlan
+    optimizer: OptimizerPlan
+    schedule: SchedulePlan
+    watchdog: WatchdogPlan
+    checkpointing: CheckpointPlan
+    distribution: DistributionPlan
+
+
+# --- writing ------------------------------------------------------------------------------------------------
+
+def plan_to_dict(value: Any) -> Any:
+    """Plain data for YAML: dataclasses → dicts (absent optional sections left out), tuples → lists."""
+    if dataclasses.is_dataclass(value):
+        out = {}
+        for f in dataclasses.fields(value):
+            item = getattr(value, f.name)
+            if item is None and f.metadata.get("omit_when_none"):
+                continue
+            out[f.name] = plan_to_dict(item)
+        return out
+    if isinstance(value, (tuple, list)):
+        return [plan_to_dict(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plan_to_dict(v) for k, v in value.items()}
+    return value
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+def parse_run_plan(mapping: Any) -> RunPlan:
+    """The RunPlan in ``mapping`` (a loaded config.yaml), checked key by key; RunPlanError names the first
+    problem."""
+    if not isinstance(mapping, dict):
+        raise RunPlanError("not a mapping")
+    version = mapping.get("run_plan_version")
+    if version != RUN_PLAN_VERSION:
+        raise RunPlanError(f"run_plan_version is {version!r}; this runtime reads version {RUN_PLAN_VERSION} "
+                           "(recompile the config with the tunefile that runs it)")
+    plan = _parse_dataclass(RunPlan, mapping, "")
+    check_invariants(plan)
+    return plan
+
+
+def check_invariants(plan: RunPlan) -> None:
+    """The rules between fields that types alone do not carry."""
+    def one_of(section: str, a: str, b: str, *, exactly: bool) -> None:
+        values = getattr(plan, section)
+        set_ = [name for name in (a, b) if getattr(values, name) is not None]
+        if len(set_) > 1 or (exactly and not set_):
+            need = "exactly one" if exactly else "at most one"
+            raise RunPlanError(f"{section}: {need} of {a} and {b} may be set")
+
+    one_of("schedule", "max_steps", "num_epochs", exactly=True)
+    one_of("schedule", "warmup_steps", "warmup_ratio", exactly=False)
+    one_of("schedule", "eval_steps", "evals_per_epoch", exactly=False)
+    one_of("checkpointing", "save_steps", "saves_per_epoch", exactly=False)
+    if (plan.model.adapter is None) != (plan.model.lora is None):
+        raise RunPlanError("model: lora is present exactly when adapter is set")
+    dist = plan.distribution
+    if (dist.strategy == "fsdp") != (dist.fsdp is not None):
+        raise RunPlanError("distribution: fsdp is present exactly when strategy is fsdp")
+    if (dist.strategy == "deepspeed") != (dist.deepspeed is not None):
+        raise RunPlanError("distribution: deepspeed is present exactly when strategy is deepspeed")
+    if dist.world_size != dist.num_nodes * dist.processes_per_node:
+        raise RunPlanError("distribution: world_size is not num_nodes × processes_per_node")
+
+
+def _parse_dataclass(cls: type, mapping: Any, where: str) -> Any:
+    if not isinstance(mapping, dict):
+        raise RunPlanError(f"{where or 'the plan'}: expected a mapping, got {type(mapping).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(mapping) - set(fields))
+    if unknown:
+        raise RunPlanError(f"{_join(where, unknown[0])}: unknown key")
+    values = {}
+    for name, f in fields.items():
+        key = _join(where, name)
+        if name not in mapping:
+            if f.metadata.get("omit_when_none"):
+                values[name] = None
+                continue
+            raise RunPlanError(f"{key}: missing")
+        values[name] = _parse_value(hints[name], mapping[name], key)
+    return cls(**values)
+
+
+def _parse_value(hint: Any, value: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _parse_value(option, value, key)
+            except RunPlanError as exc:
+                errors.append(str(exc))
+        raise RunPlanError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is none of the allowed types")
+    if value is None:
+        raise RunPlanError(f"{key}: may not be null")
+    if origin is Literal:
+        if value not in args:
+            raise RunPlanError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _parse_dataclass(hint, value, key)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise RunPlanError(f"{key}: expected a list")
+        return tuple(_parse_value(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RunPlanError(f"{key}: expected a mapping")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise RunPlanError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RunPlanError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RunPlanError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise RunPlanError(f"{key}: expected a string, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    raise RunPlanError(f"{key}: no parser for {hint!r}")  # a type added to the plan without one
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
