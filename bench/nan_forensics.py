@@ -29,12 +29,32 @@ BENCH = Path(__file__).resolve().parent
 DEVICE_TYPE = "cuda"  # replay sets it to "cpu" for a dry run on a machine without a GPU
 
 
-def lognormal_lengths(rows: int, seed: int, sequence_len: int) -> list[int]:
-    rng = random.Random(seed)
-    return [min(sequence_len, max(16, int(math.exp(5.3 + 0.7 * rng.gauss(0.0, 1.0))))) for _ in range(rows)]
+def lognormal_data(rows: int, seed: int, sequence_len: int) -> tuple[Any, Any]:
+    """(lengths, ids of all rows back to back): lengths ``min(L, max(16, int(exp(5.3 + 0.7·z))))``, ids uniform
+    below 128,000, from one numpy generator."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    lengths = np.minimum(sequence_len, np.maximum(16, np.exp(5.3 + 0.7 * rng.standard_normal(rows)).astype(np.int64)))
+    return lengths, rng.integers(0, 128000, size=int(lengths.sum()))
 
 
-def prepare(work: Path, rows: int, sequence_len: int, shape: str) -> None:
+def pad_first_steps(lengths: Any, ids: Any, *, pad_id: int, micro_batch_size: int, sequence_len: int,
+                    steps: int) -> list[int]:
+    """The optimizer steps (1-based; seed 42, one GPU, packing) whose micro-batches hold an example that begins
+    with the pad id: the trigger of issue 10's NaN."""
+    import numpy as np
+
+    from tunefile.runtime.data.batching import plan_batches
+
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    pad_first = set(np.nonzero(ids[starts] == pad_id)[0].tolist())
+    plan = plan_batches(lengths, micro_batch_size=micro_batch_size, sequence_len=sequence_len, sample_packing=True,
+                        seed=42, epoch=0)
+    return [s + 1 for s, mb in enumerate(plan[:steps]) if any(i in pad_first for row in mb for i in row)]
+
+
+def prepare(work: Path, rows: int, sequence_len: int, shape: str, data_seed: int) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "tiny-model" / "tokenizer.json").exists():
         subprocess.run([sys.executable, "-m", "tunefile.runtime", "tiny-model", str(work / "tiny-model")], check=True)
@@ -42,11 +62,21 @@ def prepare(work: Path, rows: int, sequence_len: int, shape: str) -> None:
         subprocess.run([sys.executable, str(BENCH / "llama_shaped_model.py"), str(work / "tiny-model"),
                         str(work / "llama-1b"), "--shape", shape], check=True)
     data = work / "lognormal.jsonl"
+    lengths, ids = lognormal_data(rows, data_seed, sequence_len)
     if not data.exists():
-        rng = random.Random(1)
         with data.open("w", encoding="utf-8") as out:
-            for length in lognormal_lengths(rows, 0, sequence_len):
-                out.write(json.dumps({"input_ids": [rng.randrange(128000) for _ in range(length)]}) + "\n")
+            at = 0
+            for length in lengths.tolist():
+                out.write(json.dumps({"input_ids": ids[at:at + length].tolist()}) + "\n")
+                at += length
+    from transformers import AutoTokenizer
+
+    pad = AutoTokenizer.from_pretrained(work / "tiny-model").pad_token_id
+    for micro_batch_size in (4, 8):
+        found = pad_first_steps(lengths, ids, pad_id=pad, micro_batch_size=micro_batch_size,
+                                sequence_len=sequence_len, steps=200)
+        print(f"data seed {data_seed}: micro batch {micro_batch_size}: steps holding an example that begins with "
+              f"the pad id ({pad}): {found}")
     print(f"inputs in {work}")
 
 
@@ -274,10 +304,13 @@ def main() -> int:
     parser.add_argument("--total-steps", type=int, default=200, help="the schedule's length")
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--report", type=Path)
+    parser.add_argument("--data-seed", type=int, default=7,
+                        help="prepare: 7 puts an example that begins with the pad id into step 54 (micro batch 4), "
+                        "near where the reported run turned NaN (49)")
     parser.add_argument("--shape", default="1b", help="prepare: the model's shape (tiny for a CPU dry run)")
     args = parser.parse_args()
     if args.command == "prepare":
-        prepare(args.work, args.rows, args.sequence_len, args.shape)
+        prepare(args.work, args.rows, args.sequence_len, args.shape, args.data_seed)
         return 0
     if args.command == "probe":
         return probe_cases(args)

@@ -4,10 +4,14 @@ Each compiles the user's config (the same pipeline as `tunefile compile`) and ru
 `python -m tunefile.runtime COMMAND BUNDLE/config.yaml` in a subprocess, so the compiler itself never
 imports torch. `train` compiles into <output_dir>/bundle, the record of what trained the model; the
 others compile into a temporary bundle and leave that record alone.
+
+The commands belong to no group here: cli.py adds RUNTIME_COMMANDS to the `tunefile` group, so this module
+imports only cli_common and never cli.py itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -17,22 +21,37 @@ from typing import Any
 
 import click
 
-from .cli import cli, print_warnings, reports_problems, target_flags, target_options
+from .cli_common import print_warnings, reports_problems, target_flags, target_options
 from .errors import EXIT_INVALID
 
 
-def _run(command: list[str], env: dict[str, str] | None = None) -> int:
+def _run(command: list[str], env: dict[str, str] | None = None, *, own_process_group: bool = False) -> int:
     """Run COMMAND to its end and return its exit status. A SIGTERM sent to tunefile, as a process supervisor
     sends it, is passed on: the child (a training launch, a merge, a chat server) would otherwise outlive it.
-    Ctrl-C reaches both already (the terminal signals the whole process group)."""
+    Ctrl-C reaches both already (the terminal signals the whole process group).
+
+    ``own_process_group``: the child leads a process group of its own and signals go to the whole group. For
+    launch.sh, which waits for `accelerate launch` rather than exec'ing it (to pass the runtime's exit status
+    on): a signal to bash alone would leave the ranks training. Not for commands that read the terminal
+    (inference), which must stay in its foreground group."""
     import signal
     import subprocess
 
-    child = subprocess.Popen(command, env=env)
-    previous = signal.signal(signal.SIGTERM, lambda signum, _frame: child.send_signal(signum))
+    child = subprocess.Popen(command, env=env, start_new_session=own_process_group)
+
+    def forward(signum: int, _frame: Any = None) -> None:
+        if own_process_group:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signum)
+        else:
+            child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
     try:
         code = child.wait()
-    except KeyboardInterrupt:  # the child got the Ctrl-C too: let it finish and report its own status
+    except KeyboardInterrupt:  # the child got the Ctrl-C too, unless it has a group of its own
+        if own_process_group:
+            forward(signal.SIGINT)
         code = child.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -64,7 +83,7 @@ def _compile_own_bundle(config: Path, sources: Any, options: Any) -> Path:
     return out_dir
 
 
-@cli.command()
+@click.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @target_flags
 @reports_problems
@@ -78,10 +97,10 @@ def train(config: Path, sources: Any, **flags: Any) -> None:
     # from a virtual environment that is not activated launches with that environment's accelerate.
     scripts = str(Path(sys.executable).parent)
     env = {**os.environ, "PATH": os.pathsep.join([scripts, os.environ.get("PATH", "")])}
-    sys.exit(_run(["bash", str(bundle / "launch.sh")], env=env))
+    sys.exit(_run(["bash", str(bundle / "launch.sh")], env=env, own_process_group=True))
 
 
-@cli.command()
+@click.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @click.option("--show", type=int, default=0, metavar="N", help="Print N tokenised examples, trained tokens marked.")
 @target_flags
@@ -116,7 +135,7 @@ def _lora_dir_option(command: Callable[..., Any]) -> Callable[..., Any]:
                              "output_dir).")(command)
 
 
-@cli.command(name="merge-lora")
+@click.command(name="merge-lora")
 @click.argument("config", type=click.Path(path_type=Path))
 @_lora_dir_option
 @click.option("-o", "--output", type=click.Path(path_type=Path),
@@ -135,7 +154,7 @@ def merge_lora(config: Path, lora_dir: Path | None, output: Path | None, cpu: bo
     sys.exit(code)
 
 
-@cli.command()
+@click.command()
 @click.argument("config", type=click.Path(path_type=Path))
 @_lora_dir_option
 @click.option("--base-only", is_flag=True, help="Talk to the base model without the adapter.")
@@ -166,9 +185,12 @@ def inference(config: Path, lora_dir: Path | None, base_only: bool, prompt: str 
     sys.exit(code)
 
 
-@cli.command(name="tiny-model")
+@click.command(name="tiny-model")
 @click.argument("directory", type=click.Path(path_type=Path))
 @click.option("--arch", type=click.Choice(["llama", "mistral", "qwen2"]), default="llama", show_default=True)
 def tiny_model(directory: Path, arch: str) -> None:
     """Build a tiny random model with a locally trained tokenizer in DIRECTORY (tests, demos, smoke runs)."""
     sys.exit(_run_runtime("tiny-model", str(directory), "--arch", arch))
+
+
+RUNTIME_COMMANDS = (train, preprocess, merge_lora, inference, tiny_model)

@@ -175,7 +175,8 @@ class Trainer:
         self.watchdog = Watchdog(plan.watchdog)
         self.sink = metrics_sink(self.output_dir, is_main_process=self.main, total_steps=self.total_steps,
                                  start_step=self.state.step)
-        self.sink.log_runtime_decisions(self.state.step, self.runtime_decisions())
+        if self.state.step < self.total_steps:  # a finished run launched again trains and records nothing
+            self.sink.log_runtime_decisions(self.state.step, self.runtime_decisions())
         log.info("training %d optimizer steps (%d per epoch; %d micro-batch × %d accumulation × %d processes), "
                  "packing attention: %s", self.total_steps, self.steps_per_epoch, plan.data.micro_batch_size,
                  self.accumulation, self.world, self.attention.packing if self.packing else "off")

@@ -1,7 +1,9 @@
 """Helpers for the runtime's end-to-end tests: build the tiny model, write a config, compile it into a
 bundle with the real CLI, run the bundle's launch.sh from the config's directory, read the metrics.
 
-Everything runs as a user would: `tunefile compile` then `bash bundle/launch.sh`, in a subprocess."""
+Everything runs as a user would: `tunefile compile` then `bash bundle/launch.sh`, in a subprocess. Each
+subprocess runs through helpers.run_process_tree: on timeout it kills the launcher and every rank it started,
+and fails the test with the output's tail."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from helpers import run_process_tree
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
@@ -93,7 +97,7 @@ def compile_bundle(config: Path, bundle: str = "bundle", *, gpus_per_node: int |
                "--target", target, "--force"]
     if gpus_per_node:
         command += ["--gpus-per-node", str(gpus_per_node)]
-    result = subprocess.run(command, cwd=config.parent, env=subprocess_env(), capture_output=True, text=True)
+    result = run_process_tree(command, cwd=config.parent, env=subprocess_env(), timeout=120)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     return config.parent / bundle
 
@@ -101,8 +105,8 @@ def compile_bundle(config: Path, bundle: str = "bundle", *, gpus_per_node: int |
 def launch(bundle: Path, *, env: dict[str, str] | None = None, check: bool = True,
            timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`bash bundle/launch.sh` from the directory the config's relative paths start at."""
-    result = subprocess.run(["bash", str(bundle / "launch.sh")], cwd=bundle.parent, env=subprocess_env(env),
-                            capture_output=True, text=True, timeout=timeout)
+    result = run_process_tree(["bash", str(bundle / "launch.sh")], cwd=bundle.parent, env=subprocess_env(env),
+                              timeout=timeout)
     if check:
         assert result.returncode == 0, f"launch.sh exited {result.returncode}:\n{result.stdout[-4000:]}\n" \
                                        f"{result.stderr[-6000:]}"
@@ -131,6 +135,6 @@ def safetensors(path: Path) -> dict[str, Any]:
 def run_tunefile(*args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None,
                  timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """The installed `tunefile` console script, as a user runs it, in ``cwd``; ``env`` adds to the defaults."""
-    return subprocess.run([str(VENV_BIN / "tunefile"), *args], cwd=cwd, env=subprocess_env(env), input=stdin,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_process_tree([str(VENV_BIN / "tunefile"), *args], cwd=cwd, env=subprocess_env(env), input=stdin,
+                            timeout=timeout)
 

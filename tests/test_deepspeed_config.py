@@ -49,7 +49,7 @@ def test_golden_deepspeed_configs_parse_in_deepspeed() -> None:
     for path in sorted(GOLDEN.glob("*/deepspeed.json")):
         manifest = json.loads((path.parent / "manifest.json").read_text())
         assert "deepspeed" in manifest["required_packages"]
-        world_size = yaml.safe_load((path.parent / "config.yaml").read_text())["resolved"]["world_size"]
+        world_size = yaml.safe_load((path.parent / "config.yaml").read_text())["distribution"]["world_size"]
         cases.append((str(path), world_size))
     assert len(cases) >= 4
     result = subprocess.run([sys.executable, "-c", PARSE, json.dumps(cases)], capture_output=True, text=True,

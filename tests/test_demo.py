@@ -13,7 +13,7 @@ from runtime_bundles import REPO, metrics, run_tunefile
 def test_the_demo_trains_and_answers(tmp_path: Path) -> None:
     (tmp_path / "examples" / "data").mkdir(parents=True)
     shutil.copy(REPO / "examples" / "demo.yml", tmp_path / "examples" / "demo.yml")
-    shutil.copy(REPO / "examples" / "data" / "chat.jsonl", tmp_path / "examples" / "data" / "chat.jsonl")
+    shutil.copy(REPO / "examples" / "data" / "colours.jsonl", tmp_path / "examples" / "data" / "colours.jsonl")
 
     for step in (["tiny-model", "demo-out/tiny-model"], ["train", "examples/demo.yml"],
                  ["verify", "demo-out/outputs/bundle"]):

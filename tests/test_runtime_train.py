@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime_bundles import build_tiny_model, compile_bundle, launch, metrics, train_losses, workspace, write_config
+from runtime_bundles import (
+    build_tiny_model,
+    compile_bundle,
+    launch,
+    metrics,
+    summary,
+    train_losses,
+    workspace,
+    write_config,
+)
 from tunefile.runtime import optim
 from tunefile.runtime.schedule import Cadence, optimizer_steps, steps_in
 from tunefile.schemas.run_plan import CheckpointPlan, OptimizerPlan, SchedulePlan
@@ -121,7 +130,7 @@ def test_each_format_learns_through_a_compiled_bundle(tmp_path: Path, tiny_model
     assert len(losses) >= 30
     start, end = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert end <= start / 2, f"{name}: loss {start:.3f} → {end:.3f} did not halve"
-    record = metrics(out)[0]
+    record = next(r for r in metrics(out) if "loss" in r)
     assert {"step", "loss", "lr", "tokens_per_s", "grad_norm", "epoch"} <= record.keys()
     assert record["tokens_per_s"] > 0
     saved = "adapter_model.safetensors" if FORMATS[name].get("adapter") else "model.safetensors"
@@ -180,3 +189,19 @@ def test_parameter_counts_see_zero3_partitioned_weights() -> None:
         param.ds_numel = param.numel()
         param.data = torch.empty(0)
     assert parameter_counts(model) == (3 * 2 + 2, 4 * 3 + 3 + 3 * 2 + 2)
+
+
+def test_seed_zero_is_a_seed_of_its_own(tmp_path: Path, tiny_model: Path) -> None:
+    """`seed: 0` used to become 42 (`int(cfg.get("seed") or 42)` in three places): 0, 1 and 42 must give three
+    different adapters (LoRA's random initialisation and the data order both follow the seed)."""
+    digests = {}
+    for seed in (0, 1, 42):
+        root = workspace(tmp_path / f"seed{seed}", tiny_model)
+        launch(compile_bundle(write_config(root, adapter="lora", lora_target_linear=True, max_steps=2, seed=seed)))
+        result = summary(root / "out")
+        digests[seed] = result["rank_weight_digests"][0]
+    assert len(set(digests.values())) == 3, digests
+    # What this machine decided, recorded beside the plan's choices.
+    assert result["runtime_decisions"] == {"device": "cpu", "distributed_type": "NO", "packing_attention": None,
+                                           "attn_implementation": "sdpa", "attention_fallback": None}
+    assert metrics(root / "out")[0]["runtime_decisions"]["device"] == "cpu"

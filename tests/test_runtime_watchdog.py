@@ -59,7 +59,8 @@ def test_an_absurd_learning_rate_is_stopped_by_the_loss_watchdog(tmp_path: Path,
     and Axolotl's loss watchdog (threshold about three times the first loss, patience 3) stops the run."""
     root = workspace(tmp_path, tiny_model)
     bundle = compile_bundle(write_config(root, adapter="lora", lora_target_linear=True,
-                                         lora_modules_to_save=["lm_head"], learning_rate=30.0, optimizer="adamw_torch", lr_scheduler="constant",
+                                         lora_modules_to_save=["lm_head"], learning_rate=30.0,
+                                         optimizer="adamw_torch", lr_scheduler="constant",
                                          loss_watchdog_threshold=20.0, max_steps=30, save_steps=1000))
     line = assert_stopped_by_the_watchdog(launch(bundle, check=False), root / "out")
     assert "stayed above loss_watchdog_threshold 20 for 3 steps in a row (loss_watchdog_patience 3)" in line, line
