@@ -25,6 +25,10 @@ import yaml
 BENCH = Path(__file__).resolve().parent
 
 
+def finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True)
@@ -61,7 +65,10 @@ def main() -> int:
     result = {
         "label": args.label, "micro_batch_size": args.micro_batch_size, "steps_asked": args.steps, "exit_code": code,
         "wall_s": round(wall, 1), "logged_steps": len(losses), "first_nonfinite_step": nonfinite[0] if nonfinite
-        else None, "loss_first": losses[0][1] if losses else None, "loss_last": losses[-1][1] if losses else None,
+        else None, "ok": code == 0 and not nonfinite,
+        # JSON holds no NaN: a non-finite loss is null here, and the run is a failed one (ok: false).
+        "loss_first": finite_or_none(losses[0][1]) if losses else None,
+        "loss_last": finite_or_none(losses[-1][1]) if losses else None,
         "tokens_per_s_median": round(statistics.median(speeds)) if speeds else None,
         "watchdog": next((line for line in text.splitlines() if "watchdog: step" in line), None),
         "adapter_saved": (args.work / "runs" / name / "adapter_model.safetensors").exists(),
