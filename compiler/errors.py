@@ -53,13 +53,13 @@ def format_path(path: KeyPath) -> str:
     return text or "(top level)"
 
 
-def suggest(word: str, choices: Iterable[str]) -> str | None:
+def suggest(word: str, choices: Iterable[str], *, cutoff: float = 0.6) -> str | None:
     """The closest known name to a misspelt one, if any is close enough to be a likely typo."""
     names = sorted(set(choices))
     extensions = [name for name in names if name.startswith(word)]  # `h100` → `h100-80gb`, not `h200`
     if word and extensions:
         return min(extensions, key=len)
-    matches = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
+    matches = difflib.get_close_matches(word, names, n=1, cutoff=cutoff)
     return matches[0] if matches else None
 
 

@@ -14,12 +14,14 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .dialect.normalize import axolotl_catalogue
+from .dialect.stock_deepspeed import STOCK_DEEPSPEED, stock_deepspeed
 from .errors import ConfigError, Problem, did_you_mean, format_path
 from .loader import Document, load_document
 from .plan import Plan
 from .render import render_bundle
 from .resolve import DeepSpeedInput, ResolveInputs, resolve
-from .resolve.deepspeed import AXOLOTL_FILE_NAMES, BUILTIN_PRESETS
+from .resolve.deepspeed import BUILTIN_PRESETS
 from .spec import Spec
 from .targets import (
     TARGET_NAMES,
@@ -31,7 +33,7 @@ from .targets import (
     detect_local_hardware,
     target_from_file_data,
 )
-from .validate import validate_document
+from .validate import validate_with_notes
 
 COMMAND_LINE = "command line"  # Problem.file of mistakes in flags, which have no line to point at
 
@@ -82,7 +84,7 @@ class Sources:
         return text + (f"\n    hint: {problem.hint}" if problem.hint else "")
 
 
-def read_config(path: Path, sources: Sources) -> tuple[Document, Spec, list[Problem], str]:
+def read_config(path: Path, sources: Sources) -> tuple[Document, Spec, list[Problem], list[Problem], str]:
     sources.main = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -90,14 +92,14 @@ def read_config(path: Path, sources: Sources) -> tuple[Document, Spec, list[Prob
         raise ConfigError([Problem((), f"cannot read the config: {exc}", file=str(path), line=1)]) from None
     document = load_document(text, str(path))
     sources.documents[str(path)] = document
-    spec, warnings = validate_document(document)
-    return document, spec, warnings, hashlib.sha256(text.encode()).hexdigest()
+    spec, warnings, notes = validate_with_notes(document)
+    return document, spec, warnings, notes, hashlib.sha256(text.encode()).hexdigest()
 
 
 def compile_config(path: Path, options: TargetOptions, sources: Sources | None = None) -> Compilation:
     """Compile one config file into the bundle's files (nothing is written)."""
     sources = sources if sources is not None else Sources()
-    _, spec, warnings, config_sha = read_config(path, sources)
+    _, spec, warnings, notes, config_sha = read_config(path, sources)
     base_dir = path.parent
     target = _read_target(spec, options, base_dir, sources)
     inputs = ResolveInputs(
@@ -107,7 +109,7 @@ def compile_config(path: Path, options: TargetOptions, sources: Sources | None =
         local_model_config=_read_local_model_config(spec.base_model, base_dir),
         deepspeed_file=_read_deepspeed_file(spec, base_dir, sources),
     )
-    plan = resolve(spec, target, inputs, spec_warnings=warnings)
+    plan = resolve(spec, target, inputs, spec_warnings=warnings, dialect_notes=notes)
     return Compilation(plan=plan, files=render_bundle(plan))
 
 
@@ -167,11 +169,15 @@ def _read_deepspeed_file(spec: Spec, base_dir: Path, sources: Sources) -> DeepSp
         return None
     file = base_dir / spec.deepspeed
     if not file.is_file():
-        preset = AXOLOTL_FILE_NAMES.get(Path(spec.deepspeed).name)
-        hint = (f"use the built-in preset: `deepspeed: {preset}`" if preset
-                else "built-in presets: " + ", ".join(BUILTIN_PRESETS))
+        # Axolotl configs name the files of Axolotl's own deepspeed_configs/ folder: compile what they hold.
+        stock = stock_deepspeed(Path(spec.deepspeed).name)
+        if stock is not None:
+            version = axolotl_catalogue().version
+            return DeepSpeedInput(name=f"Axolotl {version}'s deepspeed_configs/{Path(spec.deepspeed).name}",
+                                  data=stock)
         raise ConfigError([Problem(("deepspeed",), f"no such file: {spec.deepspeed} (relative to the config)",
-                                   hint=hint)])
+                                   hint="built-in presets: " + ", ".join(BUILTIN_PRESETS) + "; Axolotl's stock "
+                                   "files: " + ", ".join(sorted(STOCK_DEEPSPEED)))])
     shown = str(file)
     document = load_document(file.read_text(encoding="utf-8"), shown)
     sources.documents[shown] = document

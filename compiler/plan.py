@@ -110,6 +110,7 @@ class Plan:
     tf32: bool
     attention: str  # flash_attention_2 | sdpa | eager
     packing_attention: str | None  # flash_varlen | torch_varlen | block_mask, None without sample_packing
+    kernels: dict[str, bool]  # KernelsPlan's fields: which fused kernels the runtime patches in
     load_in_4bit: bool
     load_in_8bit: bool
     optimizer: str  # canonical name (aliases resolved)

@@ -13,10 +13,11 @@ from .errors import Problem
 from .models import parse_parameter_count
 from .spec import Spec
 
-_CHAT_ONLY_KEYS = ("field_messages", "message_field_role", "message_field_content", "roles_to_train",
-                   "train_on_eos", "chat_template")
+_CHAT_ONLY_KEYS = ("field_messages", "message_property_mappings", "roles_to_train", "train_on_eos",
+                   "chat_template")
 _LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear", "lora_target_modules",
-              "lora_modules_to_save", "lora_model_dir")
+              "lora_modules_to_save", "lora_model_dir", "lora_target_parameters", "lora_fan_in_fan_out",
+              "peft_use_rslora")
 
 
 def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
@@ -42,10 +43,6 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
               hint="remove one of the two lines")
     if spec.strategy == "ddp" and spec.fsdp_config is not None:
         error("strategy", "strategy: ddp contradicts `fsdp_config:`", hint="remove one of the two")
-    if spec.fsdp_config and spec.fsdp_config.activation_checkpointing and spec.gradient_checkpointing:
-        error(("fsdp_config", "activation_checkpointing"),
-              "fsdp_config.activation_checkpointing and gradient_checkpointing both checkpoint activations",
-              hint="keep one of them (FSDP's own is the one to keep with FSDP)")
 
     # --- adapter and quantisation ---
     if spec.adapter == "qlora":
@@ -73,6 +70,22 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
         warn("load_in_4bit", "adapter: lora on a 4-bit base is QLoRA; it is compiled as adapter: qlora",
              hint="write `adapter: qlora` to say so")
 
+    # --- kernels and memory (Axolotl's own rules) ---
+    if spec.activation_offloading and not spec.gradient_checkpointing:
+        error("activation_offloading", "activation_offloading needs gradient_checkpointing, as in Axolotl",
+              hint="add `gradient_checkpointing: true`")
+    if spec.unfrozen_parameters and spec.adapter is not None:
+        warn("unfrozen_parameters", "no effect with an adapter: PEFT trains only the adapter (and "
+             "lora_modules_to_save)", hint="use lora_modules_to_save to train whole modules beside the adapter")
+    if spec.quantize_moe_experts and not (spec.adapter and (spec.load_in_4bit or spec.load_in_8bit
+                                                            or spec.adapter == "qlora")):
+        error("quantize_moe_experts", "quantize_moe_experts needs an adapter on a 4-bit or 8-bit base, as in "
+              "Axolotl", hint="add `adapter: qlora`, or remove the line")
+    if spec.fsdp_config and spec.fsdp_config.activation_checkpointing and spec.gradient_checkpointing:
+        warn(("fsdp_config", "activation_checkpointing"), "gradient_checkpointing is turned off: FSDP's own "
+             "activation checkpointing does the same job, and both would recompute twice",
+             hint="keep one of the two")
+
     # --- schedule and cadence ---
     if spec.warmup_steps is not None and spec.warmup_ratio is not None:
         error("warmup_ratio", "warmup_steps and warmup_ratio cannot both be set", hint="keep one of them")
@@ -88,15 +101,21 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
     # --- precision and attention ---
     if spec.bf16 is True and spec.fp16:
         error("fp16", "bf16 and fp16 cannot both be true", hint="keep one (bf16 where the GPU supports it)")
-    chosen = [key for key in ("flash_attention", "sdp_attention", "eager_attention") if getattr(spec, key)]
-    if len(chosen) > 1:
-        error(chosen[1], f"choose one attention implementation; {' and '.join(chosen)} are all set")
-    if spec.sample_packing and spec.eager_attention:
+    if spec.sample_packing and spec.attn_implementation == "eager":
         error("sample_packing", "sample_packing needs attention that isolates packed samples; eager attention "
               "does not take tunefile's varlen or block-mask paths",
-              hint="use flash_attention: true or sdp_attention: true (the default)")
+              hint="use attn_implementation: flash_attention_2 or sdpa (the default)")
 
     # --- data ---
+    if spec.pretraining_dataset:
+        if spec.datasets:
+            error("pretraining_dataset", "pretraining_dataset and datasets cannot both be set",
+                  hint="keep one: tunefile streams pretraining_dataset, or prepares datasets")
+        if spec.max_steps is None:
+            error("pretraining_dataset", "a streamed pretraining_dataset needs max_steps, as in Axolotl",
+                  hint="add `max_steps: N`")
+        if spec.val_set_size:
+            warn("val_set_size", "ignored: a streamed pretraining_dataset has no held-out split")
     if spec.chat_template_jinja and spec.chat_template not in (None, "jinja"):
         error("chat_template_jinja", "chat_template and chat_template_jinja are both set",
               hint="remove `chat_template:` or set it to jinja")

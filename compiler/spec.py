@@ -19,13 +19,23 @@ DATASET_TYPES = ("alpaca", "chat_template", "completion", "pretokenized")
 OPTIMIZERS = (
     "adamw_torch",
     "adamw_torch_fused",
+    "adamw_torch_8bit",
+    "adamw_torch_4bit",
     "adamw_8bit",
     "adamw_bnb_8bit",
     "paged_adamw_8bit",
     "paged_adamw_32bit",
 )
-# Optimizers that run on bitsandbytes kernels (CUDA only).
+# Optimizers that run on bitsandbytes kernels (CUDA only), and torchao's low-bit AdamW.
 BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+TORCHAO_OPTIMIZERS = ("adamw_torch_8bit", "adamw_torch_4bit")
+# Axolotl's attn_implementation values tunefile reads (the kernels-community/… Hub kernels are read too).
+ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention", "xformers",
+                        "sage")
+# Axolotl plugins tunefile carries out itself (their keys are top-level keys of this Spec).
+LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
+CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
+KNOWN_PLUGINS = (LIGER_PLUGIN, CCE_PLUGIN)
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 TRAIN_ON_EOS = ("all", "turn", "last", "none")
 
@@ -46,8 +56,9 @@ class DatasetSpec(_Strict):
 
     path: str = _field(description="Local .jsonl/.json/.parquet file or folder, or a Hugging Face Hub dataset id.")
     type: Literal[DATASET_TYPES] = _field(  # type: ignore[valid-type]
+        "pretokenized",
         description="Format of the rows: alpaca (instruction/input/output), chat_template (OpenAI messages), "
-        "completion (raw text) or pretokenized (input_ids, optional labels)."
+        "completion (raw text) or pretokenized (input_ids, optional labels; Axolotl's meaning of no type).",
     )
     name: str | None = _field(None, description="Configuration name of a Hub dataset.")
     split: str = _field("train", description="Split to read.")
@@ -61,11 +72,11 @@ class DatasetSpec(_Strict):
     field_messages: str | None = _field(
         None, description="chat_template datasets: the column that holds the message list (default: messages)."
     )
-    message_field_role: str | None = _field(
-        None, description="chat_template datasets: the key of a message's role (default: role)."
-    )
-    message_field_content: str | None = _field(
-        None, description="chat_template datasets: the key of a message's content (default: content)."
+    message_property_mappings: dict[str, str] | None = _field(
+        None,
+        description="chat_template datasets: where a message keeps its role and content, e.g. "
+        "{role: from, content: value} (default: {role: role, content: content}). The older spellings "
+        "message_field_role and message_field_content are read into it.",
     )
     roles_to_train: list[str] | None = _field(
         None,
@@ -107,6 +118,25 @@ class FsdpConfig(_Strict):
     activation_checkpointing: bool = _field(
         False, description="FSDP's own activation checkpointing (use instead of gradient_checkpointing)."
     )
+    sharding_strategy: Literal["FULL_SHARD", "SHARD_GRAD_OP"] | None = _field(
+        None, description="FSDP1: FULL_SHARD or SHARD_GRAD_OP (FSDP2 reads reshard_after_forward instead)."
+    )
+
+
+QAT_DTYPES = ("int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4")
+
+
+class QatConfig(_Strict):
+    """Quantisation-aware training (``qat``), carried out with torchao's fake quantisation."""
+
+    weight_dtype: Literal[QAT_DTYPES] = _field(  # type: ignore[valid-type]
+        "int8", description="Fake-quantised weight format: int4, int8, float8_e4m3fn (fp8), nvfp4 or mxfp4.")
+    activation_dtype: Literal[QAT_DTYPES] | None = _field(  # type: ignore[valid-type]
+        None, description="Fake-quantised activation format (default: activations stay as they are).")
+    group_size: int = _field(32, ge=1, description="Elements per quantisation group (nvfp4 needs 16).")
+    quantize_embedding: bool = _field(False, description="Fake-quantise the embedding too.")
+    fake_quant_after_n_steps: int | None = _field(
+        None, ge=0, description="Start fake quantisation after this many steps (default: from the first).")
 
 
 class SpecialTokens(_Strict):
@@ -130,7 +160,29 @@ class Spec(_Strict):
         "also tells the FSDP layer class.",
         group="model",
     )
+    revision_of_model: str | None = _field(None, description="Hub branch, tag or commit of base_model.",
+                                           group="model")
+    # `model_config` is pydantic's own attribute name, hence the alias.
+    model_config_overrides: dict[str, Any] | None = _field(
+        None, description="Overrides of the model's configuration, e.g. {output_router_logits: true} (the MoE "
+        "router's auxiliary loss is then added to the loss).", group="model", alias="model_config")
+    model_quantization_config: Literal["Mxfp4Config"] | None = _field(
+        None, description="A transformers quantisation config to load the weights with (Mxfp4Config).",
+        group="model")
+    model_quantization_config_kwargs: dict[str, Any] | None = _field(
+        None, description="Its arguments, e.g. {dequantize: true}.", group="model")
+    qat: QatConfig | None = _field(
+        None, description="Quantisation-aware training with torchao (full fine-tuning or LoRA).", group="model")
+    quantize_moe_experts: bool = _field(
+        False, description="With load_in_4bit/8bit and an adapter: also quantise MoE expert weights stored as "
+        "3-D parameters (CUDA, bitsandbytes).", group="model")
     tokenizer_type: str | None = _field(None, description="Tokenizer class, e.g. AutoTokenizer.", group="model")
+    tokenizer_use_mistral_common: bool = _field(
+        False, description="Tokenise with the mistral-common package's tokenizer (through transformers).",
+        group="model")
+    resize_token_embeddings_to_32x: bool = _field(
+        False, description="Round the embedding matrix up to a multiple of 32 rows when resizing it.",
+        group="model")
     tokenizer_config: str | None = _field(
         None, description="Hub id or directory of the tokenizer, when not the base model's.", group="model"
     )
@@ -144,6 +196,10 @@ class Spec(_Strict):
     special_tokens: SpecialTokens | None = _field(None, description="Special tokens to set.", group="model")
     tokens: list[str] | None = _field(
         None, description="Extra (non-special) tokens to add to the vocabulary.", group="model"
+    )
+    unfrozen_parameters: list[str] | None = _field(
+        None, description="Full fine-tuning: train only the parameters whose names match one of these regular "
+        "expressions; the rest stay frozen.", group="model",
     )
     shrink_embeddings: bool = _field(
         False,
@@ -164,8 +220,19 @@ class Spec(_Strict):
     lora_target_linear: bool = _field(
         False, description="Apply LoRA to every linear layer except the output head.", group="adapter"
     )
-    lora_target_modules: list[str] | None = _field(
-        None, description="Module names to apply LoRA to (default: q_proj, v_proj).", group="adapter"
+    lora_target_modules: list[str] | str | None = _field(
+        None, description="Module names to apply LoRA to (default: q_proj, v_proj), or one regular expression "
+        "that a module's full name must match entirely.", group="adapter"
+    )
+    lora_target_parameters: list[str] | None = _field(
+        None, description="Parameter names (MoE expert weights such as experts.gate_up_proj) that get LoRA too.",
+        group="adapter",
+    )
+    lora_fan_in_fan_out: bool = _field(
+        False, description="The target layers store weights as (in, out), like GPT-2's Conv1D.", group="adapter"
+    )
+    peft_use_rslora: bool = _field(
+        False, description="Rank-stabilised LoRA: scale updates by alpha / sqrt(r).", group="adapter"
     )
     lora_modules_to_save: list[str] | None = _field(
         None, description="Modules trained in full and saved with the adapter (e.g. embed_tokens, lm_head).",
@@ -178,7 +245,8 @@ class Spec(_Strict):
 
     # --- data ---------------------------------------------------------------------------
     datasets: list[DatasetSpec] = _field(
-        description="Training datasets; rows of all of them are mixed.", group="data", min_length=1
+        [], description="Training datasets; rows of all of them are mixed. Required unless pretraining_dataset "
+        "is set.", group="data"
     )
     chat_template: str | None = _field(
         None,
@@ -198,7 +266,21 @@ class Spec(_Strict):
     dataset_prepared_path: str = _field(
         "last_run_prepared", description="Folder of the tokenised-data cache.", group="data"
     )
-    sequence_len: int = _field(2048, ge=1, le=1048576, description="Maximum tokens per sample.", group="data")
+    skip_prepare_dataset: bool = _field(
+        False, description="Tokenise in the training process and write no cache.", group="data"
+    )
+    pretraining_dataset: list[DatasetSpec] | None = _field(
+        None, description="Completion data streamed during training (no cache, no evaluation split); needs "
+        "max_steps. Entries are read like `datasets` entries of type completion.", group="data"
+    )
+    eval_sample_packing: bool | None = _field(
+        None, description="Pack evaluation batches too (default: as sample_packing).", group="data"
+    )
+    eot_tokens: list[str] | None = _field(
+        None, description="chat_template datasets: tokens that end a turn; train_on_eos decides which are "
+        "trained on (default: the tokenizer's eos token).", group="data"
+    )
+    sequence_len: int = _field(512, ge=1, le=1048576, description="Maximum tokens per sample.", group="data")
     sample_packing: bool = _field(
         False, description="Pack several samples into each sequence_len row, isolated from each other.", group="data"
     )
@@ -226,8 +308,25 @@ class Spec(_Strict):
     learning_rate: float = _field(2e-4, gt=0, description="Peak learning rate.", group="training")
     warmup_steps: int | None = _field(None, ge=0, description="Linear warmup steps.", group="training")
     warmup_ratio: float | None = _field(
-        None, ge=0.0, lt=1.0, description="Warmup as a fraction of all steps.", group="training"
+        None, ge=0.0, lt=1.0, description="Warmup as a fraction of all steps (rounded down).", group="training"
     )
+    cosine_min_lr_ratio: float | None = _field(
+        None, ge=0.0, le=1.0, description="Cosine: decay to this fraction of the peak learning rate (default 0).",
+        group="training")
+    eta_min: float | None = _field(
+        None, ge=0.0, description="Cosine: decay to this learning rate (instead of cosine_min_lr_ratio).",
+        group="training")
+    cosine_constant_lr_ratio: float | None = _field(
+        None, ge=0.0, le=1.0, description="Cosine: reach the minimum at this fraction of the steps and stay there "
+        "(0: at the last step).",
+        group="training")
+    early_stopping_patience: int | None = _field(
+        None, ge=1, description="Stop when the evaluation loss has not improved for this many evaluations.",
+        group="training")
+    adam_beta1: float = _field(0.9, ge=0.0, lt=1.0, description="AdamW's first-moment decay.", group="training")
+    adam_beta2: float = _field(0.999, ge=0.0, lt=1.0, description="AdamW's second-moment decay.",
+                               group="training")
+    adam_epsilon: float = _field(1e-8, gt=0.0, description="AdamW's epsilon.", group="training")
     weight_decay: float = _field(0.0, ge=0.0, le=10.0, description="Decoupled weight decay.", group="training")
     max_grad_norm: float = _field(1.0, ge=0.0, description="Gradient clipping norm (0 turns it off).", group="training")
     seed: int = _field(42, ge=0, le=2**32 - 1, description="Random seed for data order and initialisation.",
@@ -244,21 +343,47 @@ class Spec(_Strict):
         "auto", description="bfloat16 mixed precision; auto uses it where the GPU supports it.", group="precision"
     )
     fp16: bool = _field(False, description="float16 mixed precision (GPUs without bf16).", group="precision")
-    tf32: bool = _field(False, description="Allow TF32 matrix multiplies on Ampere or newer.", group="precision")
-    flash_attention: bool = _field(
-        False, description="Use flash-attn kernels (Ampere or newer; falls back to SDPA elsewhere).",
+    tf32: bool | Literal["auto"] = _field(
+        "auto", description="TF32 matrix multiplies; auto turns them on where the GPU has them (Ampere or newer).",
         group="precision",
     )
-    sdp_attention: bool = _field(
-        False, description="Use PyTorch scaled-dot-product attention (the default when flash_attention is off).",
+    attn_implementation: str | None = _field(
+        None,
+        description="Attention kernel: flash_attention_2, flash_attention_3, sdpa, eager, flex_attention, xformers, "
+        "sage or a kernels-community/… Hub kernel. Those the target cannot run resolve to the nearest it can, "
+        "with the reason in `explain` (default: sdpa). The older flash_attention / sdp_attention / "
+        "xformers_attention / flex_attention / eager_attention: true are read into it.",
         group="precision",
     )
-    eager_attention: bool = _field(
-        False, description="Use the model's plain attention code (debugging only; no sample_packing).",
+    gradient_checkpointing: bool | Literal["offload"] = _field(
+        False, description="Recompute activations in backward to save memory; offload also keeps the "
+        "checkpointed layer inputs in CPU memory.", group="precision"
+    )
+    gradient_checkpointing_kwargs: dict[str, Any] | None = _field(
+        None, description="Passed to transformers' gradient_checkpointing_enable, e.g. {use_reentrant: false} "
+        "(default: {use_reentrant: true}, as Axolotl).", group="precision"
+    )
+    activation_offloading: bool | Literal["legacy", "hidden_states"] = _field(
+        False, description="Keep activations saved for backward in pinned CPU memory.", group="precision"
+    )
+    plugins: list[str] | None = _field(
+        None, description="Axolotl plugins: axolotl.integrations.liger.LigerPlugin and "
+        "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin (carried out by tunefile itself).",
         group="precision",
     )
-    gradient_checkpointing: bool = _field(
-        False, description="Recompute activations in backward to save memory.", group="precision"
+    cut_cross_entropy: bool = _field(
+        True, description="With the cut-cross-entropy plugin: compute the loss without materialising logits "
+        "(package cut-cross-entropy, CUDA).", group="precision"
+    )
+    liger_rms_norm: bool = _field(False, description="Liger plugin: fused RMSNorm.", group="precision")
+    liger_glu_activation: bool = _field(False, description="Liger plugin: fused SwiGLU/GeGLU MLP.",
+                                        group="precision")
+    liger_layer_norm: bool = _field(False, description="Liger plugin: fused LayerNorm.", group="precision")
+    liger_rope: bool = _field(False, description="Liger plugin: fused rotary embedding.", group="precision")
+    liger_rms_norm_gated: bool = _field(False, description="Liger plugin: fused gated RMSNorm (Qwen3-Next, "
+                                        "Nemotron-H).", group="precision")
+    liger_fused_linear_cross_entropy: bool = _field(
+        False, description="Liger plugin: loss from the hidden states in chunks, no full logits.", group="precision"
     )
 
     # --- distribution --------------------------------------------------------------------
@@ -268,10 +393,14 @@ class Spec(_Strict):
         "file; inlined into the bundle as deepspeed.json.",
         group="distribution",
     )
-    fsdp_version: Literal[1, 2] = _field(2, description="FSDP generation; 2 is FSDP2 (per-parameter sharding).",
-                                         group="distribution")
+    fsdp_version: Literal[1, 2] | None = _field(
+        None, description="FSDP generation: 1 or 2 (FSDP2, per-parameter sharding). An fsdp_config without it is "
+        "FSDP1, as in Axolotl; FSDP that tunefile picks itself (strategy) is FSDP2.", group="distribution")
     fsdp_config: FsdpConfig | None = _field(None, description="Turns on FSDP with these settings.",
                                             group="distribution")
+    dp_shard_size: int | None = _field(
+        None, ge=1, description="Axolotl's FSDP shard group size; tunefile shards across every GPU, so it must "
+        "equal the GPU count.", group="distribution")
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = _field(
         "auto",
         description="tunefile: distribution when neither deepspeed nor fsdp_config is set; auto picks DDP, "
@@ -286,7 +415,7 @@ class Spec(_Strict):
     )
 
     # --- outputs and cadence -------------------------------------------------------------
-    output_dir: str = _field("./outputs", description="Where checkpoints, metrics and the adapter go.",
+    output_dir: str = _field("./model-out", description="Where checkpoints, metrics and the adapter go.",
                              group="outputs")
     logging_steps: int = _field(1, ge=1, description="Log metrics every N optimizer steps.", group="outputs")
     save_steps: int | None = _field(None, ge=1, description="Save a checkpoint every N steps.", group="outputs")
@@ -299,26 +428,33 @@ class Spec(_Strict):
         None, description="Checkpoint folder to resume from.", group="outputs"
     )
     auto_resume_from_checkpoints: bool = _field(
-        True, description="Resume from the newest complete checkpoint in output_dir when one exists.",
+        False, description="Resume from the newest complete checkpoint in output_dir when one exists.",
         group="outputs",
     )
+    use_tensorboard: bool = _field(False, description="Write TensorBoard event files under output_dir/runs.",
+                                   group="trackers")
+    use_wandb: bool | None = _field(None, description="Log to Weights & Biases (default: when wandb_project is "
+                                    "set).", group="trackers")
+    wandb_project: str | None = _field(None, description="Weights & Biases project; turns wandb on.",
+                                       group="trackers")
+    wandb_entity: str | None = _field(None, description="Weights & Biases team or user.", group="trackers")
+    wandb_name: str | None = _field(None, description="Weights & Biases run name.", group="trackers")
+    wandb_run_id: str | None = _field(None, description="Weights & Biases run id (to continue a run).",
+                                      group="trackers")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = _field(
+        None, description="online or offline (always offline with offline: true); disabled turns wandb off.",
+        group="trackers")
+    wandb_log_model: str | None = _field(
+        None, description="checkpoint or end: upload the final model as an artifact (not in offline mode).",
+        group="trackers")
+    mlflow_tracking_uri: str | None = _field(None, description="MLflow server or folder; turns MLflow on.",
+                                             group="trackers")
+    mlflow_experiment_name: str | None = _field(None, description="MLflow experiment (default: tunefile).",
+                                                group="trackers")
+    mlflow_run_name: str | None = _field(None, description="MLflow run name.", group="trackers")
     offline: bool = _field(
         False,
         description="tunefile: never touch the network (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, "
         "TRANSFORMERS_OFFLINE set before Python starts).",
         group="outputs",
     )
-
-
-# Axolotl keys tunefile knows of but does not take, with what to do instead.
-UNSUPPORTED_KEYS: dict[str, str] = {
-    "strict": "tunefile always validates strictly; remove the line",
-    "wandb_project": "tunefile writes metrics.jsonl and TensorBoard logs; remove the wandb_* lines",
-    "wandb_entity": "tunefile writes metrics.jsonl and TensorBoard logs; remove the wandb_* lines",
-    "wandb_name": "tunefile writes metrics.jsonl and TensorBoard logs; remove the wandb_* lines",
-    "wandb_watch": "tunefile writes metrics.jsonl and TensorBoard logs; remove the wandb_* lines",
-    "wandb_log_model": "tunefile writes metrics.jsonl and TensorBoard logs; remove the wandb_* lines",
-    "xformers_attention": "use flash_attention: true or sdp_attention: true",
-    "fsdp": "FSDP is set with fsdp_config: {...} (and fsdp_version: 2); remove the fsdp: list",
-    "load_in_4bit_quant_type": "tunefile always quantises 4-bit weights as NF4 with double quantisation",
-}

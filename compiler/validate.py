@@ -14,22 +14,36 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError, KeyPath, Problem, did_you_mean
+from .dialect.normalize import axolotl_catalogue, read_axolotl
+from .errors import ConfigError, KeyPath, Problem, suggest
 from .loader import Document
 from .rules import check_rules
-from .spec import UNSUPPORTED_KEYS, Spec
+from .spec import Spec
 
 
 def validate_document(document: Document) -> tuple[Spec, list[Problem]]:
     """Return the Spec and its warnings, or raise ConfigError with every problem found."""
+    spec, warnings, _ = validate_with_notes(document)
+    return spec, warnings
+
+
+def validate_with_notes(document: Document) -> tuple[Spec, list[Problem], list[Problem]]:
+    """As validate_document, plus the notes of reading Axolotl's dialect (accepted keys, rewritten spellings),
+    which ``explain`` shows."""
     data = document.data
     if not isinstance(data, dict):
         raise ConfigError([Problem((), "a config must be a mapping of keys to values, e.g. `base_model: …`")])
 
-    problems: list[Problem] = []
-    for key in sorted(set(data) & set(UNSUPPORTED_KEYS), key=str):
-        problems.append(Problem((key,), "not supported by tunefile", hint=UNSUPPORTED_KEYS[key], at_key=True))
-    supported = {key: value for key, value in data.items() if key not in UNSUPPORTED_KEYS}
+    reading = read_axolotl(data)
+    for new, old in reading.moved.items():
+        for marks in (document.key_marks, document.value_marks):
+            if old in marks and new not in marks:
+                marks[new] = marks[old]
+    problems: list[Problem] = list(reading.problems)
+    supported = reading.data
+    if not supported.get("datasets") and not supported.get("pretraining_dataset"):
+        problems.append(Problem((), "required key `datasets` is missing",
+                                hint="or `pretraining_dataset:` for completion text streamed during training"))
 
     try:
         spec = Spec.model_validate(supported)
@@ -42,7 +56,7 @@ def validate_document(document: Document) -> tuple[Spec, list[Problem]]:
     errors, warnings = check_rules(spec)
     if problems or errors:
         raise ConfigError(problems + errors)
-    return spec, warnings
+    return spec, warnings, reading.notes
 
 
 _PLACEHOLDERS = {"base_model": "unknown", "datasets": [{"path": "unknown", "type": "completion"}]}
@@ -76,8 +90,7 @@ def _problems_from_pydantic(exc: ValidationError, data: Any) -> list[Problem]:
     for path, errors in grouped.items():
         kinds = {error["type"] for error in errors}
         if "extra_forbidden" in kinds:
-            known = _field_names_at(path[:-1])
-            problems.append(Problem(path, "unknown key" + did_you_mean(str(path[-1]), known), at_key=True))
+            problems.append(Problem(path, "unknown key" + _spelling_hint(path), at_key=True))
         elif "missing" in kinds:
             problems.append(Problem(path[:-1], f"required key `{path[-1]}` is missing"))
         else:
@@ -128,6 +141,21 @@ def _value_at(data: Any, path: KeyPath) -> Any:
     for part in path:
         data = data[part]
     return data
+
+
+def _spelling_hint(path: KeyPath) -> str:
+    """A "did you mean" only for a likely misspelling of a key at the same level (tunefile's or Axolotl's),
+    never a jump to a key with another meaning."""
+    word, ours = str(path[-1]), _field_names_at(path[:-1])
+    catalogue = axolotl_catalogue()
+    axolotl = {0: catalogue.top_level}.get(len(path) - 1) or (
+        catalogue.fsdp_config if path[0] == "fsdp_config" else catalogue.datasets)
+    match = suggest(word, [*ours, *axolotl], cutoff=0.8)
+    if match is None:
+        return ""
+    if match in ours:
+        return f"; did you mean {match}?"
+    return f"; did you mean {match}? (an Axolotl key tunefile does not support)"
 
 
 def _field_names_at(path: KeyPath) -> list[str]:

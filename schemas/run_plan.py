@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RUN_PLAN_VERSION = 1
+RUN_PLAN_VERSION = 2
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Strategy = Literal["single", "ddp", "fsdp", "deepspeed"]
@@ -51,8 +51,8 @@ class DatasetPlan:
     ds_type: Literal["json", "parquet", "csv", "text"] | None  # None: from the file extension
     field: str | None  # completion: the text column
     field_messages: str | None  # chat_template: the messages column …
-    message_field_role: str | None
-    message_field_content: str | None
+    message_field_role: str | None  # … and the message keys holding the role and the content
+    message_field_content: str | None  # (Axolotl's message_property_mappings, or its older spelling)
     roles_to_train: tuple[str, ...] | None
     train_on_eos: Literal["turn", "last", "all", "none"] | None
     chat_template: str | None  # chat_template: None = the tokenizer's own template
@@ -73,6 +73,15 @@ class DataPlan:
     prepared_path: str
     chat_template: str | None
     chat_template_jinja: str | None
+    # Tokens that end a turn (Axolotl's eot_tokens); train_on_eos decides which of them are trained on.
+    # None: the chat template's own end-of-turn token (the tokenizer's eos token).
+    eot_tokens: tuple[str, ...] | None
+    eval_packing: bool  # pack evaluation batches too (Axolotl's eval_sample_packing, default: as training)
+    # Tokenise in the training process and keep nothing on disk (Axolotl's skip_prepare_dataset): no cache.
+    skip_prepare: bool
+    # Read the sources lazily, tokenising and packing as training goes, with no cache and no held-out split
+    # (Axolotl's pretraining_dataset). Training then needs schedule.max_steps.
+    streaming: bool
 
 
 @dataclass(frozen=True)
@@ -82,8 +91,25 @@ class LoraPlan:
     dropout: float
     target_linear: bool
     target_modules: tuple[str, ...] | None  # None with target_linear (every linear layer but the output head)
+    target_modules_regex: str | None  # instead of target_modules: a regular expression a module's full name
+    # must match from its start to its end (Axolotl passes a string lora_target_modules to peft this way)
+    target_parameters: tuple[str, ...] | None  # nn.Parameter names (MoE experts) that get LoRA too
+    fan_in_fan_out: bool  # the layer stores its weight as (in, out), as GPT-2's Conv1D does
+    use_rslora: bool  # scale updates by alpha / sqrt(r) instead of alpha / r
     modules_to_save: tuple[str, ...] | None
     model_dir: str | None  # an existing adapter to continue training
+
+
+@dataclass(frozen=True)
+class QatPlan:
+    """Quantisation-aware training (Axolotl's qat): torchao fake-quantises the linear layers' weights (and
+    activations) in forward, so the model learns to survive the quantisation applied after training."""
+
+    weight_dtype: Literal["int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4"]
+    activation_dtype: Literal["int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4"] | None
+    group_size: int  # elements per quantisation group of a weight row
+    quantize_embedding: bool
+    fake_quant_after_n_steps: int | None  # None: from the first step
 
 
 @dataclass(frozen=True)
@@ -91,10 +117,25 @@ class ModelPlan:
     """The base model, its tokenizer and vocabulary, precision, attention and the adapter."""
 
     base_model: str
+    revision: str | None  # a Hub branch, tag or commit of base_model (Axolotl's revision_of_model)
     architecture: str | None
     parameters: int | None
+    # Overrides of the model's configuration (Axolotl's model_config), e.g. {output_router_logits: true}: the
+    # MoE router's auxiliary loss is then added to the training loss, as transformers' own loss would.
+    config_overrides: dict[str, Any]
+    # A transformers quantisation config the weights load with, e.g. {class: Mxfp4Config, kwargs: {dequantize:
+    # true}} (Axolotl's model_quantization_config); None: none.
+    quantization_config: dict[str, Any] | None
+    # With load_in_4bit/8bit: also quantise MoE expert weights stored as 3-D parameters (Axolotl's
+    # quantize_moe_experts), which bitsandbytes' nn.Linear replacement does not reach.
+    quantize_moe_experts: bool
     tokenizer: str  # folder or hub id the tokenizer loads from
     tokenizer_class: str | None  # a transformers class name; None: AutoTokenizer
+    tokenizer_backend: Literal["huggingface", "mistral_common"]  # mistral_common: Axolotl's
+    # tokenizer_use_mistral_common (the mistral-common package's tokenizer, through transformers)
+    # Round the embedding matrix up to a multiple of this when resizing it (Axolotl's
+    # resize_token_embeddings_to_32x); None: exactly the tokenizer's size.
+    pad_embeddings_to_multiple_of: int | None
     special_tokens: dict[str, Any] | None
     tokens: tuple[str, ...] | None  # added to the vocabulary
     trust_remote_code: bool
@@ -104,9 +145,34 @@ class ModelPlan:
     load_in_4bit: bool
     load_in_8bit: bool
     gradient_checkpointing: bool
+    gradient_checkpointing_kwargs: dict[str, Any]  # passed to transformers' gradient_checkpointing_enable
+    # Keep the activations saved for backward in pinned CPU memory (Axolotl's activation_offloading, and
+    # gradient_checkpointing: offload, which offloads the checkpointed layer inputs).
+    activation_offloading: bool
+    # Full fine-tuning only: train just the parameters whose names match one of these regular expressions
+    # (Axolotl's unfrozen_parameters); None: every parameter trains.
+    unfrozen_parameters: tuple[str, ...] | None
     shrink_embeddings: bool
     adapter: Literal["lora", "qlora"] | None
     lora: LoraPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    qat: QatPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+
+
+@dataclass(frozen=True)
+class KernelsPlan:
+    """Fused kernels patched into the model (Axolotl's Liger and cut-cross-entropy plugins). Each one the
+    runtime cannot use on the machine it lands on (package missing, no CUDA) falls back to the plain PyTorch
+    code, and says so in metrics.jsonl's runtime decisions."""
+
+    liger_rms_norm: bool
+    liger_glu_activation: bool
+    liger_layer_norm: bool
+    liger_rope: bool
+    liger_rms_norm_gated: bool
+    # The loss: at most one of these is true. Both compute the cross-entropy from the hidden states in
+    # chunks, never materialising the (tokens × vocabulary) logits.
+    liger_fused_linear_cross_entropy: bool
+    cut_cross_entropy: bool
 
 
 @dataclass(frozen=True)
@@ -115,6 +181,35 @@ class OptimizerPlan:
     learning_rate: float
     weight_decay: float
     max_grad_norm: float  # 0: no clipping (the norm is still measured, for the watchdog)
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+
+
+@dataclass(frozen=True)
+class WandbPlan:
+    project: str
+    entity: str | None
+    name: str | None  # the run's display name; None: wandb picks one
+    run_id: str | None
+    mode: Literal["online", "offline"]  # offline when the config says offline: true
+    log_model: bool  # upload the final adapter or model as an artifact (never in offline mode)
+
+
+@dataclass(frozen=True)
+class MlflowPlan:
+    tracking_uri: str  # a file:// folder when offline
+    experiment_name: str
+    run_name: str | None
+
+
+@dataclass(frozen=True)
+class TrackersPlan:
+    """Experiment trackers fed with the same metrics as metrics.jsonl (rank 0 only)."""
+
+    tensorboard: bool  # event files under output_dir/runs
+    wandb: WandbPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    mlflow: MlflowPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
 
 
 @dataclass(frozen=True)
@@ -126,10 +221,20 @@ class SchedulePlan:
     num_epochs: float | None
     lr_scheduler: str
     warmup_steps: int | None  # at most one of warmup_steps and warmup_ratio is set; neither: no warmup
-    warmup_ratio: float | None
+    warmup_ratio: float | None  # warmup = int(ratio × total steps) (rounded down, as Axolotl) …
+    warmup_max_steps: int | None  # … and at most this many (Axolotl's default warmup: 3%, at most 100)
+    # Cosine: the learning rate decays to this fraction of its peak (Axolotl's cosine_min_lr_ratio, or eta_min
+    # as a fraction of learning_rate) …
+    min_lr_ratio: float
+    # … reaching it at this fraction of the steps and staying there (Axolotl's cosine_constant_lr_ratio);
+    # None: at the last step.
+    min_lr_from: float | None
     logging_steps: int
     eval_steps: int | None  # at most one of eval_steps and evals_per_epoch; neither: no evaluation
     evals_per_epoch: int | None
+    # Stop when the evaluation loss has not improved for this many evaluations in a row (Axolotl's
+    # early_stopping_patience); None: never.
+    early_stopping_patience: int | None
 
 
 @dataclass(frozen=True)
@@ -187,10 +292,12 @@ class RunPlan:
     offline: bool
     data: DataPlan
     model: ModelPlan
+    kernels: KernelsPlan
     optimizer: OptimizerPlan
     schedule: SchedulePlan
     watchdog: WatchdogPlan
     checkpointing: CheckpointPlan
+    trackers: TrackersPlan
     distribution: DistributionPlan
 
 
@@ -244,6 +351,15 @@ def check_invariants(plan: RunPlan) -> None:
     one_of("checkpointing", "save_steps", "saves_per_epoch", exactly=False)
     if (plan.model.adapter is None) != (plan.model.lora is None):
         raise RunPlanError("model: lora is present exactly when adapter is set")
+    if plan.kernels.liger_fused_linear_cross_entropy and plan.kernels.cut_cross_entropy:
+        raise RunPlanError("kernels: liger_fused_linear_cross_entropy and cut_cross_entropy cannot both be true")
+    lora = plan.model.lora
+    if lora is not None and lora.target_modules is not None and lora.target_modules_regex is not None:
+        raise RunPlanError("model.lora: at most one of target_modules and target_modules_regex may be set")
+    if plan.model.unfrozen_parameters is not None and plan.model.adapter is not None:
+        raise RunPlanError("model: unfrozen_parameters applies to full fine-tuning only")
+    if plan.data.streaming and plan.schedule.max_steps is None:
+        raise RunPlanError("data: streaming needs schedule.max_steps")
     dist = plan.distribution
     if (dist.strategy == "fsdp") != (dist.fsdp is not None):
         raise RunPlanError("distribution: fsdp is present exactly when strategy is fsdp")

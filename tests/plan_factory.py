@@ -105,6 +105,8 @@ def make_plan(variant: str = "single", *, spec: dict[str, Any] | None = None, **
         tf32=False,
         attention="sdpa",
         packing_attention="torch_varlen" if spec_model.sample_packing else None,
+        kernels=dict.fromkeys(("liger_rms_norm", "liger_glu_activation", "liger_layer_norm", "liger_rope",
+                               "liger_rms_norm_gated", "liger_fused_linear_cross_entropy", "cut_cross_entropy"), False),
         load_in_4bit=spec_model.adapter == "qlora" or spec_model.load_in_4bit,
         load_in_8bit=spec_model.load_in_8bit,
         optimizer="adamw_torch" if on_cpu else spec_model.optimizer,

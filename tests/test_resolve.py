@@ -62,7 +62,7 @@ def test_flash_attention_falls_back_before_ampere(gpu: str, attention: str) -> N
     plan = plan_for(MINIMAL + "flash_attention: true\n", gpus(gpu))
     assert plan.attention == attention
     fell_back = attention == "sdpa"
-    assert any(w.path == ("flash_attention",) for w in plan.warnings) == fell_back
+    assert any(w.path == ("attn_implementation",) for w in plan.warnings) == fell_back
     assert ("flash-attn" in plan.required_packages) == (not fell_back)
 
 

@@ -65,8 +65,9 @@ def test_sample_packing_needs_isolating_attention() -> None:
     assert "isolates packed samples" in errors_of("sample_packing: true\neager_attention: true\n")[("sample_packing",)]
 
 
-def test_one_attention_implementation() -> None:
-    assert "choose one" in errors_of("flash_attention: true\nsdp_attention: true\n")[("sdp_attention",)]
+def test_legacy_attention_flags_that_disagree() -> None:
+    found = errors_of("flash_attention: true\nsdp_attention: true\n")
+    assert "contradicts attn_implementation: flash_attention_2" in found[("sdp_attention",)]
 
 
 def test_chat_only_keys_on_other_dataset_types() -> None:
@@ -101,8 +102,9 @@ def test_unreadable_parameter_hint() -> None:
 
 
 def test_fsdp_and_gradient_checkpointing_twice() -> None:
-    found = errors_of("gradient_checkpointing: true\nfsdp_config:\n  activation_checkpointing: true\n")
-    assert "both checkpoint" in found[("fsdp_config", "activation_checkpointing")]
+    """Axolotl accepts both; FSDP's own checkpointing is kept and a warning says so."""
+    found = warnings_of("gradient_checkpointing: true\nfsdp_config:\n  activation_checkpointing: true\n")
+    assert "gradient_checkpointing is turned off" in found[("fsdp_config", "activation_checkpointing")]
 
 
 def test_rule_errors_come_with_schema_errors() -> None:

@@ -43,8 +43,8 @@ def test_config_yaml_is_the_run_plan_and_parses_back_to_the_same_plan() -> None:
 
 def test_sections_hold_each_fact_once() -> None:
     config = config_of("single", spec={"chat_template": "chatml"})
-    assert sorted(config) == ["checkpointing", "data", "distribution", "model", "offline", "optimizer",
-                              "run_plan_version", "schedule", "seed", "tunefile_version", "watchdog"]
+    assert sorted(config) == ["checkpointing", "data", "distribution", "kernels", "model", "offline", "optimizer",
+                              "run_plan_version", "schedule", "seed", "trackers", "tunefile_version", "watchdog"]
     # micro_batch_size and sample packing live in one place each (they were duplicated in the old dict).
     flat = yaml.safe_dump(config)
     assert flat.count("micro_batch_size") == 1 and "sample_packing" not in flat
@@ -64,7 +64,7 @@ def test_dataset_entries_carry_their_types_defaults_and_nothing_else() -> None:
 
 
 def test_the_plan_follows_the_resolution_not_the_spec() -> None:
-    plan = make_plan("single", spec={"adapter": "qlora", "flash_attention": False, "bf16": "auto"},
+    plan = make_plan("single", spec={"adapter": "qlora", "attn_implementation": "sdpa", "bf16": "auto"},
                      precision="fp16", attention="flash_attention_2", tf32=True, load_in_4bit=True,
                      optimizer="paged_adamw_8bit")
     config = yaml.safe_load(render_bundle(plan)["config.yaml"])
@@ -126,6 +126,16 @@ def test_schema_defaults_are_the_plans_values_key_by_key() -> None:
             assert at(values, location) == ["q_proj", "v_proj"]
         elif key == "tokenizer_type":
             assert at(values, location) is None and values["model"]["tokenizer"] == "m"
+        elif key == "tf32":  # auto: on where the GPU has TF32, as Axolotl
+            assert declared == "auto" and at(values, location) is True
+        elif key == "gradient_checkpointing_kwargs":  # Axolotl's default: reentrant checkpointing
+            assert declared is None and at(values, location) == {"use_reentrant": True}
+        elif key == "warmup_ratio":  # Axolotl's default warmup: 3% of the steps, at most 100
+            assert declared is None and at(values, location) == 0.03 and values["schedule"]["warmup_max_steps"] == 100
+        elif key == "eval_sample_packing":  # as sample_packing
+            assert declared is None and at(values, location) is False
+        elif key == "model_config_overrides":
+            assert declared is None and at(values, location) == {}
         else:
             planned = at(values, location)
             assert planned == declared, f"{key}: schema default {declared!r}, plan {planned!r}"
@@ -149,7 +159,7 @@ def test_a_compiled_plan_parses() -> None:
     (lambda m: m["data"].pop("sequence_len"), "data.sequence_len: missing"),
     (lambda m: m["model"].update(lora_rank=8), "model.lora_rank: unknown key"),
     (lambda m: m.update(sample_packing=True), "sample_packing: unknown key"),
-    (lambda m: m.update(run_plan_version=RUN_PLAN_VERSION + 1), "run_plan_version is 2"),
+    (lambda m: m.update(run_plan_version=RUN_PLAN_VERSION + 1), f"run_plan_version is {RUN_PLAN_VERSION + 1}"),
     (lambda m: m.pop("run_plan_version"), "run_plan_version is None"),
     (lambda m: m["data"].update(sequence_len="2048"), "data.sequence_len: expected an integer"),
     (lambda m: m["optimizer"].update(learning_rate=None), "optimizer.learning_rate: may not be null"),

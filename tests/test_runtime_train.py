@@ -34,8 +34,16 @@ def test_schedules_warm_up_then_follow_their_shape() -> None:
     assert linear(60) == pytest.approx(0.5)
     assert optim.lr_multiplier("constant", total_steps=10, warmup=5)(0) == 1.0  # constant ignores warmup
     assert optim.lr_multiplier("constant_with_warmup", total_steps=10, warmup=4)(1) == pytest.approx(0.4)
-    assert optim.warmup_steps_for(200, warmup_steps=None, warmup_ratio=0.05) == 10
-    assert optim.warmup_steps_for(200, warmup_steps=3, warmup_ratio=0.05) == 3
+    assert optim.warmup_steps_for(200, warmup_steps=None, warmup_ratio=0.05, warmup_max_steps=None) == 10
+    assert optim.warmup_steps_for(200, warmup_steps=3, warmup_ratio=0.05, warmup_max_steps=None) == 3
+    # Axolotl's rounding (down), its default cap, and one warmup step made two.
+    assert optim.warmup_steps_for(210, warmup_steps=None, warmup_ratio=0.05, warmup_max_steps=None) == 10
+    assert optim.warmup_steps_for(10_000, warmup_steps=None, warmup_ratio=0.03, warmup_max_steps=100) == 100
+    assert optim.warmup_steps_for(50, warmup_steps=None, warmup_ratio=0.03, warmup_max_steps=100) == 2
+    # cosine to a floor, reached at a fraction of the steps
+    floor = optim.lr_multiplier("cosine", total_steps=100, warmup=0, min_ratio=0.1, min_from=0.5)
+    assert floor(0) == pytest.approx(1.0) and floor(50) == pytest.approx(0.1) and floor(99) == pytest.approx(0.1)
+    assert optim.lr_multiplier("cosine", total_steps=100, warmup=0, min_ratio=1.0)(60) == pytest.approx(1.0)
     with pytest.raises(optim.OptimizerError, match="lr_scheduler"):
         optim.lr_multiplier("polynomial", total_steps=1, warmup=0)
 

@@ -78,11 +78,16 @@ def test_missing_required_keys() -> None:
 
 
 def test_axolotl_keys_tunefile_does_not_take_say_what_to_do() -> None:
-    document = load_document(MINIMAL + "wandb_project: demo\n", "c.yml")
+    document = load_document(MINIMAL + "relora: true\n", "c.yml")
     with pytest.raises(ConfigError) as caught:
         validate_document(document)
     (problem,) = caught.value.problems
-    assert problem.path == ("wandb_project",) and "metrics.jsonl" in (problem.hint or "")
+    assert problem.path == ("relora",)
+    assert problem.message == "Axolotl's relora is not supported by tunefile: ReLoRA is not supported; train one " \
+                              "LoRA adapter"
+    # Left at Axolotl's default (off), the same key changes nothing and is accepted.
+    spec, _ = validate_document(load_document(MINIMAL + "relora: false\n", "c.yml"))
+    assert spec.base_model
 
 
 def test_top_level_must_be_a_mapping() -> None:

@@ -19,11 +19,16 @@ from ...schemas.run_plan import (
     DeepSpeedPlan,
     DistributionPlan,
     FsdpPlan,
+    KernelsPlan,
     LoraPlan,
+    MlflowPlan,
     ModelPlan,
     OptimizerPlan,
+    QatPlan,
     RunPlan,
     SchedulePlan,
+    TrackersPlan,
+    WandbPlan,
     WatchdogPlan,
     plan_to_dict,
 )
@@ -33,9 +38,14 @@ from ..spec import DatasetSpec, Spec
 
 # What each type reads when the entry leaves it unset (Axolotl's defaults).
 COMPLETION_FIELD = "text"
-CHAT_DEFAULTS: dict[str, Any] = {"field_messages": "messages", "message_field_role": "role",
-                                 "message_field_content": "content", "roles_to_train": ("assistant",),
+CHAT_DEFAULTS: dict[str, Any] = {"field_messages": "messages", "roles_to_train": ("assistant",),
                                  "train_on_eos": "turn"}
+MESSAGE_PROPERTY_DEFAULTS = {"role": "role", "content": "content"}
+# Axolotl's gradient-checkpointing default: transformers' reentrant checkpointing.
+GRADIENT_CHECKPOINTING_KWARGS = {"use_reentrant": True}
+MLFLOW_DEFAULT_EXPERIMENT = "tunefile"
+AXOLOTL_WARMUP_RATIO, AXOLOTL_WARMUP_CAP = 0.03, 100
+MLFLOW_OFFLINE_URI = "file:./mlruns"  # relative to the launch directory, like output_dir
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's choice for Llama-style attention when none is named
 
 # Spec key → where its value lands in the plan ("section.field"). Keys absent here are read by the compiler
@@ -49,6 +59,16 @@ PLAN_LOCATION: dict[str, str] = {
     "lora_modules_to_save": "model.lora.modules_to_save", "lora_model_dir": "model.lora.model_dir",
     "load_in_4bit": "model.load_in_4bit", "load_in_8bit": "model.load_in_8bit", "tf32": "model.tf32",
     "gradient_checkpointing": "model.gradient_checkpointing",
+    "gradient_checkpointing_kwargs": "model.gradient_checkpointing_kwargs",
+    "activation_offloading": "model.activation_offloading", "unfrozen_parameters": "model.unfrozen_parameters",
+    "lora_target_parameters": "model.lora.target_parameters", "lora_fan_in_fan_out": "model.lora.fan_in_fan_out",
+    "peft_use_rslora": "model.lora.use_rslora", "eot_tokens": "data.eot_tokens",
+    "eval_sample_packing": "data.eval_packing", "skip_prepare_dataset": "data.skip_prepare",
+    "adam_beta1": "optimizer.adam_beta1", "adam_beta2": "optimizer.adam_beta2",
+    "adam_epsilon": "optimizer.adam_epsilon", "use_tensorboard": "trackers.tensorboard",
+    "revision_of_model": "model.revision", "cosine_constant_lr_ratio": "schedule.min_lr_from",
+    "early_stopping_patience": "schedule.early_stopping_patience", "model_config_overrides": "model.config_overrides",
+    "quantize_moe_experts": "model.quantize_moe_experts",
     "chat_template": "data.chat_template", "chat_template_jinja": "data.chat_template_jinja",
     "train_on_inputs": "data.train_on_inputs", "val_set_size": "data.val_set_size",
     "dataset_prepared_path": "data.prepared_path", "sequence_len": "data.sequence_len",
@@ -70,14 +90,23 @@ PLAN_LOCATION: dict[str, str] = {
 # Keys that become resolved facts rather than one plan field: precision (bf16/fp16), the attention kernel
 # (flash/sdp/eager_attention), packing (sample_packing → data.packing_attention), the distribution
 # (deepspeed, fsdp_*, strategy), and compiler inputs (target, model_type, model_parameters, tokenizer_config).
-RESOLVED_OR_COMPILER_ONLY = ("bf16", "fp16", "flash_attention", "sdp_attention", "eager_attention",
-                             "sample_packing", "deepspeed", "fsdp_version", "fsdp_config", "strategy", "target",
-                             "model_type", "model_parameters", "tokenizer_config", "datasets")
+RESOLVED_OR_COMPILER_ONLY = ("bf16", "fp16", "attn_implementation", "sample_packing", "deepspeed", "fsdp_version",
+                             "fsdp_config", "strategy", "target", "model_type", "model_parameters",
+                             "tokenizer_config", "datasets", "pretraining_dataset", "plugins", "cut_cross_entropy",
+                             "liger_rms_norm", "liger_glu_activation", "liger_layer_norm", "liger_rope",
+                             "liger_rms_norm_gated", "liger_fused_linear_cross_entropy", "cosine_min_lr_ratio",
+                             "eta_min", "use_wandb", "wandb_project", "wandb_entity",
+                             "wandb_name", "wandb_run_id", "wandb_mode", "wandb_log_model", "mlflow_tracking_uri",
+                             "mlflow_experiment_name", "mlflow_run_name", "model_quantization_config", "dp_shard_size",
+                             "qat",
+                             "model_quantization_config_kwargs", "tokenizer_use_mistral_common",
+                             "resize_token_embeddings_to_32x")
 
 
 def dataset_plan(dataset: DatasetSpec) -> DatasetPlan:
     """One entry with the defaults of its type written out; keys its type does not read stay None."""
     chat = dataset.type == "chat_template"
+    mappings = {**MESSAGE_PROPERTY_DEFAULTS, **(dataset.message_property_mappings or {})}
 
     def chat_key(name: str) -> Any:
         value = getattr(dataset, name)
@@ -90,19 +119,53 @@ def dataset_plan(dataset: DatasetSpec) -> DatasetPlan:
         path=dataset.path, type=dataset.type, name=dataset.name, split=dataset.split,
         data_files=tuple(dataset.data_files) if dataset.data_files else None, ds_type=dataset.ds_type,
         field=(dataset.field or COMPLETION_FIELD) if dataset.type == "completion" else None,
-        field_messages=chat_key("field_messages"), message_field_role=chat_key("message_field_role"),
-        message_field_content=chat_key("message_field_content"), roles_to_train=chat_key("roles_to_train"),
+        field_messages=chat_key("field_messages"),
+        message_field_role=mappings["role"] if chat else None,
+        message_field_content=mappings["content"] if chat else None, roles_to_train=chat_key("roles_to_train"),
         train_on_eos=chat_key("train_on_eos"), chat_template=dataset.chat_template if chat else None,
     )
 
 
 def lora_plan(spec: Spec) -> LoraPlan:
+    regex = spec.lora_target_modules if isinstance(spec.lora_target_modules, str) else None
+    names = None if spec.lora_target_linear or regex else tuple(spec.lora_target_modules or DEFAULT_LORA_TARGETS)
     return LoraPlan(r=spec.lora_r, alpha=spec.lora_alpha, dropout=spec.lora_dropout,
-                    target_linear=spec.lora_target_linear,
-                    target_modules=None if spec.lora_target_linear
-                    else tuple(spec.lora_target_modules or DEFAULT_LORA_TARGETS),
+                    target_linear=spec.lora_target_linear, target_modules=names,
+                    target_modules_regex=None if spec.lora_target_linear else regex,
+                    target_parameters=tuple(spec.lora_target_parameters) if spec.lora_target_parameters else None,
+                    fan_in_fan_out=spec.lora_fan_in_fan_out, use_rslora=spec.peft_use_rslora,
                     modules_to_save=tuple(spec.lora_modules_to_save) if spec.lora_modules_to_save else None,
                     model_dir=spec.lora_model_dir)
+
+
+def wandb_on(spec: Spec) -> bool:
+    """Axolotl's rule: use_wandb when given, else on exactly when a project is named; mode disabled is off."""
+    if spec.wandb_mode == "disabled":
+        return False
+    return spec.use_wandb if spec.use_wandb is not None else bool(spec.wandb_project)
+
+
+def trackers_plan(spec: Spec) -> TrackersPlan:
+    wandb = None
+    if wandb_on(spec):
+        offline = spec.offline or spec.wandb_mode == "offline"
+        wandb = WandbPlan(project=spec.wandb_project or "tunefile", entity=spec.wandb_entity, name=spec.wandb_name,
+                          run_id=spec.wandb_run_id, mode="offline" if offline else "online",
+                          log_model=bool(spec.wandb_log_model) and not offline)
+    mlflow = None
+    if spec.mlflow_tracking_uri or spec.mlflow_experiment_name:
+        uri = spec.mlflow_tracking_uri or MLFLOW_OFFLINE_URI
+        if spec.offline and not uri.startswith("file:"):
+            uri = MLFLOW_OFFLINE_URI
+        mlflow = MlflowPlan(tracking_uri=uri, experiment_name=spec.mlflow_experiment_name or MLFLOW_DEFAULT_EXPERIMENT,
+                            run_name=spec.mlflow_run_name)
+    return TrackersPlan(tensorboard=spec.use_tensorboard, wandb=wandb, mlflow=mlflow)
+
+
+def data_sources(spec: Spec) -> tuple[DatasetPlan, ...]:
+    if spec.pretraining_dataset:
+        return tuple(dataset_plan(d.model_copy(update={"type": "completion"})) for d in spec.pretraining_dataset)
+    return tuple(dataset_plan(d) for d in spec.datasets)
 
 
 def distribution_plan(plan: Plan) -> DistributionPlan:
@@ -121,41 +184,79 @@ def distribution_plan(plan: Plan) -> DistributionPlan:
     )
 
 
+def fsdp_checkpoints(plan: Plan) -> bool:
+    fsdp = plan.distribution.fsdp
+    return plan.distribution.strategy == "fsdp" and fsdp is not None and fsdp.activation_checkpointing
+
+
+def min_lr_ratio(spec: Spec) -> float:
+    if spec.cosine_min_lr_ratio is not None:
+        return spec.cosine_min_lr_ratio
+    return spec.eta_min / spec.learning_rate if spec.eta_min is not None else 0.0
+
+
 def build_run_plan(plan: Plan) -> RunPlan:
     spec = plan.spec
+    # Axolotl's warmup when neither key is set: 3% of the steps, at most 100.
+    default_warmup = spec.warmup_steps is None and spec.warmup_ratio is None
+    warmup_ratio = AXOLOTL_WARMUP_RATIO if default_warmup else spec.warmup_ratio
+    warmup_cap = AXOLOTL_WARMUP_CAP if default_warmup else None
     # A 4-bit base under a LoRA adapter is QLoRA, however the config spelt it.
     adapter = "qlora" if spec.adapter and plan.load_in_4bit else spec.adapter
     return RunPlan(
         run_plan_version=RUN_PLAN_VERSION, tunefile_version=plan.tunefile_version, seed=spec.seed,
         offline=spec.offline,
         data=DataPlan(
-            datasets=tuple(dataset_plan(d) for d in spec.datasets), sequence_len=spec.sequence_len,
+            datasets=data_sources(spec), sequence_len=spec.sequence_len,
             micro_batch_size=plan.batch.micro_batch_size,
             packing_attention=plan.packing_attention if spec.sample_packing else None,
             pad_to_sequence_len=spec.pad_to_sequence_len, train_on_inputs=spec.train_on_inputs,
             val_set_size=spec.val_set_size, prepared_path=spec.dataset_prepared_path,
-            chat_template=spec.chat_template, chat_template_jinja=spec.chat_template_jinja),
+            chat_template=spec.chat_template, chat_template_jinja=spec.chat_template_jinja,
+            eot_tokens=tuple(spec.eot_tokens) if spec.eot_tokens else None,
+            eval_packing=spec.sample_packing if spec.eval_sample_packing is None else spec.eval_sample_packing,
+            skip_prepare=spec.skip_prepare_dataset or bool(spec.pretraining_dataset),
+            streaming=bool(spec.pretraining_dataset)),
         model=ModelPlan(
-            base_model=spec.base_model, architecture=plan.model.architecture, parameters=plan.model.parameters,
+            base_model=spec.base_model, revision=spec.revision_of_model, architecture=plan.model.architecture,
+            parameters=plan.model.parameters, config_overrides=dict(spec.model_config_overrides or {}),
+            quantization_config={"class": spec.model_quantization_config,
+                                 "kwargs": dict(spec.model_quantization_config_kwargs or {})}
+            if spec.model_quantization_config else None,
+            quantize_moe_experts=spec.quantize_moe_experts,
             tokenizer=spec.tokenizer_config or spec.base_model, tokenizer_class=spec.tokenizer_type,
+            tokenizer_backend="mistral_common" if spec.tokenizer_use_mistral_common else "huggingface",
+            pad_embeddings_to_multiple_of=32 if spec.resize_token_embeddings_to_32x else None,
             special_tokens=spec.special_tokens.model_dump(exclude_none=True) if spec.special_tokens else None,
             tokens=tuple(spec.tokens) if spec.tokens else None, trust_remote_code=spec.trust_remote_code,
             precision=plan.precision, tf32=plan.tf32, attn_implementation=plan.attention,
             load_in_4bit=plan.load_in_4bit, load_in_8bit=plan.load_in_8bit,
-            gradient_checkpointing=spec.gradient_checkpointing, shrink_embeddings=spec.shrink_embeddings,
-            adapter=adapter, lora=lora_plan(spec) if adapter else None),
+            # FSDP's own activation checkpointing replaces transformers' (a warning says so).
+            gradient_checkpointing=bool(spec.gradient_checkpointing) and not fsdp_checkpoints(plan),
+            gradient_checkpointing_kwargs=dict(spec.gradient_checkpointing_kwargs or GRADIENT_CHECKPOINTING_KWARGS),
+            activation_offloading=bool(spec.activation_offloading) or spec.gradient_checkpointing == "offload",
+            unfrozen_parameters=tuple(spec.unfrozen_parameters) if spec.unfrozen_parameters and not adapter
+            else None,
+            shrink_embeddings=spec.shrink_embeddings, adapter=adapter, lora=lora_plan(spec) if adapter else None,
+            qat=QatPlan(**spec.qat.model_dump()) if spec.qat else None),
+        kernels=KernelsPlan(**plan.kernels),
         optimizer=OptimizerPlan(name=plan.optimizer, learning_rate=spec.learning_rate,
-                                weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm),
+                                weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm,
+                                adam_beta1=spec.adam_beta1, adam_beta2=spec.adam_beta2,
+                                adam_epsilon=spec.adam_epsilon),
         schedule=SchedulePlan(
             gradient_accumulation_steps=plan.batch.gradient_accumulation_steps, max_steps=spec.max_steps,
             num_epochs=None if spec.max_steps else spec.num_epochs, lr_scheduler=spec.lr_scheduler,
-            warmup_steps=spec.warmup_steps, warmup_ratio=spec.warmup_ratio, logging_steps=spec.logging_steps,
+            warmup_steps=spec.warmup_steps, warmup_ratio=warmup_ratio, warmup_max_steps=warmup_cap,
+            min_lr_ratio=min_lr_ratio(spec), min_lr_from=spec.cosine_constant_lr_ratio or None,
+            early_stopping_patience=spec.early_stopping_patience, logging_steps=spec.logging_steps,
             eval_steps=spec.eval_steps, evals_per_epoch=spec.evals_per_epoch),
         watchdog=WatchdogPlan(loss_threshold=spec.loss_watchdog_threshold, loss_patience=spec.loss_watchdog_patience),
         checkpointing=CheckpointPlan(
             output_dir=spec.output_dir, save_steps=spec.save_steps, saves_per_epoch=spec.saves_per_epoch,
             save_total_limit=spec.save_total_limit, resume_from_checkpoint=spec.resume_from_checkpoint,
             auto_resume=spec.auto_resume_from_checkpoints),
+        trackers=trackers_plan(spec),
         distribution=distribution_plan(plan),
     )
 

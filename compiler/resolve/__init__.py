@@ -10,12 +10,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
-from ..errors import ConfigError, Problem
+from ..errors import ConfigError, Problem, format_path
 from ..plan import BatchPlan, Decision, Plan
 from ..spec import BITSANDBYTES_OPTIMIZERS, Spec
 from ..targets import Target
 from .distribution import DeepSpeedInput, resolve_distribution
 from .hardware import resolve_attention, resolve_packing_attention, resolve_precision, resolve_tf32
+from .kernels import kernel_packages, resolve_kernels
 from .model import resolve_model
 
 __all__ = ["DeepSpeedInput", "ResolveInputs", "resolve"]
@@ -32,7 +33,8 @@ class ResolveInputs:
     deepspeed_file: DeepSpeedInput | None = None
 
 
-def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings: list[Problem] = ()) -> Plan:
+def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings: list[Problem] = (),
+            dialect_notes: list[Problem] = ()) -> Plan:
     errors: list[Problem] = []
     warnings: list[Problem] = list(spec_warnings)
     decisions: list[Decision] = []
@@ -48,6 +50,8 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
     packing, decision = resolve_packing_attention(spec, target, attention)
     if decision:
         decisions.append(decision)
+    kernels, kernel_decisions = resolve_kernels(spec, target, warnings)
+    decisions += kernel_decisions
 
     load_in_4bit = spec.load_in_4bit or spec.adapter == "qlora"
     load_in_8bit = spec.load_in_8bit
@@ -81,6 +85,8 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
                                   f"weights {memory.weights} + gradients {memory.gradients} + optimizer "
                                   f"{memory.optimizer} + activations {memory.activations} + overhead "
                                   f"{memory.overhead} GiB"))
+    decisions += [Decision(f"axolotl {format_path(note.path)}", note.message, note.hint or "")
+                  for note in dialect_notes]
     if spec.offline:
         decisions.append(Decision("network", "offline", "offline: true: HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and "
                                   "TRANSFORMERS_OFFLINE are exported before Python starts"))
@@ -95,6 +101,7 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
         tf32=tf32,
         attention=attention,
         packing_attention=packing,
+        kernels=kernels,
         load_in_4bit=load_in_4bit,
         load_in_8bit=load_in_8bit,
         optimizer=optimizer,
@@ -104,7 +111,9 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
         memory=memory,
         decisions=tuple(decisions),
         warnings=tuple(warnings),
-        required_packages=_required_packages(spec, attention, distribution.strategy, quantization_bits, optimizer),
+        required_packages=tuple(sorted({*_required_packages(spec, attention, distribution.strategy,
+                                                            quantization_bits, optimizer),
+                                         *kernel_packages(kernels)})),
         config_sha256=inputs.config_sha256,
         target_sha256=inputs.target_sha256,
         tunefile_version=__version__,

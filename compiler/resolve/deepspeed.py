@@ -21,12 +21,6 @@ BUILTIN_PRESETS: dict[str, tuple[int, bool, bool]] = {
     "zero3": (3, False, False),
     "zero3_offload": (3, True, True),
 }
-# File names from Axolotl's deepspeed_configs/ folder, mapped to the preset to use instead.
-AXOLOTL_FILE_NAMES = {
-    "zero1.json": "zero1", "zero2.json": "zero2", "zero3.json": "zero3", "zero3_bf16.json": "zero3",
-    "zero1_torch_compile.json": "zero1", "zero3_bf16_cpuoffload_all.json": "zero3_offload",
-    "zero3_bf16_cpuoffload_params.json": "zero3_offload", "zero2_torch_compile.json": "zero2",
-}
 # DeepSpeed's own defaults, used when the model's hidden size is unknown.
 _DEFAULT_BUCKET = 500_000_000
 _DEFAULT_PREFETCH = 50_000_000

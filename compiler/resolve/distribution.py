@@ -56,8 +56,13 @@ def resolve_distribution(
                                     "FSDP on one GPU shards nothing", hint="set offload_params: true or drop FSDP"))
         _warn_if_too_big(memory, ("fsdp_config",), warnings, "set fsdp_config.offload_params: true")
         why = "fsdp_config is set" if spec.fsdp_config else "strategy: fsdp"
-        fsdp, layer_decision = _fsdp_plan(spec, settings, model, warnings)
-        decisions += [Decision("strategy", f"fsdp{spec.fsdp_version}", f"{why}, across {world} GPU(s)"),
+        if spec.dp_shard_size is not None and spec.dp_shard_size != world:
+            errors.append(Problem(("dp_shard_size",), f"dp_shard_size {spec.dp_shard_size} shards across part of the "
+                                  f"{world} GPUs; tunefile's FSDP shards across all of them",
+                                  hint=f"remove the line, or run on {spec.dp_shard_size} GPUs"))
+        version, version_reason = fsdp_version(spec)
+        fsdp, layer_decision = _fsdp_plan(spec, settings, model, warnings, version)
+        decisions += [Decision("strategy", f"fsdp{version}", f"{why}, across {world} GPU(s); {version_reason}"),
                       layer_decision]
         return DistributionPlan(strategy="fsdp", fsdp=fsdp), memory, decisions
 
@@ -91,7 +96,7 @@ def resolve_distribution(
     reason = (f"a replica needs ~{ddp.total:.1f} GiB per GPU, more than 90% of {ddp.available:.0f} GiB; "
               + (f"sharded it still needs ~{sharded.total:.1f} GiB, so parameters are offloaded to CPU"
                  if offload and sharded else f"FSDP2 sharding brings it to ~{sharded.total:.1f} GiB"))
-    fsdp, layer_decision = _fsdp_plan(spec, FsdpConfig(offload_params=offload), model, warnings)
+    fsdp, layer_decision = _fsdp_plan(spec, FsdpConfig(offload_params=offload), model, warnings, 2)
     decisions += [Decision("strategy", "fsdp2" + (" + offload" if offload else ""), reason), layer_decision]
     _warn_if_too_big(memory, ("base_model",), warnings, "lower micro_batch_size or sequence_len")
     return DistributionPlan(strategy="fsdp", fsdp=fsdp), memory, decisions
@@ -128,8 +133,18 @@ def _warn_if_too_big(memory: MemoryEstimate | None, path: tuple, warnings: list[
                                 hint=fix))
 
 
+def fsdp_version(spec: Spec) -> tuple[int, str]:
+    """FSDP's generation and why: the config's fsdp_version; Axolotl's FSDP1 for an fsdp_config without one;
+    FSDP2 when tunefile chose FSDP itself."""
+    if spec.fsdp_version is not None:
+        return spec.fsdp_version, f"fsdp_version: {spec.fsdp_version}"
+    if spec.fsdp_config is not None:
+        return 1, "an fsdp_config without fsdp_version is FSDP1, as in Axolotl (add fsdp_version: 2 for FSDP2)"
+    return 2, "FSDP chosen by tunefile is FSDP2 (per-parameter sharding)"
+
+
 def _fsdp_plan(spec: Spec, settings: FsdpConfig, model: ModelInfo,
-               warnings: list[Problem]) -> tuple[FsdpPlan, Decision]:
+               warnings: list[Problem], version: int) -> tuple[FsdpPlan, Decision]:
     derived = layer_class_for(model.architecture)
     chosen = settings.transformer_layer_cls_to_wrap
     if chosen:
@@ -148,12 +163,14 @@ def _fsdp_plan(spec: Spec, settings: FsdpConfig, model: ModelInfo,
     else:
         reason = f"not needed with {settings.auto_wrap_policy}"
     plan = FsdpPlan(
-        version=spec.fsdp_version,
+        version=version,
         layer_cls_to_wrap=chosen,
         auto_wrap_policy=settings.auto_wrap_policy,
         offload_params=settings.offload_params,
         state_dict_type=settings.state_dict_type,
-        reshard_after_forward=settings.reshard_after_forward,
+        # FSDP1 spells "reshard after forward" as its sharding strategy: FULL_SHARD does, SHARD_GRAD_OP does not.
+        reshard_after_forward=settings.reshard_after_forward if settings.sharding_strategy is None
+        else settings.sharding_strategy == "FULL_SHARD",
         cpu_ram_efficient_loading=settings.cpu_ram_efficient_loading,
         activation_checkpointing=settings.activation_checkpointing,
     )
@@ -175,6 +192,24 @@ def _deepspeed_plan(spec: Spec, batch: BatchPlan, precision: str, shape: ModelSh
     config, problems = ds.concretize_user_config(user_file.data, file=user_file.name, batch=batch,
                                                  precision=precision, max_grad_norm=spec.max_grad_norm, shape=shape)
     errors.extend(problems)
+    source = user_file.name if user_file.name.startswith("Axolotl ") else "your file"
+    reason = f"deepspeed: {name} ({source}, 'auto' values filled in){_offload_words(config)}"
+    if shape is None and _has_auto_buckets(user_file.data):
+        reason += ("; its \"auto\" bucket sizes are DeepSpeed's defaults, since the model's hidden size is unknown "
+                   "(a local base_model or one in the built-in table sizes them)")
     return (DistributionPlan("deepspeed", deepspeed_config=config, deepspeed_stage=ds.zero_stage(config),
-                             deepspeed_source=name),
-            f"deepspeed: {name} (your file, 'auto' values filled in)")
+                             deepspeed_source=name), reason)
+
+
+def _offload_words(config: dict) -> str:
+    zero = config.get("zero_optimization") if isinstance(config.get("zero_optimization"), dict) else {}
+    parts = [what for key, what in (("offload_optimizer", "optimizer state"), ("offload_param", "parameters"))
+             if isinstance(zero.get(key), dict) and zero[key].get("device") == "cpu"]
+    return f"; offloads {' and '.join(parts)} to the CPU" if parts else ""
+
+
+def _has_auto_buckets(user: dict) -> bool:
+    zero = user.get("zero_optimization")
+    return isinstance(zero, dict) and any(zero.get(key) == "auto" for key in
+                                          ("reduce_bucket_size", "stage3_prefetch_bucket_size",
+                                           "stage3_param_persistence_threshold"))

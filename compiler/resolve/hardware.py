@@ -36,29 +36,60 @@ def resolve_precision(spec: Spec, target: Target, errors: list[Problem]) -> tupl
 
 
 def resolve_tf32(spec: Spec, target: Target, warnings: list[Problem]) -> tuple[bool, Decision]:
-    gpu = target.gpu
-    if not spec.tf32:
-        return False, Decision("tf32", "off", "tf32 not requested")
-    if gpu is None or not gpu.ampere_or_newer:
-        warnings.append(Problem(("tf32",), f"ignored: TF32 needs an Ampere or newer GPU, not {_gpu_words(target)}"))
-        return False, Decision("tf32", "off", f"{_gpu_words(target)} has no TF32")
-    return True, Decision("tf32", "on", f"tf32: true and {_gpu_words(target)} supports it")
+    gpu, where = target.gpu, _gpu_words(target)
+    if spec.tf32 is False:
+        return False, Decision("tf32", "off", "tf32: false")
+    has_tf32 = gpu is not None and gpu.ampere_or_newer
+    if spec.tf32 == "auto":
+        # Axolotl's default: on where the GPU has TF32.
+        reason = f"tf32: auto and {where} {'supports it' if has_tf32 else 'has no TF32'}"
+        return has_tf32, Decision("tf32", "on" if has_tf32 else "off", reason)
+    if not has_tf32:
+        warnings.append(Problem(("tf32",), f"ignored: TF32 needs an Ampere or newer GPU, not {where}"))
+        return False, Decision("tf32", "off", f"{where} has no TF32")
+    return True, Decision("tf32", "on", f"tf32: true and {where} supports it")
+
+
+# What each Axolotl attention name runs as in tunefile, where it differs from the name itself.
+_NOT_CARRIED = {
+    "xformers": "xformers is not among tunefile's dependencies; PyTorch SDPA runs the same memory-efficient kernel",
+    "sage": "SageAttention is not among tunefile's dependencies",
+    "flex_attention": "tunefile isolates packed samples with varlen kernels or an SDPA block mask, not flex "
+                      "attention (transformers' flex path hung at step 0 in our GPU runs)",
+}
 
 
 def resolve_attention(spec: Spec, target: Target, warnings: list[Problem]) -> tuple[str, Decision]:
+    """Axolotl's attn_implementation → the kernel the target runs, falling back (with the reason) to the
+    nearest one it can: flash-attn's on Ampere or newer, else PyTorch SDPA."""
     gpu, where = target.gpu, _gpu_words(target)
-    if spec.eager_attention:
-        return "eager", Decision("attention", "eager", "eager_attention: true")
-    if spec.flash_attention:
-        if gpu is not None and gpu.ampere_or_newer:
-            return "flash_attention_2", Decision(
-                "attention", "flash_attention_2", f"flash_attention: true and {where} is Ampere or newer"
-            )
+    asked = spec.attn_implementation or "sdpa"
+    ampere = gpu is not None and gpu.ampere_or_newer
+    if asked == "eager":
+        return "eager", Decision("attention", "eager", "attn_implementation: eager")
+    if asked == "sdpa":
+        reason = "attn_implementation: sdpa" if spec.attn_implementation else "PyTorch SDPA (the default)"
+        return "sdpa", Decision("attention", "sdpa", reason)
+    if asked in _NOT_CARRIED:
+        return "sdpa", Decision("attention", "sdpa", f"attn_implementation: {asked}, but {_NOT_CARRIED[asked]}")
+    if asked.startswith("kernels-") or "/" in asked:
+        why = f"attn_implementation: {asked} is a kernel downloaded from the Hugging Face Hub at run time, which " \
+              "tunefile never does (bundles run offline)"
+        if ampere:
+            return "flash_attention_2", Decision("attention", "flash_attention_2", f"{why}; flash-attn's kernel on "
+                                                 f"{where} instead")
+        return "sdpa", Decision("attention", "sdpa", f"{why}; PyTorch SDPA on {where} instead")
+    if asked in ("flash_attention_2", "flash_attention_3"):
+        if ampere:
+            note = "" if asked == "flash_attention_2" else " (flash-attn 2's kernel: FA3 is not a tunefile extra)"
+            return "flash_attention_2", Decision("attention", "flash_attention_2",
+                                                 f"attn_implementation: {asked} and {where} is Ampere or newer{note}")
         # Decision (README): fall back rather than fail, so one config serves several clusters.
-        warnings.append(Problem(("flash_attention",), f"flash-attn needs an Ampere or newer GPU; {where} gets "
-                                "PyTorch SDPA instead", hint="set flash_attention: false to silence this"))
-        return "sdpa", Decision("attention", "sdpa", f"flash_attention requested but {where} cannot run it")
-    return "sdpa", Decision("attention", "sdpa", "PyTorch scaled-dot-product attention (the default)")
+        warnings.append(Problem(("attn_implementation",), f"flash-attn needs an Ampere or newer GPU; {where} gets "
+                                "PyTorch SDPA instead", hint="set attn_implementation: sdpa to silence this"))
+        return "sdpa", Decision("attention", "sdpa", f"attn_implementation: {asked}, but {where} cannot run it")
+    return "sdpa", Decision("attention", "sdpa", f"attn_implementation: {asked} is not a kernel tunefile knows; "
+                            "PyTorch SDPA")
 
 
 def resolve_packing_attention(spec: Spec, target: Target, attention: str) -> tuple[str | None, Decision | None]:

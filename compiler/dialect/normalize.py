@@ -1,0 +1,292 @@
+"""Axolotl's dialect → tunefile's Spec keys: the stage between load and validate.
+
+People arrive with the configs they have, written for Axolotl as it is documented today (the version in
+``axolotl_keys.json``), deprecated spellings included. This stage reads them as Axolotl would and hands
+validate a mapping in tunefile's own spelling, plus what it decided on the way:
+
+1. Empty means default. Axolotl types nearly every key ``X | None``; ``lora_r:`` with no value means "the
+   default". Empty values are dropped at every depth, so no rule ever sees them as set.
+2. Preference/RL, multimodal and reward-model configs are refused with one line naming the feature.
+3. Older and alternative spellings are rewritten: ``flash_attention: true`` → ``attn_implementation``,
+   ``message_field_role`` → ``message_property_mappings``, ``fsdp_``-prefixed ``fsdp_config`` keys, the
+   ``fsdp:`` list, ``batch_size``, ``evals_per_epoch: 0``, ….
+4. Axolotl keys tunefile does not carry out are accepted when they hold Axolotl's default or a value that
+   changes nothing; keys that only tune Hugging Face's Trainer are accepted with a note that they have no
+   effect; everything else Axolotl knows is refused with a reason. Keys nobody knows are left for validate,
+   which calls them unknown.
+
+Pure: data in, data and Problems out. Notes (accepted, rewritten) are Problems that resolve turns into
+``explain`` lines.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from pydantic import BaseModel
+
+from ..errors import ConfigError, KeyPath, Problem
+from ..spec import KNOWN_PLUGINS, DatasetSpec, FsdpConfig, Spec
+from .table import (
+    EFFECTIVE_DEFAULTS,
+    FSDP_NO_EFFECT,
+    NEUTRAL_VALUES,
+    NO_EFFECT,
+    NO_EFFECT_PLUGINS,
+    OUT_OF_SCOPE,
+    OUT_OF_SCOPE_DATASET_TYPES,
+    PLUGIN_FEATURES,
+    REFUSED,
+    TUNEFILE_BNB_SETTINGS,
+)
+
+# Legacy boolean attention flags and the attn_implementation each one means (Axolotl's own mapping).
+LEGACY_ATTENTION = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "xformers_attention": "xformers",
+                    "flex_attention": "flex_attention", "eager_attention": "eager", "sage_attention": "sage"}
+LEGACY_MESSAGE_FIELDS = {"message_field_role": "role", "message_field_content": "content"}
+
+
+@dataclass(frozen=True)
+class AxolotlCatalogue:
+    version: str
+    top_level: dict[str, Any]
+    datasets: dict[str, Any]
+    fsdp_config: dict[str, Any]
+
+
+@cache
+def axolotl_catalogue() -> AxolotlCatalogue:
+    """Axolotl's keys and defaults, written by bench/axolotl_keys.py from its schema."""
+    text = resources.files(__package__).joinpath("axolotl_keys.json").read_text(encoding="utf-8")
+    data = json.loads(text)
+    return AxolotlCatalogue(data["axolotl_version"], data["top_level"], data["datasets"], data["fsdp_config"])
+
+
+@dataclass
+class Reading:
+    """The config in tunefile's spelling, with the notes and refusals gathered on the way."""
+
+    data: Any
+    notes: list[Problem] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    # Rewritten key → the key the user wrote, so that a problem with the new key points at the old line.
+    moved: dict[KeyPath, KeyPath] = field(default_factory=dict)
+
+
+def read_axolotl(data: Any) -> Reading:
+    """Raise ConfigError with one line for a config of a kind tunefile does not train; else the Reading."""
+    if not isinstance(data, dict):
+        return Reading(data)
+    data = drop_empty(data)
+    out_of_scope = _out_of_scope(data)
+    if out_of_scope:
+        raise ConfigError([out_of_scope])
+    reading = Reading(dict(data))
+    _rewrite_spellings(reading)
+    _sort_keys(reading, reading.data, (), spec_keys(Spec), axolotl_catalogue().top_level)
+    datasets = reading.data.get("datasets")
+    for list_key in ("datasets", "pretraining_dataset"):
+        entries = reading.data.get(list_key)
+        if isinstance(entries, list):
+            for index, entry in enumerate(entries):
+                if isinstance(entry, dict):
+                    _sort_keys(reading, entry, (list_key, index), spec_keys(DatasetSpec),
+                               axolotl_catalogue().datasets)
+    del datasets
+    fsdp_config = reading.data.get("fsdp_config")
+    if isinstance(fsdp_config, dict):
+        _sort_keys(reading, fsdp_config, ("fsdp_config",), spec_keys(FsdpConfig),
+                   axolotl_catalogue().fsdp_config)
+    qat = reading.data.get("qat")
+    if isinstance(qat, dict):
+        for key in ("weight_dtype", "activation_dtype"):
+            if qat.get(key) in ("fp8", "float8"):  # Axolotl's other spellings of float8_e4m3fn
+                qat[key] = "float8_e4m3fn"
+    _check_plugins(reading)
+    return reading
+
+
+def spec_keys(model: type[BaseModel]) -> set[str]:
+    """The keys a config writes for this model (a field's alias where it has one)."""
+    return {info.alias or name for name, info in model.model_fields.items()}
+
+
+def drop_empty(value: Any) -> Any:
+    """The value without mapping entries whose value is empty (None), at every depth."""
+    if isinstance(value, dict):
+        return {key: drop_empty(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [drop_empty(item) for item in value]
+    return value
+
+
+def _out_of_scope(data: dict[str, Any]) -> Problem | None:
+    for key, feature in OUT_OF_SCOPE.items():
+        if key in data and data[key] is not False:
+            return Problem((key,), f"{feature} ({key}: {_short(data[key])}) is not supported: tunefile trains "
+                           "text models with supervised fine-tuning", at_key=True)
+    for index, entry in enumerate(data.get("datasets") or []):
+        kind = str(entry.get("type", "")) if isinstance(entry, dict) else ""
+        family = kind.split(".")[0].split(":")[0]
+        if family in OUT_OF_SCOPE_DATASET_TYPES:
+            return Problem(("datasets", index, "type"), f"{OUT_OF_SCOPE_DATASET_TYPES[family]} (dataset type "
+                           f"{kind}) is not supported: tunefile trains text models with supervised fine-tuning")
+    return None
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _note(reading: Reading, path: KeyPath, verdict: str, reason: str) -> None:
+    """A note for ``explain``: what tunefile made of the key (verdict) and why."""
+    reading.notes.append(Problem(path, verdict, hint=reason, at_key=True))
+
+
+def _rewrite_spellings(reading: Reading) -> None:
+    data = reading.data
+    # Attention: the legacy booleans become attn_implementation, as Axolotl's own validator does.
+    for key, implementation in LEGACY_ATTENTION.items():
+        if key not in data:
+            continue
+        on = data.pop(key)
+        if on is not True:
+            continue
+        chosen = data.get("attn_implementation")
+        if chosen is None:
+            data["attn_implementation"] = implementation
+            reading.moved[("attn_implementation",)] = (key,)
+            _note(reading, (key,), f"read as attn_implementation: {implementation}", "Axolotl's current spelling")
+        elif chosen != implementation:
+            reading.problems.append(Problem((key,), f"{key}: true contradicts attn_implementation: {chosen}",
+                                            hint="keep attn_implementation only", at_key=True))
+    # fsdp: [full_shard, auto_wrap, offload] is Axolotl's older switch for FSDP1; fsdp_config holds the rest.
+    if "fsdp" in data:
+        words = data.pop("fsdp")
+        words = words.split() if isinstance(words, str) else words
+        if words:
+            settings = dict(data.get("fsdp_config") or {})
+            if "offload" in words:
+                settings.setdefault("offload_params", True)
+            if "shard_grad_op" in words:
+                settings.setdefault("sharding_strategy", "SHARD_GRAD_OP")
+            data["fsdp_config"] = settings
+            reading.moved.setdefault(("fsdp_config",), ("fsdp",))
+            _note(reading, ("fsdp",), "read as fsdp_config", "Axolotl's older way to turn FSDP on")
+    settings = data.get("fsdp_config")
+    if isinstance(settings, dict):
+        settings = dict(settings)
+        for key in list(settings):
+            if key.startswith("fsdp_"):
+                plain = key.removeprefix("fsdp_")
+                if plain in settings and settings[plain] != settings[key]:
+                    reading.problems.append(Problem(("fsdp_config", key), f"{key} and {plain} disagree",
+                                                    hint="keep one of the two spellings", at_key=True))
+                settings[plain] = settings.pop(key)
+                reading.moved[("fsdp_config", plain)] = ("fsdp_config", key)
+        if "version" in settings:
+            version = settings.pop("version")
+            if data.get("fsdp_version", version) != version:
+                reading.problems.append(Problem(("fsdp_config", "fsdp_version"),
+                                                "fsdp_config.fsdp_version and fsdp_version disagree", at_key=True))
+            data["fsdp_version"] = version
+            reading.moved.setdefault(("fsdp_version",), ("fsdp_config", "fsdp_version"))
+        data["fsdp_config"] = settings
+    # batch_size is Axolotl's older way to say micro_batch_size × gradient_accumulation_steps.
+    if "batch_size" in data:
+        batch_size = data.pop("batch_size")
+        micro = data.get("micro_batch_size", 1)
+        if "gradient_accumulation_steps" not in data and isinstance(batch_size, int) and isinstance(micro, int) \
+                and micro > 0:
+            data["gradient_accumulation_steps"] = max(1, batch_size // micro)
+            reading.moved[("gradient_accumulation_steps",)] = ("batch_size",)
+            _note(reading, ("batch_size",), f"read as gradient_accumulation_steps: {max(1, batch_size // micro)}",
+                  "batch_size ÷ micro_batch_size, as Axolotl does")
+        else:
+            _note(reading, ("batch_size",), "no effect", "gradient_accumulation_steps is set, as in Axolotl")
+    # Zero evaluations per epoch is Axolotl's way to say "no evaluation".
+    for key in ("evals_per_epoch", "saves_per_epoch", "eval_steps", "save_steps"):
+        if data.get(key) == 0:
+            del data[key]
+            _note(reading, (key,), "none", "0 means none, as in Axolotl")
+    if data.get("eval_strategy", data.get("evaluation_strategy")) == "no":
+        for key in ("evals_per_epoch", "eval_steps"):
+            data.pop(key, None)
+    if data.get("save_strategy") == "no":
+        for key in ("saves_per_epoch", "save_steps"):
+            data.pop(key, None)
+    # Datasets: the older message keys become message_property_mappings.
+    for list_key in ("datasets", "pretraining_dataset"):
+        for index, entry in enumerate(data.get(list_key) or []):
+            if not isinstance(entry, dict):
+                continue
+            legacy = {new: entry.pop(old) for old, new in LEGACY_MESSAGE_FIELDS.items() if old in entry}
+            if legacy:
+                mappings = dict(entry.get("message_property_mappings") or {})
+                for name, value in legacy.items():
+                    mappings.setdefault(name, value)
+                entry["message_property_mappings"] = mappings
+                old = next(name for name in LEGACY_MESSAGE_FIELDS if LEGACY_MESSAGE_FIELDS[name] in legacy)
+                reading.moved[(list_key, index, "message_property_mappings")] = (list_key, index, old)
+                _note(reading, (list_key, index), "read message_field_role/content as message_property_mappings",
+                      "Axolotl's current spelling")
+            if list_key == "pretraining_dataset":
+                entry.pop("type", None)  # Axolotl's pretrain type: tunefile reads these as completion text
+
+
+def _is_default(key: str, value: Any, axolotl_default: Any) -> bool:
+    if value == axolotl_default and type(value) is type(axolotl_default):
+        return True
+    if value in NEUTRAL_VALUES.get(key, ()):
+        return True
+    if key in EFFECTIVE_DEFAULTS and value == EFFECTIVE_DEFAULTS[key]:
+        return True
+    if key == "bnb_config_kwargs" and isinstance(value, dict):
+        return all(TUNEFILE_BNB_SETTINGS.get(name, object()) == setting for name, setting in value.items())
+    # A flag left off is Axolotl's default whether the schema spells that default None or false.
+    return value is False and axolotl_default in (None, False)
+
+
+def _sort_keys(reading: Reading, mapping: dict[str, Any], path: KeyPath, ours: set[str],
+               axolotl: dict[str, Any]) -> None:
+    """Keep tunefile's keys; accept, note or refuse Axolotl's others; leave unknown keys for validate."""
+    for key in [key for key in mapping if isinstance(key, str) and key not in ours]:
+        where = (*path, key)
+        value = mapping[key]
+        top = not path
+        no_effect = NO_EFFECT if top else FSDP_NO_EFFECT if path == ("fsdp_config",) else {}
+        if key in no_effect:
+            del mapping[key]
+            _note(reading, where, "no effect", no_effect[key])
+        elif key in axolotl or (top and key in REFUSED):
+            del mapping[key]
+            if _is_default(key, value, axolotl.get(key)):
+                _note(reading, where, "accepted", f"{_short(value)} is Axolotl's default, which is what tunefile "
+                      "runs")
+                continue
+            reason = REFUSED.get(key, "") if top else ""
+            reading.problems.append(Problem(
+                where, f"Axolotl's {key} is not supported by tunefile" + (f": {reason}" if reason else ""),
+                hint=None if reason else "remove the line; tunefile trains without it", at_key=True))
+
+
+def _check_plugins(reading: Reading) -> None:
+    plugins = reading.data.get("plugins")
+    if not isinstance(plugins, list):
+        return
+    for index, plugin in enumerate(plugins):
+        if plugin in KNOWN_PLUGINS:
+            continue
+        if plugin in NO_EFFECT_PLUGINS:
+            _note(reading, ("plugins", index), "no effect", NO_EFFECT_PLUGINS[plugin])
+            continue
+        name = str(plugin).removeprefix("axolotl.integrations.").split(".")[0]
+        feature = PLUGIN_FEATURES.get(name, f"the plugin {plugin}")
+        reading.problems.append(Problem(("plugins", index), f"{feature} ({plugin}) is not supported by tunefile",
+                                        hint="tunefile carries out the Liger and cut-cross-entropy plugins"))
+    reading.data["plugins"] = [plugin for plugin in plugins if plugin in KNOWN_PLUGINS]
