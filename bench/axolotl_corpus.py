@@ -103,6 +103,35 @@ def compile_one(path: Path, gpus: int, out: Path) -> tuple[str, list[str]]:
     return "ok", []
 
 
+def corpus_keys(paths: list[Path]) -> set[str]:
+    """Every key the configs write: top-level ones, datasets[].key and fsdp_config.key."""
+    keys: set[str] = set()
+    for path in paths:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        keys |= set(data)
+        for entry in data.get("datasets") or []:
+            if isinstance(entry, dict):
+                keys |= {f"datasets[].{key}" for key in entry}
+        if isinstance(data.get("fsdp_config"), dict):
+            keys |= {f"fsdp_config.{key}" for key in data["fsdp_config"]}
+    return keys
+
+
+def missing_from_readme(keys: set[str]) -> list[str]:
+    """Keys the README's config reference does not name (fsdp_-prefixed keys are listed under their plain
+    name, with one line saying so)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = []
+    for key in sorted(keys):
+        plain = key.replace("fsdp_config.fsdp_", "fsdp_config.")
+        names = {f"`{key}`", f"`{plain}`", f"`{key}: true`", f"`{key}: [", f"`plugins: [{key}"}
+        if key == "fsdp_config.fsdp_version":
+            names.add("`fsdp_version`")
+        if not any(name in readme for name in names):
+            missing.append(key)
+    return missing
+
+
 def _pattern(line: str, tree: Path) -> str:
     """An error line without its file and position, to count how often each kind occurs."""
     text = line.replace(str(tree) + "/", "")
@@ -132,6 +161,13 @@ def main() -> int:
             return row["outcome"] == "ok"
         return row["outcome"] == "refused" and len(row["lines"]) == 1 and row["kind"] in row["lines"][0].lower()
 
+    from tunefile.compiler.dialect.normalize import axolotl_catalogue
+
+    catalogue = axolotl_catalogue()
+    schema_keys = {*catalogue.top_level, *(f"datasets[].{key}" for key in catalogue.datasets),
+                   *(f"fsdp_config.{key}" for key in catalogue.fsdp_config)}
+    unlisted = missing_from_readme(corpus_keys(training_configs(tree)))
+    unlisted_axolotl = [key for key in unlisted if key in schema_keys]
     table = collections.Counter((row["kind"], row["outcome"]) for row in rows)
     sft = [row for row in rows if row["kind"] == "sft"]
     sft_ok = sum(row["outcome"] == "ok" for row in sft)
@@ -145,6 +181,9 @@ def main() -> int:
     print(f"\nSFT configs compiling unmodified: {sft_ok}/{len(sft)} ({100 * sft_ok / max(len(sft), 1):.1f}%)")
     print(f"RL/multimodal refused with one line naming the feature: {others_ok}/{len(others)}")
     print(f"crashes (tracebacks): {crashed}")
+    print(f"Axolotl keys the configs use that the README's config reference does not name: "
+          f"{len(unlisted_axolotl)}; other keys they use (not in Axolotl's schema, unknown to tunefile): "
+          f"{', '.join(key for key in unlisted if key not in unlisted_axolotl) or 'none'}")
 
     if args.show:
         patterns = collections.Counter(_pattern(line, tree) for row in sft if row["outcome"] != "ok"
@@ -164,7 +203,8 @@ def main() -> int:
         "axolotl_version": args.version, "files": len(rows), "sft": len(sft), "sft_compiled": sft_ok,
         "sft_compiled_percent": round(100 * sft_ok / max(len(sft), 1), 1),
         "rl_or_multimodal": len(others), "rl_or_multimodal_refused_in_one_line": others_ok,
-        "crashes": crashed,
+        "crashes": crashed, "axolotl_keys_missing_from_readme": unlisted_axolotl,
+        "non_axolotl_keys_used": [key for key in unlisted if key not in unlisted_axolotl],
         "not_as_expected": [{key: row[key] for key in ("file", "kind", "gpus", "outcome", "lines")}
                             for row in rows if not expected(row)],
     }, indent=1) + "\n")

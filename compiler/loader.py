@@ -44,6 +44,15 @@ class Document:
     data: Any
     value_marks: dict[KeyPath, Mark] = field(default_factory=dict)
     key_marks: dict[KeyPath, Mark] = field(default_factory=dict)
+    # Keys rewritten into tunefile's spelling → the key as the file wrote it (compiler/dialect), so that a
+    # problem is shown under the name the user knows.
+    written_as: dict[KeyPath, KeyPath] = field(default_factory=dict)
+
+    def shown_path(self, path: KeyPath) -> KeyPath:
+        for new, old in self.written_as.items():
+            if tuple(path[:len(new)]) == new:
+                return (*old, *path[len(new):])
+        return tuple(path)
 
     def locate(self, path: KeyPath, *, at_key: bool = False) -> Mark:
         """The best mark for a path: the key or value itself, else its nearest ancestor."""

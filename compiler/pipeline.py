@@ -80,7 +80,9 @@ class Sources:
         if problem.file == COMMAND_LINE:
             return f"tunefile: {prefix}{problem.message}" + (f"\n    hint: {problem.hint}" if problem.hint else "")
         name, line, column = self.locate(problem)
-        text = f"{name}:{line}:{column}: {prefix}{format_path(problem.path)}: {problem.message}"
+        document = self.documents.get(name)
+        path = document.shown_path(problem.path) if document else problem.path
+        text = f"{name}:{line}:{column}: {prefix}{format_path(path)}: {problem.message}"
         return text + (f"\n    hint: {problem.hint}" if problem.hint else "")
 
 

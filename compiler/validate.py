@@ -39,6 +39,7 @@ def validate_with_notes(document: Document) -> tuple[Spec, list[Problem], list[P
         for marks in (document.key_marks, document.value_marks):
             if old in marks and new not in marks:
                 marks[new] = marks[old]
+    document.written_as.update(reading.moved)
     problems: list[Problem] = list(reading.problems)
     supported = reading.data
     if not supported.get("datasets") and not supported.get("pretraining_dataset"):

@@ -82,10 +82,11 @@ def test_target_file_errors_are_located_in_the_target_file(tmp_path: Path) -> No
     assert code == 2 and "cluster.yml:2:1: error: partiton: unknown target setting; did you mean partition?" in err
 
 
-def test_missing_deepspeed_file_points_at_the_preset(tmp_path: Path) -> None:
-    config = write(tmp_path / "c.yml", MINIMAL + "deepspeed: deepspeed_configs/zero3_bf16.json\n")
+def test_missing_deepspeed_file_lists_presets_and_axolotls_stock_files(tmp_path: Path) -> None:
+    config = write(tmp_path / "c.yml", MINIMAL + "deepspeed: deepspeed_configs/zero9.json\n")
     code, _, err = run("validate", str(config), "--gpus-per-node", "2")
-    assert code == 2 and "use the built-in preset: `deepspeed: zero3`" in err
+    assert code == 2 and "no such file: deepspeed_configs/zero9.json" in err
+    assert "built-in presets: zero1" in err and "zero3_bf16_cpuoffload_params.json" in err
 
 
 def test_compile_refuses_to_overwrite_without_force(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from ..spec import KNOWN_PLUGINS, DatasetSpec, FsdpConfig, Spec
 from .table import (
     EFFECTIVE_DEFAULTS,
     FSDP_NO_EFFECT,
+    IGNORED_BY_AXOLOTL,
     NEUTRAL_VALUES,
     NO_EFFECT,
     NO_EFFECT_PLUGINS,
@@ -263,6 +264,10 @@ def _sort_keys(reading: Reading, mapping: dict[str, Any], path: KeyPath, ours: s
         if key in no_effect:
             del mapping[key]
             _note(reading, where, "no effect", no_effect[key])
+        elif top and key in IGNORED_BY_AXOLOTL:
+            del mapping[key]
+            _note(reading, where, "no effect", f"not a key of Axolotl {axolotl_catalogue().version}'s schema: "
+                  "Axolotl ignores it as well")
         elif key in axolotl or (top and key in REFUSED):
             del mapping[key]
             if _is_default(key, value, axolotl.get(key)):

@@ -38,7 +38,7 @@ NO_EFFECT: dict[str, str] = {
                    "the model's own code runs",
     "use_scattermoe": _SPEED_KERNEL, "use_sonicmoe": _SPEED_KERNEL, "experts_implementation": _SPEED_KERNEL,
     "flash_attn_cross_entropy": _SPEED_KERNEL, "flash_attn_rms_norm": _SPEED_KERNEL,
-    "flash_attn_fuse_mlp": _SPEED_KERNEL, "flash_attn_fuse_qkv": _SPEED_KERNEL, "fused_attn_kernel": _SPEED_KERNEL,
+    "flash_attn_fuse_mlp": _SPEED_KERNEL, "fused_attn_kernel": _SPEED_KERNEL,
     "torch_compile": "tunefile does not torch.compile the model (same results, no compile warm-up)",
     "torch_compile_mode": "tunefile does not torch.compile the model",
     "torch_compile_backend": "tunefile does not torch.compile the model",
@@ -49,11 +49,8 @@ NO_EFFECT: dict[str, str] = {
     "low_cpu_mem_usage": "transformers always loads weights lazily",
     "torchdistx_path": "tunefile does not use torchdistx",
     "push_dataset_to_hub": _HUB, "hub_model_id": _HUB, "hub_strategy": _HUB, "hf_use_auth_token": _HUB,
-    "base_model_ignore_patterns": "tunefile loads what transformers' from_pretrained loads",
-    "debug": "tunefile has `tunefile --debug` and the runtime's --debug for tracebacks",
     "local_rank": "set by the launcher, not the config",
     "sample_packing_eff_est": "tunefile packs exactly; it needs no packing-efficiency estimate",
-    "sample_packing_seq_len_multiplier": "tunefile packs exactly; it needs no estimate",
     "total_num_tokens": "tunefile counts tokens itself when it prepares the data",
     "dataset_processes": "tunefile's preprocessing decides its own worker count",
     "dataset_num_proc": "tunefile's preprocessing decides its own worker count",
@@ -81,15 +78,10 @@ REFUSED: dict[str, str] = {
     "jagged_restart_steps": "jagged learning-rate restarts are not supported; lr_scheduler offers cosine, linear, "
                             "constant and constant_with_warmup",
     "fp8": "FP8 training is not supported; tunefile trains in bf16 or fp16",
-    "early_stopping_patience": "tunefile has no early stopping; set max_steps or num_epochs",
-    "cosine_min_lr_ratio": "the cosine schedule decays to zero in tunefile",
-    "cosine_constant_lr_ratio": "the cosine schedule decays to zero in tunefile",
-    "eta_min": "the cosine schedule decays to zero in tunefile",
     "lr_quadratic_warmup": "tunefile's warmup is linear",
     "group_by_length": "tunefile shuffles rows (or packs them); it does not group them by length",
     "float16": "pure float16 weights are not supported; use fp16: true (mixed precision)",
     "bfloat16": "pure bfloat16 weights are not supported; use bf16: true (mixed precision)",
-    "torch_dtype": "tunefile loads the weights in the compute dtype that bf16/fp16 decide",
     "device_map": "tunefile places the model itself (one copy per GPU, or sharded by FSDP/DeepSpeed)",
     "chat_template_kwargs": "extra chat-template arguments are not supported",
     "min_sample_len": "tunefile keeps every sample that fits sequence_len",
@@ -118,6 +110,11 @@ REFUSED: dict[str, str] = {
     "eval_table_size": "tunefile's evaluation reports the loss only",
     "eval_max_new_tokens": "tunefile's evaluation reports the loss only",
 }
+
+# Keys Axolotl's own examples write that are not in its schema: Axolotl ignores them, and so does tunefile.
+IGNORED_BY_AXOLOTL = ("debug", "base_model_ignore_patterns", "flash_attn_fuse_qkv",
+                      "sample_packing_seq_len_multiplier", "torch_dtype", "gptq_groupsize", "gptq_model_v1",
+                      "gptq_disable_exllama")
 
 # Keys that make the config a kind of training tunefile does not do, with the feature's name.
 OUT_OF_SCOPE: dict[str, str] = {

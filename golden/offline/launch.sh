@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
 
-# TF32 matmuls: off (tf32 in config.yaml); the runtime sets torch.backends itself, nothing to export.
+# TF32 matmuls: on (tf32 in config.yaml); the runtime sets torch.backends itself, nothing to export.
 
 # The tokenizers thread pool does not survive the fork of data-loader workers.
 export TOKENIZERS_PARALLELISM=false
