@@ -9,12 +9,14 @@ Decisions recorded here (documented in the README):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .errors import Problem
 from .models import parse_parameter_count
 from .spec import Spec
 
 _CHAT_ONLY_KEYS = ("field_messages", "message_property_mappings", "roles_to_train", "train_on_eos",
-                   "chat_template")
+                   "chat_template", "field_thinking", "template_thinking_key", "drop_system_message")
 _LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear", "lora_target_modules",
               "lora_modules_to_save", "lora_model_dir", "lora_target_parameters", "lora_fan_in_fan_out",
               "peft_use_rslora")
@@ -74,6 +76,11 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
     if spec.activation_offloading and not spec.gradient_checkpointing:
         error("activation_offloading", "activation_offloading needs gradient_checkpointing, as in Axolotl",
               hint="add `gradient_checkpointing: true`")
+    if spec.unfrozen_parameters and spec.fsdp_config is not None and any(
+            pattern.rstrip().endswith("]") and "[" in pattern for pattern in spec.unfrozen_parameters):
+        error("unfrozen_parameters", "row ranges (name[start:end]) cannot be trained under FSDP: FSDP replaces "
+              "the parameters, and the gradient hooks that keep the other rows frozen with them",
+              hint="unfreeze whole parameters, or train without fsdp_config")
     if spec.unfrozen_parameters and spec.adapter is not None:
         warn("unfrozen_parameters", "no effect with an adapter: PEFT trains only the adapter (and "
              "lora_modules_to_save)", hint="use lora_modules_to_save to train whole modules beside the adapter")
@@ -85,6 +92,10 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
         warn(("fsdp_config", "activation_checkpointing"), "gradient_checkpointing is turned off: FSDP's own "
              "activation checkpointing does the same job, and both would recompute twice",
              hint="keep one of the two")
+
+    # --- quantisation-aware training (the pairs torchao fake-quantises; runtime/qat.py) ---
+    if spec.qat is not None:
+        _check_qat(spec, error)
 
     # --- schedule and cadence ---
     if spec.warmup_steps is not None and spec.warmup_ratio is not None:
@@ -114,8 +125,12 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
         if spec.max_steps is None:
             error("pretraining_dataset", "a streamed pretraining_dataset needs max_steps, as in Axolotl",
                   hint="add `max_steps: N`")
-        if spec.val_set_size:
-            warn("val_set_size", "ignored: a streamed pretraining_dataset has no held-out split")
+        for key in ("val_set_size", "eval_steps", "evals_per_epoch"):
+            if getattr(spec, key):
+                warn(key, "ignored: a streamed pretraining_dataset has no held-out split to evaluate on")
+        if spec.saves_per_epoch is not None:
+            warn("saves_per_epoch", "a streamed pretraining_dataset has no epochs: the whole run counts as one",
+                 hint="use save_steps")
     if spec.chat_template_jinja and spec.chat_template not in (None, "jinja"):
         error("chat_template_jinja", "chat_template and chat_template_jinja are both set",
               hint="remove `chat_template:` or set it to jinja")
@@ -140,6 +155,36 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
         error("model_parameters", f"cannot read a parameter count from {spec.model_parameters!r}",
               hint="write a number or one with a suffix: 8B, 350M")
     return errors, warnings
+
+
+# (weight, activation) → the group size it needs (None: any that divides the layers' widths; 0: ignored).
+QAT_PAIRS: dict[tuple[str, str | None], int | None] = {
+    ("int4", None): None, ("int4", "int8"): None, ("int8", None): None, ("int8", "int8"): None,
+    ("int4", "float8_e4m3fn"): 128, ("float8_e4m3fn", "float8_e4m3fn"): 0, ("nvfp4", "nvfp4"): 16,
+    ("mxfp4", "mxfp4"): 32,
+}
+
+
+def _check_qat(spec: Spec, error: Callable[..., None]) -> None:
+    qat = spec.qat
+    assert qat is not None
+    pair = (qat.weight_dtype, qat.activation_dtype)
+    if pair not in QAT_PAIRS:
+        known = ", ".join(f"{w}/{a or 'none'}" for w, a in QAT_PAIRS)
+        error(("qat",), f"torchao cannot fake-quantise weights {qat.weight_dtype} with activations "
+              f"{qat.activation_dtype or 'unquantised'}", hint=f"weight/activation pairs: {known}")
+        return
+    size = QAT_PAIRS[pair]
+    if size and qat.group_size != size:
+        error(("qat", "group_size"), f"{qat.weight_dtype}/{qat.activation_dtype} needs group_size: {size}")
+    if qat.quantize_embedding and qat.weight_dtype not in ("int4", "int8"):
+        error(("qat", "quantize_embedding"), "only int4 and int8 weights can quantise the embedding")
+    if qat.fake_quant_after_n_steps and qat.weight_dtype in ("nvfp4", "mxfp4"):
+        error(("qat", "fake_quant_after_n_steps"), f"torchao's {qat.weight_dtype} layers cannot be switched off "
+              "for the first steps", hint="remove fake_quant_after_n_steps")
+    if spec.adapter == "qlora" or spec.load_in_4bit or spec.load_in_8bit:
+        error(("qat",), "quantisation-aware training needs 16-bit base weights, not a 4/8-bit base",
+              hint="use adapter: lora without load_in_4bit/8bit, or full fine-tuning")
 
 
 def _strings(value: object, path: tuple = ()) -> list[tuple[tuple, str]]:

@@ -91,6 +91,14 @@ class DatasetSpec(_Strict):
     chat_template: str | None = _field(
         None, description="chat_template datasets: template for this dataset, overriding the top-level one."
     )
+    field_thinking: str | None = _field(
+        None, description="chat_template datasets: the message key holding a reasoning trace (default: "
+        "reasoning_content).")
+    template_thinking_key: str | None = _field(
+        None, description="chat_template datasets: the key the chat template reads the reasoning trace from "
+        "(default: field_thinking).")
+    drop_system_message: bool | None = _field(
+        None, description="chat_template datasets: leave the conversation's system turns out (default: false).")
 
 
 class FsdpConfig(_Strict):
@@ -133,7 +141,8 @@ class QatConfig(_Strict):
         "int8", description="Fake-quantised weight format: int4, int8, float8_e4m3fn (fp8), nvfp4 or mxfp4.")
     activation_dtype: Literal[QAT_DTYPES] | None = _field(  # type: ignore[valid-type]
         None, description="Fake-quantised activation format (default: activations stay as they are).")
-    group_size: int = _field(32, ge=1, description="Elements per quantisation group (nvfp4 needs 16).")
+    group_size: int = _field(32, ge=1, description="Elements per quantisation group: it must divide the layers' "
+                             "widths; int4/float8_e4m3fn needs 128, nvfp4 16, mxfp4 32.")
     quantize_embedding: bool = _field(False, description="Fake-quantise the embedding too.")
     fake_quant_after_n_steps: int | None = _field(
         None, ge=0, description="Start fake quantisation after this many steps (default: from the first).")
@@ -257,6 +266,9 @@ class Spec(_Strict):
     chat_template_jinja: str | None = _field(
         None, description="A Jinja chat template string, used instead of a named one.", group="data"
     )
+    chat_template_kwargs: dict[str, Any] | None = _field(
+        None, description="Extra variables the chat template is rendered with, e.g. {reasoning_effort: high}.",
+        group="data")
     train_on_inputs: bool = _field(
         False, description="alpaca datasets: also train on the prompt (default: only the response).", group="data"
     )

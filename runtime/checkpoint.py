@@ -3,7 +3,8 @@
 `<output_dir>/checkpoint-<step>/` holds what `accelerator.save_state` writes (weights, optimizer,
 scheduler, GradScaler, the python/numpy/torch/cuda RNG states of every rank; sharded the FSDP or
 DeepSpeed way where those run) plus `trainer_state.json` (step, epoch, position in the epoch's
-micro-batch plan). Everything is written into a hidden temp directory that is renamed into place;
+micro-batch plan) and, when a rank has state of its own (a streaming rank's place in its share of the
+data), `rank-<r>.json` per rank. Everything is written into a hidden temp directory that is renamed into place;
 the `COMPLETE` marker is written last, so a run killed mid-save leaves nothing that looks resumable.
 
 Adapter runs keep only the trainable tensors where the strategy lets us choose: the frozen base is
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
 STATE_FILE = "trainer_state.json"
+RANK_STATE_FILE = "rank-{rank}.json"  # what one rank alone knows, with the world size that wrote it
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -123,9 +125,9 @@ def keep_only_the_adapter(accelerator: Any) -> None:
 
 
 def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, *, save_total_limit: int | None,
-                    adapter_only: bool = False) -> Path:
+                    adapter_only: bool = False, rank_state: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory. `adapter_only`: an adapter run,
-    whose frozen base need not be saved."""
+    whose frozen base need not be saved. `rank_state`: this rank's own state (read back by `load_rank_state`)."""
     final = output_dir / f"checkpoint-{state.step}"
     temp = output_dir / f".tmp-checkpoint-{state.step}"
     if accelerator.is_main_process:
@@ -133,6 +135,10 @@ def save_checkpoint(accelerator: Any, output_dir: Path, state: TrainState, *, sa
         temp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(temp), **_engine_options(accelerator, adapter_only, DEEPSPEED_ADAPTER_SAVE))
+    if rank_state is not None:
+        (temp / RANK_STATE_FILE.format(rank=accelerator.process_index)).write_text(
+            json.dumps({"world_size": accelerator.num_processes, **rank_state}, sort_keys=True) + "\n",
+            encoding="utf-8")
     accelerator.wait_for_everyone()  # every rank's shards and RNG state are on disk
     if accelerator.is_main_process:
         (temp / STATE_FILE).write_text(json.dumps(asdict(state), indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -167,6 +173,13 @@ def load_checkpoint(accelerator: Any, path: Path, *, adapter_only: bool = False)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: cannot resume from this checkpoint ({first_line}); delete it to start "
                               "from the previous one, or set auto_resume_from_checkpoints: false") from exc
+
+
+def load_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
+    """What rank ``rank`` saved in checkpoint ``path`` (with ``world_size``: how many ranks there were); None
+    when it saved nothing."""
+    file = path / RANK_STATE_FILE.format(rank=rank)
+    return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
 
 
 def save_final_model(accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: Path) -> None:

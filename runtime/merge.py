@@ -27,6 +27,7 @@ import torch
 from ..schemas.run_plan import DataPlan, ModelPlan
 from .config import load_run_plan
 from .model import ModelLoadError
+from .pretrained import embedding_rows
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,8 @@ def merge_adapter(model: ModelPlan, source: Path, *, offline: bool, device: torc
     trained = load_trained_model(model, locate_adapter(source), offline=offline, device=device, dtype="auto",
                                  attn_implementation=MERGE_ATTENTION)
     merged = trained.model.merge_and_unload(safe_merge=True)  # safe_merge: refuse NaNs instead of saving them
-    if model.shrink_embeddings:
-        shrink_to_tokenizer(merged, len(trained.tokenizer))
+    if model.shrink_embeddings:  # down to the tokenizer, or to the multiple training rounded its matrix up to
+        shrink_to_tokenizer(merged, embedding_rows(len(trained.tokenizer), model.pad_embeddings_to_multiple_of))
     return merged, trained.tokenizer
 
 

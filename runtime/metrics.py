@@ -1,5 +1,6 @@
 """Where training metrics go: a progress line on stdout, `<output_dir>/metrics.jsonl` (one JSON object
-per logged step) and TensorBoard under `<output_dir>/runs/` when tensorboard is installed.
+per logged step, always) and the experiment trackers the plan asks for (trackers.py: TensorBoard under
+`<output_dir>/runs/`, Weights & Biases, MLflow), which get the same records.
 
 Only the main process writes; the others get a sink that does nothing, so the loop never asks.
 """
@@ -11,6 +12,9 @@ import logging
 import sys
 from pathlib import Path
 from typing import Any
+
+from ..schemas.run_plan import TrackersPlan
+from .trackers import TrackerSet, open_trackers, unopened_trackers
 
 log = logging.getLogger(__name__)
 
@@ -60,28 +64,19 @@ class Progress:
 
 
 class MetricsSink:
-    def __init__(self, output_dir: Path, *, total_steps: int, start_step: int) -> None:
+    def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, trackers: TrackerSet) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
         self.path = output_dir / METRICS_FILE
         _truncate_after(self.path, start_step)
         self.file = self.path.open("a", encoding="utf-8")
         self.progress = Progress(total_steps, start_step)
-        self.tensorboard = None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(log_dir=str(output_dir / "runs"), purge_step=start_step + 1)
-        except ImportError:
-            log.info("tensorboard is not installed; metrics go to %s only", self.path)
+        self.trackers = trackers
+        self.closed = False
 
     def _write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record, sort_keys=True) + "\n")
         self.file.flush()
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self.tensorboard.add_scalar(f"train/{key}" if not key.startswith("eval") else f"eval/{key}",
-                                                value, record["step"])
+        self.trackers.log(record["step"], record)
 
     def advance(self, steps: int = 1) -> None:
         self.progress.advance(steps)
@@ -95,15 +90,26 @@ class MetricsSink:
         print(f"step {record['step']}  eval_loss {record['eval_loss']:.4f}", flush=True)
 
     def log_runtime_decisions(self, step: int, decisions: dict[str, Any]) -> None:
-        """What this machine decided that the plan could not (device, attention fallback): one record."""
+        """What this machine decided that the plan could not (device, attention fallback): one record, and
+        beside the plan in each tracker's configuration."""
         self.file.write(json.dumps({"step": step, "runtime_decisions": decisions}, sort_keys=True) + "\n")
         self.file.flush()
+        self.trackers.log_config({"runtime_decisions": decisions})
 
-    def close(self) -> None:
+    def tracker_decisions(self) -> dict[str, Any]:
+        """The runtime decisions' entry for the trackers: {"trackers": {name: "on" or why it is off}} for each
+        one the plan asks for (its package may be missing here); nothing when it asks for none."""
+        return {"trackers": dict(self.trackers.decisions)} if self.trackers.decisions else {}
+
+    def close(self, model_dir: Path | None = None, *, failed: bool = False) -> None:
+        """``model_dir``: the saved final model, which wandb uploads when the plan says log_model. Closing twice
+        is harmless (a failure after teardown began closes again, as failed)."""
+        if self.closed:
+            return
+        self.closed = True
         self.progress.close()
         self.file.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        self.trackers.finish(model_dir, failed=failed)
 
 
 class NullSink:
@@ -113,11 +119,21 @@ class NullSink:
     def log_train(self, record: dict[str, Any]) -> None: ...
     def log_eval(self, record: dict[str, Any]) -> None: ...
     def log_runtime_decisions(self, step: int, decisions: dict[str, Any]) -> None: ...
-    def close(self) -> None: ...
+    def close(self, model_dir: Path | None = None, *, failed: bool = False) -> None: ...
+
+    def tracker_decisions(self) -> dict[str, Any]:
+        return {}
 
 
-def metrics_sink(output_dir: Path, *, is_main_process: bool, total_steps: int,
-                 start_step: int) -> MetricsSink | NullSink:
+def metrics_sink(output_dir: Path, *, is_main_process: bool, total_steps: int, start_step: int,
+                 trackers: TrackersPlan, offline: bool, run_config: dict[str, Any]) -> MetricsSink | NullSink:
+    """``run_config``: the whole plan as plain data, which each tracker records as the run's configuration."""
     if not is_main_process:
         return NullSink()
-    return MetricsSink(output_dir, total_steps=total_steps, start_step=start_step)
+    output_dir.mkdir(parents=True, exist_ok=True)  # wandb and TensorBoard write under it from the start
+    if start_step < total_steps:
+        opened = open_trackers(trackers, output_dir=output_dir, start_step=start_step, offline=offline,
+                               run_config=run_config)
+    else:  # a finished run launched again trains and records nothing: no empty tracker runs either
+        opened = unopened_trackers(trackers, "the run had already finished")
+    return MetricsSink(output_dir, total_steps=total_steps, start_step=start_step, trackers=opened)

@@ -23,6 +23,15 @@ import torch
 
 from ..schemas.run_plan import LoraPlan, ModelPlan
 from .errors import RuntimeUserError
+from .freeze import freeze_all_but
+from .pretrained import (
+    build_quantization_config,
+    embedding_rows,
+    overridden_config,
+    quantization_change,
+    revision_decision,
+    revision_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +57,9 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
 
 
-def resolve_model_source(name: str) -> str:
-    """A local directory as is; a hub id checked against the cache when offline, so the error names
-    the model instead of surfacing as a connection failure deep inside transformers."""
+def resolve_model_source(name: str, revision: str | None = None) -> str:
+    """A local directory as is; a hub id (at ``revision``) checked against the cache when offline, so the
+    error names the model instead of surfacing as a connection failure deep inside transformers."""
     if Path(name).is_dir():
         return name
     if Path(name).exists() or name.startswith((".", "/")):
@@ -58,8 +67,9 @@ def resolve_model_source(name: str) -> str:
     if is_offline():
         from huggingface_hub import try_to_load_from_cache
 
-        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            raise ModelLoadError(f"base_model {name}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
+        if not isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+            at = f" at revision {revision}" if revision else ""
+            raise ModelLoadError(f"base_model {name}{at}: not in the Hugging Face cache and HF_HUB_OFFLINE is set; "
                                  f"run `huggingface-cli download {name}` where there is network, or point "
                                  "base_model at a local directory")
     return name
@@ -79,6 +89,14 @@ def weights_dtype(model: ModelPlan) -> torch.dtype:
 
 
 def quantization_config(model: ModelPlan) -> Any:
+    """The quantisation config the base loads with: bitsandbytes' for load_in_4bit / load_in_8bit, or the plan's
+    quantization_config (e.g. Mxfp4Config); None for neither. transformers takes one, so both is an error."""
+    if model.quantization_config is not None:
+        if is_quantized(model):
+            raise ModelLoadError("model: load_in_4bit / load_in_8bit and model_quantization_config cannot both be "
+                                 "set (transformers loads with one quantisation config); keep one and recompile "
+                                 "the config with `tunefile compile`")
+        return build_quantization_config(model.quantization_config)
     if not is_quantized(model):
         return None
     try:
@@ -95,48 +113,94 @@ def quantization_config(model: ModelPlan) -> Any:
 
 
 def from_pretrained(base_model: str, **kwargs: Any) -> torch.nn.Module:
-    """``AutoModelForCausalLM.from_pretrained`` of a plan's base_model (offline-aware), with a missing or
-    unreadable model reported as one line."""
+    """``AutoModelForCausalLM.from_pretrained`` of a plan's base_model (offline-aware, at ``kwargs``' revision),
+    with a missing or unreadable model reported as one line."""
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve_model_source(base_model), **kwargs)
+        return AutoModelForCausalLM.from_pretrained(resolve_model_source(base_model, kwargs.get("revision")),
+                                                    **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"base_model {base_model}: cannot load: {exc}") from None
 
 
-def load_base_model(model: ModelPlan, *, attn_implementation: str,
-                    device_index: int | None = None) -> torch.nn.Module:
-    kwargs: dict[str, Any] = {
-        "dtype": weights_dtype(model),
-        "attn_implementation": attn_implementation,
-        "trust_remote_code": model.trust_remote_code,
-    }
+def load_pretrained(model: ModelPlan, source: str, **kwargs: Any) -> torch.nn.Module:
+    """from_pretrained of ``source`` (the plan's base_model, or a folder holding a fine-tuned copy) with what the
+    plan says about every load of the base: its revision (hub ids only), its configuration overrides (set on the
+    configuration before the model is built from it), trust_remote_code."""
+    revision = revision_kwargs(source, model.revision)
+    try:
+        config = overridden_config(model, resolve_model_source(source, model.revision), revision=revision)
+    except OSError as exc:
+        raise ModelLoadError(f"base_model {source}: cannot read its configuration: {exc}") from None
+    if config is not None:
+        kwargs["config"] = config
+    return from_pretrained(source, trust_remote_code=model.trust_remote_code, **revision, **kwargs)
+
+
+def load_base_model(model: ModelPlan, *, attn_implementation: str, device_index: int | None = None,
+                    decisions: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The base weights as training uses them. ``decisions`` receives what this machine decided about loading
+    them (where the revision applied, a quantisation transformers changed), for the run's runtime decisions."""
+    kwargs: dict[str, Any] = {"dtype": weights_dtype(model), "attn_implementation": attn_implementation}
     quant = quantization_config(model)
     if quant is not None:
-        # bitsandbytes quantises while loading, straight onto this process's GPU.
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0 if device_index is None else device_index}
-    module = from_pretrained(model.base_model, **kwargs)
+        if is_quantized(model):  # bitsandbytes quantises while loading, straight onto this process's GPU
+            kwargs["device_map"] = {"": 0 if device_index is None else device_index}
+    built = dict(vars(quant)) if quant is not None else {}
+    module = load_pretrained(model, model.base_model, **kwargs)
     module.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
+    revision = revision_decision(model)
+    if revision is not None and revision.startswith("ignored"):
+        log.warning("revision_of_model %s: %s", model.revision, revision)
+    change = quantization_change(quant, built, module)
+    if change is not None:
+        log.warning("model_quantization_config: %s", change)
+    if decisions is not None:
+        decisions.update({key: value for key, value in (("revision", revision), ("quantization", change))
+                          if value is not None})
     return module
 
 
-def match_vocabulary(module: torch.nn.Module, vocab_size: int, *, shrink: bool) -> None:
-    """Grow the embeddings when the tokenizer gained tokens (pad, special tokens); shrink only on request."""
+def match_vocabulary(module: torch.nn.Module, vocab_size: int, *, shrink: bool,
+                     pad_to_multiple_of: int | None = None) -> None:
+    """Grow the embeddings when the tokenizer gained tokens (pad, special tokens); shrink only on request.
+
+    With ``pad_to_multiple_of`` (Axolotl's resize_token_embeddings_to_32x) the size aimed at is the tokenizer's
+    length rounded up to that multiple, so, as in Axolotl, a matrix that already covers every token still grows
+    to the next multiple, and a shrink stops at it."""
     current = module.get_input_embeddings().num_embeddings
-    if vocab_size > current or (shrink and vocab_size < current):
-        log.info("resizing token embeddings %d → %d", current, vocab_size)
-        module.resize_token_embeddings(vocab_size)
+    rows = embedding_rows(vocab_size, pad_to_multiple_of)
+    if rows > current or (shrink and rows < current):
+        log.info("resizing token embeddings %d → %d", current, rows)
+        module.resize_token_embeddings(vocab_size, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def lora_target_modules(lora: LoraPlan) -> str | list[str]:
+    """peft's target_modules: a list of module names, or one string, which peft reads as "all-linear" or as a
+    regular expression a module's full name must match entirely (re.fullmatch)."""
     if lora.target_linear:
         return "all-linear"  # peft: every nn.Linear except the output head
+    if lora.target_modules_regex is not None:
+        return lora.target_modules_regex
     if not lora.target_modules:
-        raise ModelLoadError("model.lora: neither target_linear nor target_modules is set; recompile the config "
-                             "with `tunefile compile`")
+        raise ModelLoadError("model.lora: none of target_linear, target_modules and target_modules_regex is set; "
+                             "recompile the config with `tunefile compile`")
     return list(lora.target_modules)
+
+
+def lora_parameter_options(lora: LoraPlan, config_fields: Any) -> dict[str, Any]:
+    """target_parameters for LoraConfig, when the plan names any: LoRA on bare nn.Parameters (MoE experts kept
+    as one 3-D tensor), which peft supports since 0.17."""
+    if not lora.target_parameters:
+        return {}
+    if "target_parameters" not in config_fields:
+        import peft
+
+        raise ModelLoadError(f"lora_target_parameters needs peft>=0.17 (this is peft {peft.__version__}): "
+                             "pip install -U peft")
+    return {"target_parameters": list(lora.target_parameters)}
 
 
 def add_adapter(module: torch.nn.Module, lora: LoraPlan) -> torch.nn.Module:
@@ -150,18 +214,29 @@ def add_adapter(module: torch.nn.Module, lora: LoraPlan) -> torch.nn.Module:
         return PeftModel.from_pretrained(module, lora.model_dir, is_trainable=True)
     config = LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_target_modules(lora),
+        fan_in_fan_out=lora.fan_in_fan_out, use_rslora=lora.use_rslora,
         modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
-        bias="none", task_type="CAUSAL_LM",
+        bias="none", task_type="CAUSAL_LM", **lora_parameter_options(lora, LoraConfig.__dataclass_fields__),
     )
     return get_peft_model(module, config)
 
 
-def enable_gradient_checkpointing(module: torch.nn.Module, *, adapter: bool) -> None:
-    # Non-reentrant checkpointing works with frozen inputs and under FSDP/DDP; the reentrant kind
-    # needs an input that requires grad, which frozen embeddings (adapters) do not provide.
-    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if adapter:
+def enable_gradient_checkpointing(module: torch.nn.Module, kwargs: dict[str, Any], *, frozen_inputs: bool) -> None:
+    """Checkpoint every decoder layer with ``kwargs`` (torch.utils.checkpoint's, e.g. use_reentrant).
+    ``frozen_inputs``: the input embeddings do not train (an adapter, or unfrozen_parameters without them)."""
+    if hasattr(module, "activation_checkpointing_enable"):  # transformers 5 renamed it; the old name warns
+        module.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(kwargs))
+    else:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(kwargs))
+    if frozen_inputs:
+        # Reentrant checkpointing computes no gradient for a layer whose input does not require one, and frozen
+        # embeddings produce such an input: every layer would silently stop training. A hook that marks the
+        # embeddings' output as requiring grad fixes that (and costs nothing without reentrancy).
         module.enable_input_require_grads()
+
+
+def input_embeddings_train(module: torch.nn.Module) -> bool:
+    return any(p.requires_grad for p in module.get_input_embeddings().parameters())
 
 
 def parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
@@ -174,27 +249,57 @@ def parameter_counts(module: torch.nn.Module) -> tuple[int, int]:
     return sum(size(p) for p in params if p.requires_grad), sum(size(p) for p in params)
 
 
+def quantize_experts(module: torch.nn.Module, model: ModelPlan) -> Any:
+    """The plan's quantize_moe_experts on the loaded base: its 3-D expert weights to the bits of load_in_4bit /
+    load_in_8bit (moe_quantization.py); None when the plan does not ask."""
+    if not model.quantize_moe_experts:
+        return None
+    if not is_quantized(model):
+        raise ModelLoadError("model: quantize_moe_experts quantises expert weights to the bits of load_in_4bit or "
+                             "load_in_8bit, and the plan sets neither; recompile the config with `tunefile compile`")
+    from .moe_quantization import quantize_moe_experts
+
+    return quantize_moe_experts(module, bits=8 if model.load_in_8bit else 4)
+
+
 def load_model(model: ModelPlan, *, attn_implementation: str, vocab_size: int,
-               device_index: int | None = None) -> torch.nn.Module:
+               device_index: int | None = None, decisions: dict[str, Any] | None = None) -> torch.nn.Module:
     """The trainable model, not yet placed or wrapped (accelerator.prepare does that). ``attn_implementation``
     is the kernel this machine runs (the plan's, or the fallback the trainer chose); ``vocab_size`` the
-    tokenizer's length."""
+    tokenizer's length; ``decisions`` receives what loading decided on this machine (load_base_model)."""
     quantized = is_quantized(model)
     if quantized and model.lora is None:
         raise ModelLoadError("model: a quantised base (load_in_4bit / load_in_8bit) needs an adapter, and the plan "
                              "has none; recompile the config with `tunefile compile`")
-    module = load_base_model(model, attn_implementation=attn_implementation, device_index=device_index)
-    match_vocabulary(module, vocab_size, shrink=model.shrink_embeddings)
+    if quantized and model.qat is not None:
+        raise ModelLoadError("model: qat fake-quantises full-precision weights and cannot train a quantised base "
+                             "(load_in_4bit / load_in_8bit / qlora); recompile the config with `tunefile compile`")
+    module = load_base_model(model, attn_implementation=attn_implementation, device_index=device_index,
+                             decisions=decisions)
+    # MoE experts kept as 3-D tensors: quantised now, before k-bit preparation would upcast them; their
+    # dequantisation goes in after the adapter (moe_quantization.py says why).
+    experts = quantize_experts(module, model)
+    match_vocabulary(module, vocab_size, shrink=model.shrink_embeddings,
+                     pad_to_multiple_of=model.pad_embeddings_to_multiple_of)
+    if model.qat is not None:  # after the resize (a new embedding), before the hooks and adapter on the layers
+        from .qat import prepare_qat
+
+        prepare_qat(module, model.qat)
+    if model.unfrozen_parameters is not None:  # before checkpointing, which needs to know what is frozen
+        freeze_all_but(module, model.unfrozen_parameters)
     if quantized:
         from peft import prepare_model_for_kbit_training
 
         module = prepare_model_for_kbit_training(
             module, use_gradient_checkpointing=model.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
+            gradient_checkpointing_kwargs=dict(model.gradient_checkpointing_kwargs))
     elif model.gradient_checkpointing:
-        enable_gradient_checkpointing(module, adapter=uses_adapter(model))
+        enable_gradient_checkpointing(module, model.gradient_checkpointing_kwargs,
+                                      frozen_inputs=uses_adapter(model) or not input_embeddings_train(module))
     if model.lora is not None:
         module = add_adapter(module, model.lora)
+    if experts is not None:
+        experts.dequantize_on_access(module)
     trainable, total = parameter_counts(module)
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}",
              100 * trainable / max(total, 1))

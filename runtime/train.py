@@ -29,13 +29,18 @@ from typing import Any
 
 import torch
 
-from ..schemas.run_plan import DistributionPlan, RunPlan
+from ..schemas.run_plan import DistributionPlan, RunPlan, plan_to_dict
 from . import attention, checkpoint
-from .evaluate import evaluate
+from .evaluate import decide_eval_packing, evaluate
+from .freeze import check_row_ranges_supported
+from .kernels import apply_kernels
 from .losses import label_token_count, token_loss_sum
-from .metrics import metrics_sink
+from .metrics import MetricsSink, NullSink, metrics_sink
 from .model import load_model, uses_adapter
-from .optim import build_optimizer, build_scheduler, total_optimizer_steps
+from .offload import decide_activation_offloading
+from .optim import build_optimizer, build_scheduler, decide_optimizer, total_optimizer_steps
+from .qat import FakeQuantSchedule, check_qat, strip_fake_quantization
+from .router_loss import RouterAuxLoss
 from .schedule import Cadence, MicroBatch, optimizer_steps, steps_in
 from .watchdog import Alarm, Watchdog
 
@@ -95,6 +100,7 @@ class Trainer:
     def __init__(self, plan: RunPlan, *, after_step: Callable[[int], None] | None = None) -> None:
         self.plan = plan
         self.after_step = after_step
+        self.sink: MetricsSink | NullSink = NullSink()  # the real one from setup(); run_training may close either
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
@@ -125,16 +131,38 @@ class Trainer:
 
         # Data: the main process tokenises (or reuses the cache) while the others wait at the barrier.
         self.tokenizer, _ = load_tokenizer(plan.model, offline=plan.offline)
-        self.data = prepare_data(plan.data, self.tokenizer, seed=plan.seed, offline=plan.offline,
-                                 is_main_process=self.main, barrier=acc.wait_for_everyone)
+        self.packing = plan.data.packing_attention is not None
+        self.data_decisions: dict[str, Any] = {}  # what this run decided about its data (eval packing, resume)
+        if plan.data.streaming:
+            from .data.streaming import open_streamed_data
+
+            # Read, tokenised and packed as training goes (data/streaming.py): no cache, no evaluation split.
+            self.data = open_streamed_data(plan.data, self.tokenizer, seed=plan.seed, offline=plan.offline,
+                                           rank=self.rank, world_size=self.world, packed=self.packing)
+            self.train_lengths, self.eval_lengths, self.first_plan = self.data.train.lengths, [], []
+            # No epochs (the plan sets max_steps): a *_per_epoch cadence counts the whole run as one.
+            self.steps_per_epoch = plan.schedule.max_steps
+        else:
+            self.data = prepare_data(plan.data, self.tokenizer, seed=plan.seed, offline=plan.offline,
+                                     is_main_process=self.main, barrier=acc.wait_for_everyone)
+            self.train_lengths, self.eval_lengths = dataset_lengths(self.data.train), dataset_lengths(self.data.eval)
+            self.first_plan = self.micro_batches(self.train_lengths, epoch=0)
+            self.steps_per_epoch = steps_in(self.first_plan, self.accumulation)
         self.pad_token_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None \
             else self.tokenizer.eos_token_id
-        self.train_lengths, self.eval_lengths = dataset_lengths(self.data.train), dataset_lengths(self.data.eval)
-        self.packing = plan.data.packing_attention is not None
-        self.first_plan = self.micro_batches(self.train_lengths, epoch=0)
-        self.steps_per_epoch = steps_in(self.first_plan, self.accumulation)
+        self.eval_packed, eval_padded = decide_eval_packing(plan.data.eval_packing, packing=self.packing,
+                                                            has_eval=bool(self.eval_lengths))
+        if eval_padded:
+            log.warning("evaluation batches %s", eval_padded)
+            self.data_decisions["eval_packing"] = eval_padded
+        from .data.batching import plan_eval_batches
+
+        # Every evaluation example once, on some rank, whatever the packing: fixed for the run.
+        self.eval_plan = plan_eval_batches(self.eval_lengths, micro_batch_size=plan.data.micro_batch_size,
+                                           sequence_len=plan.data.sequence_len, packed=self.eval_packed,
+                                           world_size=self.world, rank=self.rank)
         self.total_steps = total_optimizer_steps(plan.schedule, steps_per_epoch=self.steps_per_epoch)
-        if self.packing:
+        if self.packing and not plan.data.streaming:  # streamed rows are full by construction
             from .data.batching import packing_efficiency
 
             log.info("packing efficiency %.1f%%",
@@ -146,13 +174,28 @@ class Trainer:
                                                     device_type=self.device.type)
         if self.attention.fallback:
             log.warning("attention: %s", self.attention.fallback)
+        if plan.model.qat is not None:  # refused before any weight loads: no torchao, or no kernel for it here
+            check_qat(plan.model.qat, self.device)
+        self.loading_decisions: dict[str, Any] = {}  # the revision, a quantisation transformers changed
         model = load_model(plan.model, attn_implementation=self.attention.attn_implementation,
-                           vocab_size=len(self.tokenizer), device_index=acc.local_process_index)
+                           vocab_size=len(self.tokenizer), device_index=acc.local_process_index,
+                           decisions=self.loading_decisions)
+        self.router_aux = RouterAuxLoss(model)  # a MoE router's aux loss joins the loss (router_loss.py)
+        # Liger / cut-cross-entropy where this machine has them (each fallback logged and recorded).
+        self.kernels = apply_kernels(model, plan.kernels, device_type=self.device.type, precision=plan.model.precision,
+                                     distribution=plan.distribution)
         self.sliding_window = getattr(model.config, "sliding_window", None)
         if not getattr(model.config, "use_sliding_window", True):
             self.sliding_window = None  # qwen2 carries a window size it does not use
         self.mask_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
 
+        # The optimizer and activation offloading this machine can run (a fallback is logged and recorded).
+        self.optimizer_choice = decide_optimizer(plan.optimizer.name)
+        self.offloading = decide_activation_offloading(plan.model.activation_offloading, device_type=self.device.type)
+        for fallback in (self.optimizer_choice.fallback, self.offloading.fallback):
+            if fallback:
+                log.warning("%s", fallback)
+        check_row_ranges_supported(plan.model.unfrozen_parameters, fsdp=acc.distributed_type.value == "FSDP")
         optimizer = build_optimizer(model, plan.optimizer, device_type=self.device.type)
         scheduler = build_scheduler(optimizer, plan.schedule, total_steps=self.total_steps)
         self.adapter_only = uses_adapter(plan.model)
@@ -169,12 +212,25 @@ class Trainer:
             self.state = checkpoint.load_checkpoint(acc, resume_path, adapter_only=self.adapter_only)
             log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_path, self.state.step,
                      self.state.epoch, self.state.micro_batch)
+        if plan.data.streaming:  # where this rank's stream starts: exactly where the checkpoint left it, if it can
+            from .data.streaming import resume_position
+
+            saved = None if resume_path is None else checkpoint.load_rank_state(resume_path, self.rank)
+            self.stream_start, resumed = resume_position(saved, resuming=resume_path is not None,
+                                                         world_size=self.world)
+            if resumed is not None:
+                (log.info if resumed.startswith("resumed") else log.warning)("stream: %s", resumed)
+                self.data_decisions["stream_resume"] = resumed
+        # QAT's delayed start: fake quantisation off for the plan's first steps, judged from the resumed step.
+        self.fake_quant = FakeQuantSchedule(plan.model.qat)
+        self.fake_quant.at_step(self.model, self.state.step)
 
         self.cadence = Cadence.from_plan(plan.schedule, plan.checkpointing, steps_per_epoch=self.steps_per_epoch,
                                          total_steps=self.total_steps, has_eval=bool(self.eval_lengths))
         self.watchdog = Watchdog(plan.watchdog)
         self.sink = metrics_sink(self.output_dir, is_main_process=self.main, total_steps=self.total_steps,
-                                 start_step=self.state.step)
+                                 start_step=self.state.step, trackers=plan.trackers, offline=plan.offline,
+                                 run_config=plan_to_dict(plan))
         if self.state.step < self.total_steps:  # a finished run launched again trains and records nothing
             self.sink.log_runtime_decisions(self.state.step, self.runtime_decisions())
         log.info("training %d optimizer steps (%d per epoch; %d micro-batch × %d accumulation × %d processes), "
@@ -185,7 +241,8 @@ class Trainer:
         """What this machine decided that the plan could not, for metrics.jsonl and train_summary.json."""
         return {"device": self.device.type, "distributed_type": self.accelerator.distributed_type.value,
                 "packing_attention": self.attention.packing, "attn_implementation": self.attention.attn_implementation,
-                "attention_fallback": self.attention.fallback}
+                "attention_fallback": self.attention.fallback} | self.kernels.record() | self.sink.tracker_decisions() \
+            | self.optimizer_choice.record() | self.offloading.record() | self.loading_decisions | self.data_decisions
 
     def micro_batches(self, lengths: list[int], *, epoch: int) -> list[MicroBatch]:
         """This rank's micro-batches for one epoch: a pure function of (seed, epoch, rank)."""
@@ -196,12 +253,13 @@ class Trainer:
                             sample_packing=self.packing, seed=self.plan.seed, epoch=epoch, world_size=self.world,
                             rank=self.rank)
 
-    def collate(self, dataset: Any, micro_batch: MicroBatch) -> dict[str, torch.Tensor]:
+    def collate(self, dataset: Any, micro_batch: MicroBatch, *, packed: bool | None = None) -> dict[str, torch.Tensor]:
+        """``packed``: the batch's rows hold several examples (default: training's sample packing)."""
         from .data.batching import collate
 
         data = self.plan.data
         return collate(dataset, micro_batch, pad_token_id=self.pad_token_id, sequence_len=data.sequence_len,
-                       pad_to_sequence_len=data.pad_to_sequence_len, packed=self.packing)
+                       pad_to_sequence_len=data.pad_to_sequence_len, packed=self.packing if packed is None else packed)
 
     def isolation(self, position_ids: torch.Tensor | None) -> dict[str, Any]:
         return attention.packing_forward_kwargs(self.attention.packing, position_ids,
@@ -214,6 +272,8 @@ class Trainer:
         """(sum of the micro-batch's token losses, its label tokens)."""
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
         inputs = {k: v for k, v in batch.items() if k != "labels"} | self.isolation(batch.get("position_ids"))
+        if self.kernels.loss is not None:  # fused: from the final hidden states, never the whole logits
+            return self.kernels.loss(self.model, inputs, batch["labels"])
         logits = self.model(**inputs, use_cache=False).logits
         return token_loss_sum(logits, batch["labels"])
 
@@ -231,12 +291,14 @@ class Trainer:
             last = i == len(batches) - 1
             acc.sync_gradients = last  # accelerate's optimizer wrapper steps only on the last one
             with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                loss_sum, _ = self.forward_loss(batch)
+                with self.offloading.context():  # the forward's saved activations to CPU memory, when planned
+                    loss_sum, _ = self.forward_loss(batch)
                 local_loss += loss_sum.detach().double()
                 if last and self.deepspeed:
                     # DeepSpeed applies the update inside the last backward: judge the loss before it.
                     self.judge(step, group, self.step_loss(local_loss, step_tokens), grad_norm=None)
-                acc.backward(loss_sum * scale)
+                acc.backward(loss_sum * scale
+                             + self.router_aux.term(accumulation=self.accumulation, micro_batches=len(batches)))
         input_tokens = float(sum(self.train_lengths[j] for micro_batch in group for row in micro_batch
                                  for j in row))
         loss_all = acc.reduce(local_loss.clone(), reduction="sum")
@@ -287,9 +349,13 @@ class Trainer:
         window = [0.0, 0.0, 0.0]
         window_start, grad_norm = time.perf_counter(), None
         self.model.train()
-        steps = optimizer_steps(lambda epoch: self.first_plan if epoch == 0 else
-                                self.micro_batches(self.train_lengths, epoch=epoch),
-                                epoch=state.epoch, micro_batch=state.micro_batch, accumulation=self.accumulation)
+        if self.plan.data.streaming:  # endless: the loop stops at max_steps
+            steps = self.steps_source = self.data.steps(accumulation=self.accumulation, start=self.stream_start,
+                                                        micro_batches_done=state.micro_batch)
+        else:
+            steps = optimizer_steps(lambda epoch: self.first_plan if epoch == 0 else
+                                    self.micro_batches(self.train_lengths, epoch=epoch),
+                                    epoch=state.epoch, micro_batch=state.micro_batch, accumulation=self.accumulation)
         for epoch, index, group in steps:
             if state.step >= total:
                 break
@@ -298,29 +364,37 @@ class Trainer:
             grad_norm = result.grad_norm
             state = self.state = checkpoint.TrainState(step=state.step + 1, epoch=epoch,
                                                        micro_batch=index + len(group))
+            self.fake_quant.at_step(self.model, state.step)  # the step boundary: evaluation sees the new state
             self.sink.advance()
             if self.cadence.log_now(state.step, total):
                 input_tokens = float(self.accelerator.reduce(torch.tensor(window[2], dtype=torch.float64,
                                                                           device=self.device), reduction="sum"))
                 self.sink.log_train({
-                    "step": state.step, "epoch": round(epoch + state.micro_batch / max(1, len(self.first_plan)), 4),
-                    "loss": window[0] / max(1.0, window[1]), "lr": self.scheduler.get_last_lr()[0],
+                    # Streaming: passes over the sources so far (a pass's length is unknown until it ends).
+                    "step": state.step, "epoch": float(epoch) if self.plan.data.streaming else
+                    round(epoch + state.micro_batch / max(1, len(self.first_plan)), 4),
+                    "loss": window[0] / max(1.0, window[1]), "lr": float(self.scheduler.get_last_lr()[0]),
                     "tokens_per_s": input_tokens / max(time.perf_counter() - window_start, 1e-9),
                     "grad_norm": grad_norm,
                 } | peak_memory(self.device))
                 window, window_start = [0.0, 0.0, 0.0], time.perf_counter()
             if self.cadence.eval_now(state.step, total):
-                eval_loss = evaluate(self.model, self.accelerator, self.micro_batches(self.eval_lengths, epoch=0),
-                                     lambda mb: self.collate(self.data.eval, mb), self.isolation)
+                eval_loss = evaluate(self.model, self.accelerator, self.eval_plan.micro_batches,
+                                     lambda mb: self.collate(self.data.eval, mb, packed=self.eval_packed),
+                                     self.isolation, idle=self.eval_plan.idle)
                 self.sink.log_eval({"step": state.step, "eval_loss": eval_loss})
                 window_start = time.perf_counter()  # evaluation time is not training throughput
             if self.cadence.save_now(state.step, total):
                 checkpoint.save_checkpoint(self.accelerator, self.output_dir, state,
                                            save_total_limit=self.plan.checkpointing.save_total_limit,
-                                           adapter_only=self.adapter_only)
+                                           adapter_only=self.adapter_only,
+                                           rank_state={"stream": self.steps_source.position.as_dict()}
+                                           if self.plan.data.streaming else None)
                 window_start = time.perf_counter()
             if self.after_step is not None:
                 self.after_step(state.step)
+            if state.step >= total:  # before asking for another step: a stream would read and tokenise it
+                break
         self.teardown()
         return 0
 
@@ -330,9 +404,13 @@ class Trainer:
         from .teardown import finish_distributed
 
         acc, state = self.accelerator, self.state
-        self.sink.close()
+        if self.plan.model.qat is not None:  # saved as the plain architecture; quantising is a later step
+            strip_fake_quantization(acc.unwrap_model(self.model))
         checkpoint.save_final_model(acc, self.model, self.tokenizer, self.output_dir)
         digests = acc.gather(checkpoint.weights_digest(self.model).to(self.device)).tolist()
+        # After the save (wandb may upload the final model) and after the last collective: an upload on the main
+        # process must not hold the other ranks inside one.
+        self.sink.close(model_dir=self.output_dir)
         if self.main:
             summary = {"step": state.step, "epoch": state.epoch, "distributed_type": acc.distributed_type.value,
                        "world_size": self.world, **peak_memory(self.device),
@@ -348,4 +426,11 @@ class Trainer:
 def run_training(plan: RunPlan, *, after_step: Callable[[int], None] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
-    return Trainer(plan, after_step=after_step).run()
+    trainer = Trainer(plan, after_step=after_step)
+    try:
+        return trainer.run()
+    except BaseException:
+        # __main__ leaves with os._exit, which runs no atexit hook: the trackers must hear of the failure
+        # here, or wandb and MLflow would show the run as still running.
+        trainer.sink.close(failed=True)
+        raise

@@ -28,7 +28,8 @@ import torch
 
 from ..schemas.run_plan import ModelPlan
 from .checkpoint import CHECKPOINT, STATE_FILE
-from .model import ModelLoadError, add_adapter, from_pretrained, match_vocabulary
+from .model import ModelLoadError, add_adapter, load_pretrained, match_vocabulary
+from .pretrained import build_quantization_config, dequantizing, embedding_rows
 from .sharded_checkpoints import LAYOUTS_READ, CheckpointTensors, find_sharded_checkpoint
 
 log = logging.getLogger(__name__)
@@ -92,8 +93,9 @@ def locate_adapter(directory: Path) -> AdapterSource:
 
 def load_trained_tokenizer(model: ModelPlan, adapter: AdapterSource | None, *, offline: bool) -> Any:
     """The tokenizer training saved beside the adapter when there is one (it has the tokens training added);
-    otherwise the plan's, built the way training built it."""
-    if adapter is not None and adapter.has_tokenizer:
+    otherwise the plan's, built the way training built it. A mistral-common tokenizer cannot gain tokens, so the
+    plan's is the one training used, loaded through the same backend."""
+    if adapter is not None and adapter.has_tokenizer and model.tokenizer_backend == "huggingface":
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(adapter.directory), local_files_only=True,
@@ -104,20 +106,25 @@ def load_trained_tokenizer(model: ModelPlan, adapter: AdapterSource | None, *, o
 
 
 def unquantised(model: ModelPlan) -> ModelPlan:
-    """The run's model without quantisation: a QLoRA adapter is a LoRA adapter on the real weights."""
+    """The run's model without quantisation: a QLoRA adapter is a LoRA adapter on the real weights, and a
+    quantisation config that can dequantise (Mxfp4Config) reads the real weights too."""
     return replace(model, adapter="lora" if model.adapter is not None else None, load_in_4bit=False,
-                   load_in_8bit=False)
+                   load_in_8bit=False, quantize_moe_experts=False,
+                   quantization_config=dequantizing(model.quantization_config))
 
 
 def load_base(model: ModelPlan, *, source: str, dtype: torch.dtype | str, device: torch.device,
               attn_implementation: str) -> Any:
-    """The base weights in ``dtype`` ("auto": the dtype they are stored in), placed on ``device``."""
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation,
-                              "trust_remote_code": model.trust_remote_code}
+    """The base weights in ``dtype`` ("auto": the dtype they are stored in), placed on ``device``, at the plan's
+    revision and with its configuration overrides, as training read them."""
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attn_implementation}
+    quant = build_quantization_config(model.quantization_config)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
     if device.type == "cuda":
         # Load straight onto the GPU, never a CPU copy first.
         kwargs["device_map"] = {"": 0 if device.index is None else device.index}
-    return from_pretrained(source, **kwargs)
+    return load_pretrained(model, source, **kwargs)
 
 
 def embedding_module_name(model: torch.nn.Module) -> str:
@@ -155,16 +162,17 @@ def _tensor_shapes(weights: Path) -> dict[str, tuple[int, ...]]:
 
 
 def fit_vocabulary(model: torch.nn.Module, *, tokenizer_size: int, saved_rows: int | None, shrink: bool,
-                   adapter: AdapterSource | None, base_model: str) -> None:
+                   adapter: AdapterSource | None, base_model: str, pad_to_multiple_of: int | None = None) -> None:
     """Give the base the embedding size the adapter was trained with.
 
     Without saved embeddings, training's own rule decides (grow to the tokenizer; shrink only with
     shrink_embeddings). With them, their row count decides, and it must cover every token of the tokenizer.
     An adapter saved with more rows than both the base and the tokenizer is Axolotl's "size mismatch when
-    merging": training added tokens that this tokenizer lacks."""
+    merging": training added tokens that this tokenizer lacks. ``pad_to_multiple_of``: training rounded the
+    matrix up to it (resize_token_embeddings_to_32x), so that many rows are the tokenizer's too."""
     current = model.get_input_embeddings().num_embeddings
     if saved_rows is None:
-        match_vocabulary(model, tokenizer_size, shrink=shrink)
+        match_vocabulary(model, tokenizer_size, shrink=shrink, pad_to_multiple_of=pad_to_multiple_of)
         return
     where = adapter.weights if adapter is not None else base_model
     if saved_rows < tokenizer_size:
@@ -172,7 +180,7 @@ def fit_vocabulary(model: torch.nn.Module, *, tokenizer_size: int, saved_rows: i
             f"{where}: size mismatch: the adapter's embeddings have {saved_rows} rows but the tokenizer has "
             f"{tokenizer_size} tokens; tokens were added to the config (special_tokens / tokens) after training. "
             "Remove them, or train again with them")
-    if saved_rows > tokenizer_size and saved_rows != current:
+    if saved_rows > tokenizer_size and saved_rows not in (current, embedding_rows(tokenizer_size, pad_to_multiple_of)):
         raise ModelLoadError(
             f"{where}: size mismatch: the adapter was trained with a vocabulary of {saved_rows} tokens (its "
             f"embeddings have {saved_rows} rows), but the base model {base_model} has {current} and the tokenizer "
@@ -259,7 +267,7 @@ def load_trained_model(model: ModelPlan, adapter: AdapterSource | None, *, offli
     saved_rows = saved_embedding_rows(adapter, embedding_module_name(module)) if adapter else None
     base_rows = module.get_input_embeddings().num_embeddings
     fit_vocabulary(module, tokenizer_size=len(tokenizer), saved_rows=saved_rows, shrink=plan.shrink_embeddings,
-                   adapter=adapter, base_model=plan.base_model)
+                   adapter=adapter, base_model=plan.base_model, pad_to_multiple_of=plan.pad_embeddings_to_multiple_of)
     rows = module.get_input_embeddings().num_embeddings
     if adapter is not None and adapter.layout != "adapter" and saved_rows is None and rows > base_rows:
         log.warning("%s holds only trainable tensors, not the embeddings of the tokens training added: they are "

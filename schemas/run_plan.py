@@ -56,6 +56,11 @@ class DatasetPlan:
     roles_to_train: tuple[str, ...] | None
     train_on_eos: Literal["turn", "last", "all", "none"] | None
     chat_template: str | None  # chat_template: None = the tokenizer's own template
+    # chat_template: the message key holding a reasoning trace, and the key the template reads it from
+    # (Axolotl's field_thinking and template_thinking_key); the trace is renamed from one to the other.
+    field_thinking: str | None
+    template_thinking_key: str | None
+    drop_system_message: bool | None  # chat_template: leave the conversation's system turns out
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,7 @@ class DataPlan:
     prepared_path: str
     chat_template: str | None
     chat_template_jinja: str | None
+    chat_template_kwargs: dict[str, Any]  # extra variables the chat template is rendered with
     # Tokens that end a turn (Axolotl's eot_tokens); train_on_eos decides which of them are trained on.
     # None: the chat template's own end-of-turn token (the tokenizer's eos token).
     eot_tokens: tuple[str, ...] | None

@@ -36,6 +36,8 @@ BASE = {
     "optimizer": "adamw_torch",
     "logging_steps": 1,
     "seed": 7,
+    # The resume tests relaunch the same bundle, as a requeued job does (Axolotl's default is off).
+    "auto_resume_from_checkpoints": True,
 }
 
 DATASETS = {

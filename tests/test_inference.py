@@ -31,7 +31,9 @@ def data_plan(dataset: dict[str, Any], **changes: Any) -> DataPlan:
     values: dict[str, Any] = {
         "datasets": (dataset_plan(DatasetSpec.model_validate(dataset)),), "sequence_len": 128, "micro_batch_size": 1,
         "packing_attention": None, "pad_to_sequence_len": False, "train_on_inputs": False, "val_set_size": 0.0,
-        "prepared_path": "prepared", "chat_template": None, "chat_template_jinja": None}
+        "prepared_path": "prepared", "chat_template": None, "chat_template_jinja": None, "chat_template_kwargs": {},
+        "eot_tokens": None,
+        "eval_packing": False, "skip_prepare": False, "streaming": False}
     return DataPlan(**{**values, **changes})
 
 

@@ -134,7 +134,7 @@ def test_schema_defaults_are_the_plans_values_key_by_key() -> None:
             assert declared is None and at(values, location) == 0.03 and values["schedule"]["warmup_max_steps"] == 100
         elif key == "eval_sample_packing":  # as sample_packing
             assert declared is None and at(values, location) is False
-        elif key == "model_config_overrides":
+        elif key in ("model_config_overrides", "chat_template_kwargs"):  # none: an empty mapping
             assert declared is None and at(values, location) == {}
         else:
             planned = at(values, location)

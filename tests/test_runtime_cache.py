@@ -35,7 +35,8 @@ def dataset(path: Path | str, type: str = "alpaca", **options: Any) -> DatasetPl
 def config(tmp_path: Path, **changes: Any) -> DataPlan:
     plan = DataPlan(datasets=(dataset(tmp_path / "alpaca.jsonl"),), sequence_len=256, micro_batch_size=2,
                     packing_attention=None, pad_to_sequence_len=False, train_on_inputs=False, val_set_size=0.0,
-                    prepared_path=str(tmp_path / "prepared"), chat_template=None, chat_template_jinja=None)
+                    prepared_path=str(tmp_path / "prepared"), chat_template=None, chat_template_jinja=None,
+                    chat_template_kwargs={}, eot_tokens=None, eval_packing=False, skip_prepare=False, streaming=False)
     return replace(plan, **changes)
 
 

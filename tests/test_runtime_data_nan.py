@@ -42,11 +42,12 @@ def pretokenized(path: Path, rows: list[dict[str, Any]]) -> Path:
 def data_plan(tmp_path: Path, path: Path, **changes: Any) -> DataPlan:
     entry = DatasetPlan(path=str(path), type="pretokenized", name=None, split="train", data_files=None, ds_type=None,
                         field=None, field_messages=None, message_field_role=None, message_field_content=None,
-                        roles_to_train=None, train_on_eos=None, chat_template=None)
+                        roles_to_train=None, train_on_eos=None, chat_template=None, field_thinking=None,
+                        template_thinking_key=None, drop_system_message=None)
     plan = DataPlan(datasets=(entry,), sequence_len=SEQUENCE_LEN, micro_batch_size=2,
                     packing_attention="block_mask", pad_to_sequence_len=False, train_on_inputs=False,
                     val_set_size=0.0, prepared_path=str(tmp_path / "prepared"), chat_template=None,
-                    chat_template_jinja=None)
+                    chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None, eval_packing=False, skip_prepare=False, streaming=False)
     return replace(plan, **changes)
 
 

@@ -39,6 +39,7 @@ from tunefile.runtime.data.streaming import (  # noqa: E402
     resume_position,
 )
 from tunefile.runtime.data.tokenizer import add_config_tokens  # noqa: E402
+from tunefile.runtime.evaluate import decide_eval_packing, evaluate  # noqa: E402
 from tunefile.schemas.run_plan import DataPlan, DatasetPlan  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "data"
@@ -51,7 +52,8 @@ TWO_TURNS = {"messages": [{"role": "user", "content": "Say red."}, {"role": "ass
 def data_plan(*datasets: DatasetPlan, **changes: Any) -> DataPlan:
     plan = DataPlan(datasets=datasets, sequence_len=64, micro_batch_size=2, packing_attention=None,
                     pad_to_sequence_len=False, train_on_inputs=False, val_set_size=0.0, prepared_path="prepared",
-                    chat_template=None, chat_template_jinja=None, eot_tokens=None, eval_packing=False,
+                    chat_template=None, chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None,
+                    eval_packing=False,
                     skip_prepare=False, streaming=False)
     return replace(plan, **changes)
 
@@ -163,7 +165,6 @@ def test_packed_and_padded_evaluation_give_the_same_loss(tmp_path: Path, tiny_mo
     from transformers import AutoModelForCausalLM
 
     from tunefile.runtime.attention import packing_forward_kwargs
-    from tunefile.runtime.evaluate import evaluate
 
     plan = data_plan(dataset(EXAMPLES / "alpaca.jsonl", "alpaca"), sequence_len=256, micro_batch_size=3,
                      skip_prepare=True, prepared_path=str(tmp_path / "prepared"))
@@ -189,15 +190,12 @@ def test_packed_and_padded_evaluation_give_the_same_loss(tmp_path: Path, tiny_mo
     assert packed == pytest.approx(padded, rel=1e-5) and padded_isolated == pytest.approx(padded, rel=1e-5)
 
 
-def test_a_plan_that_packs_evaluation_without_a_packing_attention_evaluates_padded_and_records_it() -> None:
-    from tunefile.runtime.train import Trainer
-
-    plan = SimpleNamespace(data=data_plan(dataset("rows.jsonl", "alpaca"), eval_packing=True))
-    unpacked_run = SimpleNamespace(plan=plan, packing=False, eval_lengths=[5, 7], data_decisions={})
-    assert Trainer.eval_packing(unpacked_run) is False  # type: ignore[arg-type]
-    assert unpacked_run.data_decisions["eval_packing"].startswith("padded: the plan packs evaluation but chose no")
-    packed_run = SimpleNamespace(plan=plan, packing=True, eval_lengths=[5, 7], data_decisions={})
-    assert Trainer.eval_packing(packed_run) is True and packed_run.data_decisions == {}  # type: ignore[arg-type]
+def test_a_plan_that_packs_evaluation_without_a_packing_attention_evaluates_padded_and_says_why() -> None:
+    packed, why = decide_eval_packing(True, packing=False, has_eval=True)
+    assert packed is False and why.startswith("padded: the plan packs evaluation but chose no packing attention")
+    assert decide_eval_packing(True, packing=True, has_eval=True) == (True, None)
+    assert decide_eval_packing(False, packing=True, has_eval=True) == (False, None)
+    assert decide_eval_packing(True, packing=False, has_eval=False) == (False, None)  # nothing to evaluate
 
 
 # --- skip_prepare ---------------------------------------------------------------------------------------------
@@ -332,11 +330,13 @@ def test_a_stream_resumes_exactly_where_it_stopped(tmp_path: Path, tiny_tokenize
 
 def test_resume_needs_the_same_number_of_processes() -> None:
     saved = {"world_size": 2, "stream": {"passes": 1, "documents": 3, "tokens": 4}}
-    position, decision = resume_position(saved, world_size=2)
+    position, decision = resume_position(saved, resuming=True, world_size=2)
     assert position == StreamPosition(1, 3, 4) and decision.startswith("resumed exactly")
-    position, decision = resume_position(saved, world_size=4)
+    position, decision = resume_position(saved, resuming=True, world_size=4)
     assert position == StreamPosition() and "shared by 2 processes, this run has 4" in decision
-    assert resume_position(None, world_size=1)[0] == StreamPosition()
+    position, decision = resume_position({"world_size": 1}, resuming=True, world_size=1)
+    assert position == StreamPosition() and "holds no stream position" in decision
+    assert resume_position(None, resuming=False, world_size=1) == (StreamPosition(), None)
 
 
 def test_streamed_rows_collate_packed_pieces_apart_and_unpacked_rows_whole(tmp_path: Path,
@@ -377,7 +377,8 @@ def test_a_streaming_run_trains_max_steps_and_checkpoints_its_place_in_the_strea
     plan = load_run_plan(bundle / "config.yaml")
     assert plan.data.streaming and plan.data.micro_batch_size == 4
     rows = list(islice(open_stream(plan.data, tiny_tokenizer, seed=plan.seed, offline=True).rows(), 9))
-    position, decision = resume_position(load_rank_state(root / "out" / "checkpoint-2", 0), world_size=1)
+    position, decision = resume_position(load_rank_state(root / "out" / "checkpoint-2", 0), resuming=True,
+                                         world_size=1)
     assert position == rows[7][1] and decision.startswith("resumed exactly")
     [(pieces, _)] = islice(open_stream(plan.data, tiny_tokenizer, seed=plan.seed, offline=True).rows(position), 1)
     assert [p.ids.tolist() for p in pieces] == [p.ids.tolist() for p in rows[8][0]]

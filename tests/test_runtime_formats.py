@@ -27,15 +27,19 @@ def dataset(type: str, **options: Any) -> DatasetPlan:
 def data_plan(*datasets: DatasetPlan, **changes: Any) -> DataPlan:
     plan = DataPlan(datasets=datasets, sequence_len=256, micro_batch_size=2, packing_attention=None,
                     pad_to_sequence_len=False, train_on_inputs=False, val_set_size=0.0, prepared_path="prepared",
-                    chat_template=None, chat_template_jinja=None)
+                    chat_template=None, chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None, eval_packing=False, skip_prepare=False, streaming=False)
     return replace(plan, **changes)
 
 
 def model_plan(tokenizer: Path, **changes: Any) -> ModelPlan:
-    plan = ModelPlan(base_model=str(tokenizer), architecture=None, parameters=None, tokenizer=str(tokenizer),
-                     tokenizer_class=None, special_tokens=None, tokens=None, trust_remote_code=False,
+    plan = ModelPlan(base_model=str(tokenizer), revision=None, architecture=None, parameters=None,
+                     config_overrides={}, quantization_config=None, quantize_moe_experts=False,
+                     tokenizer=str(tokenizer), tokenizer_class=None, tokenizer_backend="huggingface",
+                     pad_embeddings_to_multiple_of=None, special_tokens=None, tokens=None, trust_remote_code=False,
                      precision="fp32", tf32=False, attn_implementation="sdpa", load_in_4bit=False,
-                     load_in_8bit=False, gradient_checkpointing=False, shrink_embeddings=False, adapter=None)
+                     load_in_8bit=False, gradient_checkpointing=False,
+                     gradient_checkpointing_kwargs={"use_reentrant": True}, activation_offloading=False,
+                     unfrozen_parameters=None, shrink_embeddings=False, adapter=None)
     return replace(plan, **changes)
 
 
@@ -134,8 +138,8 @@ def test_named_llama3_template_trims_content_and_trains_eot(tiny_tokenizer: Any)
 
 
 def test_sharegpt_fields_and_roles_are_mapped(tiny_tokenizer: Any) -> None:
-    entry = dataset("chat_template", field_messages="conversations", message_field_role="from",
-                    message_field_content="value")
+    entry = dataset("chat_template", field_messages="conversations",
+                    message_property_mappings={"role": "from", "content": "value"})
     row = {"conversations": [{"from": "human", "value": "Say red."}, {"from": "gpt", "value": "RED"}]}
     assert formatted(tiny_tokenizer, entry, row) == [[
         "<|im_start|>", "user", "Ċ", "Say", "Ġred", ".", "<|im_end|>", "Ċ",

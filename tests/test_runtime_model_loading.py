@@ -637,7 +637,8 @@ def cuda_moe(**config: Any) -> torch.nn.Module:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("bits", "min_ratio", "min_cosine"), [(4, 3.5, 0.98), (8, 1.9, 0.999)])
+# Measured on an H200: 3.87x and a logits cosine of 0.9998 at 4 bits, 1.98x and 0.99998 at 8.
+@pytest.mark.parametrize(("bits", "min_ratio", "min_cosine"), [(4, 3.5, 0.995), (8, 1.9, 0.9995)])
 def test_bitsandbytes_quantizes_experts_to_a_fraction_of_their_memory(bits: int, min_ratio: float,
                                                                       min_cosine: float) -> None:
     require_module("bitsandbytes", "pip install 'tunefile[qlora]'")

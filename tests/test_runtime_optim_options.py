@@ -81,7 +81,9 @@ def test_without_adam_keys_the_plan_carries_adamws_defaults() -> None:
 def test_torchao_low_bit_adamw_trains_with_quantised_state(name: str, state_class: str) -> None:
     require_module("torchao", "pip install 'tunefile[torchao]'")
     plan = replace(optimizer_plan(name), learning_rate=1e-2, weight_decay=0.0)
-    assert optim.decide_optimizer(name) == optim.OptimizerDecision(name, None)
+    decision = optim.decide_optimizer(name)
+    assert decision == optim.OptimizerDecision(name, name, None)
+    assert decision.record() == {"optimizer": name, "optimizer_fallback": None}
     model = two_layer_net()
     optimizer = optim.build_optimizer(model, plan, device_type="cpu")
     assert type(optimizer).__module__.startswith("torchao.")
@@ -121,9 +123,10 @@ def test_without_torchao_the_low_bit_optimizers_fall_back_to_adamw_and_say_so(
     assert_adam_constants(optimizer, plan)
 
 
-def test_other_optimizers_are_built_as_planned() -> None:
+def test_other_optimizers_are_built_as_planned_and_need_no_record() -> None:
     for name in ("adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"):
-        assert optim.decide_optimizer(name) == optim.OptimizerDecision(name, None)
+        decision = optim.decide_optimizer(name)
+        assert decision == optim.OptimizerDecision(name, name, None) and decision.record() == {}
 
 
 # --- on a GPU ---------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from runtime_bundles import (
     launch,
     metrics,
     safetensors,
+    summary,
     train_losses,
     workspace,
     write_config,
@@ -280,17 +281,23 @@ def test_combinations_torchao_cannot_fake_quantise_are_refused(changes: dict[str
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused_naming_it(tiny_model_dir: Path) -> None:
-    with pytest.raises(qat.QatError, match=r"group_size 48 does not divide the 64 input features of "
-                                           r"model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(qat.QatError, match=r"group_size 48 does not divide the 64 columns of "
+                                           r"model\.layers\.0\.self_attn\.q_proj's weight"):
         qat.prepare_qat(tiny(tiny_model_dir), plan("int4", "int8", group_size=48))
 
 
-def test_fp4_formats_need_a_cuda_gpu_and_torchao(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp4_formats_need_a_cuda_gpu_and_all_need_a_recent_torchao(monkeypatch: pytest.MonkeyPatch) -> None:
     for weight in ("nvfp4", "mxfp4"):
         group = qat.FIXED_GROUP_SIZE[(weight, weight)]
         with pytest.raises(qat.QatError, match=f"{weight} fake quantisation needs a CUDA GPU"):
             qat.check_qat(plan(weight, weight, group_size=group), torch.device("cpu"))
     qat.check_qat(plan("int4", "int8"), torch.device("cpu"))  # the integer formats run anywhere
+    import torchao
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torchao, "__version__", "0.17.0")  # its int4 quantiser ignores the off switch
+        with pytest.raises(qat.QatError, match=re.escape("needs torchao 0.18 or later, this is 0.17.0")):
+            qat.check_qat(plan("int4", "int8"), torch.device("cpu"))
     monkeypatch.setitem(sys.modules, "torchao.quantization", None)  # what a machine without torchao sees
     with pytest.raises(qat.QatError, match=re.escape("pip install 'tunefile[torchao]'")):
         qat.check_qat(plan("int4", "int8"), torch.device("cpu"))
@@ -343,15 +350,20 @@ def test_a_qat_run_killed_mid_way_resumes_to_the_uninterrupted_weights(tmp_path:
 
 # --- the fp4 formats, on a GPU --------------------------------------------------------------------------------
 
-def _train_on_gpu(model_dir: Path, qat_plan: QatPlan) -> list[float]:
-    module = prepared(model_dir, qat_plan, dtype=torch.bfloat16).cuda()
-    plain = tiny(model_dir, torch.bfloat16).cuda()
+def _train_on_gpu(model_dir: Path, qat_plan: QatPlan, dtype: torch.dtype = torch.bfloat16) -> list[float]:
+    """A few steps in bf16 compute: bf16 weights, or fp32 master weights under bf16 autocast (the runtime's
+    full fine-tuning)."""
+    module = prepared(model_dir, qat_plan, dtype=dtype).cuda()
+    plain = tiny(model_dir, dtype).cuda()
     ids = token_batch(length=32).cuda()
-    assert not torch.equal(module(ids).logits, plain(ids).logits)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    with autocast:
+        assert not torch.equal(module(ids).logits, plain(ids).logits)
     optimizer = torch.optim.AdamW(module.parameters(), lr=3e-3)
     losses = []
     for _ in range(12):
-        loss = module(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = module(input_ids=ids, labels=ids).loss
         loss.backward()
         assert all(torch.isfinite(p.grad).all() for p in module.parameters())
         optimizer.step()
@@ -361,10 +373,11 @@ def _train_on_gpu(model_dir: Path, qat_plan: QatPlan) -> list[float]:
 
 
 @pytest.mark.gpu
-def test_mxfp4_fake_quantisation_trains_on_a_gpu(tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_mxfp4_fake_quantisation_trains_on_a_gpu(tiny_model_dir: Path, dtype: torch.dtype) -> None:
     mxfp4 = plan("mxfp4", "mxfp4", group_size=32)
     qat.check_qat(mxfp4, torch.device("cuda"))  # emulated: any CUDA GPU
-    losses = _train_on_gpu(tiny_model_dir, mxfp4)
+    losses = _train_on_gpu(tiny_model_dir, mxfp4, dtype)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.7 * losses[0]
 
 
@@ -389,3 +402,23 @@ def test_an_mxfp4_bundle_trains_in_bf16_on_a_gpu(tmp_path: Path, tiny_model: Pat
     losses = train_losses(root / "out")
     assert all(math.isfinite(v) for v in losses) and sum(losses[-3:]) < sum(losses[:3])
     assert qat.fake_quantized_modules(tiny(root / "out")) == []
+
+
+@pytest.mark.gpu
+def test_an_fsdp2_qat_bundle_trains_sharded(tmp_path: Path, tiny_model: Path) -> None:
+    """accelerate shards the fake-quantised model after runtime/model.py returns it: FSDP2 gathers each layer's
+    weights before its forward, where the fake quantisers see whole rows; the gathered save is the plain model.
+    Two GPUs where the machine has them (one still runs FSDP2: DTensor parameters, the gathered save)."""
+    gpus = min(torch.cuda.device_count(), 2)
+    root = workspace(tmp_path, tiny_model)
+    bundle = compile_bundle(write_config(root, bf16=True, max_steps=12, fsdp_version=2, fsdp_config={},
+                                         qat={"weight_dtype": "int4", "activation_dtype": "int8", "group_size": 32}),
+                            target="h100-80gb", gpus_per_node=gpus)
+    launch(bundle)
+    result = summary(root / "out")
+    assert result["distributed_type"] == "FSDP" and result["world_size"] == gpus
+    losses = train_losses(root / "out")
+    assert len(losses) == 12 and all(math.isfinite(v) for v in losses) and sum(losses[-3:]) < sum(losses[:3])
+    loaded = tiny(root / "out")
+    assert qat.fake_quantized_modules(loaded) == []
+    assert loaded.state_dict().keys() == tiny(tiny_model).state_dict().keys()

@@ -58,7 +58,7 @@ def test_no_weight_decay_on_biases_and_norms() -> None:
     groups = optim.param_groups(model.named_parameters(), 0.1)
     assert [len(g["params"]) for g in groups] == [1, 3]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
-    fused = optim.build_optimizer(model, OptimizerPlan("adamw_torch_fused", 1e-3, 0.1, 1.0), device_type="cpu")
+    fused = optim.build_optimizer(model, OptimizerPlan("adamw_torch_fused", 1e-3, 0.1, 1.0, 0.9, 0.999, 1e-8), device_type="cpu")
     assert not fused.defaults.get("fused")  # the fused kernel is CUDA-only; CPU gets the same maths unfused
 
 
@@ -69,7 +69,7 @@ def test_bitsandbytes_optimizers_fail_clearly_without_it() -> None:
     except ImportError:
         pass
     with pytest.raises(optim.OptimizerError, match="bitsandbytes"):
-        optim.build_optimizer(torch.nn.Linear(2, 2), OptimizerPlan("paged_adamw_8bit", 1e-3, 0.0, 1.0),
+        optim.build_optimizer(torch.nn.Linear(2, 2), OptimizerPlan("paged_adamw_8bit", 1e-3, 0.0, 1.0, 0.9, 0.999, 1e-8),
                               device_type="cpu")
 
 
@@ -85,8 +85,9 @@ def test_optimizer_steps_group_micro_batches_and_resume_mid_epoch() -> None:
 
 def schedule_plan(**changes: object) -> SchedulePlan:
     values = {"gradient_accumulation_steps": 1, "max_steps": 40, "num_epochs": None, "lr_scheduler": "cosine",
-              "warmup_steps": None, "warmup_ratio": None, "logging_steps": 1, "eval_steps": None,
-              "evals_per_epoch": None}
+              "warmup_steps": None, "warmup_ratio": None, "warmup_max_steps": None, "min_lr_ratio": 0.0,
+              "min_lr_from": None, "logging_steps": 1, "eval_steps": None, "evals_per_epoch": None,
+              "early_stopping_patience": None}
     return SchedulePlan(**(values | changes))
 
 
@@ -132,7 +133,7 @@ FORMATS = {
 @pytest.mark.parametrize("name", sorted(FORMATS))
 def test_each_format_learns_through_a_compiled_bundle(tmp_path: Path, tiny_model: Path, name: str) -> None:
     root = workspace(tmp_path, tiny_model)
-    launch(compile_bundle(write_config(root, **FORMATS[name])))
+    launch(compile_bundle(write_config(root, use_tensorboard=True, **FORMATS[name])))
     out = root / "out"
     losses = train_losses(out)
     assert len(losses) >= 30

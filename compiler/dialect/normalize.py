@@ -238,6 +238,9 @@ def _rewrite_spellings(reading: Reading) -> None:
                       "Axolotl's current spelling")
             if list_key == "pretraining_dataset":
                 entry.pop("type", None)  # Axolotl's pretrain type: tunefile reads these as completion text
+                if "text_column" in entry and "field" not in entry:
+                    entry["field"] = entry.pop("text_column")
+                    reading.moved[(list_key, index, "field")] = (list_key, index, "text_column")
 
 
 def _is_default(key: str, value: Any, axolotl_default: Any) -> bool:

@@ -83,7 +83,6 @@ REFUSED: dict[str, str] = {
     "float16": "pure float16 weights are not supported; use fp16: true (mixed precision)",
     "bfloat16": "pure bfloat16 weights are not supported; use bf16: true (mixed precision)",
     "device_map": "tunefile places the model itself (one copy per GPU, or sharded by FSDP/DeepSpeed)",
-    "chat_template_kwargs": "extra chat-template arguments are not supported",
     "min_sample_len": "tunefile keeps every sample that fits sequence_len",
     "dataset_exact_deduplication": "deduplication is not supported; deduplicate the data files beforehand",
     "sample_packing_sequentially": "tunefile packs shuffled samples",

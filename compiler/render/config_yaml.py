@@ -41,6 +41,7 @@ COMPLETION_FIELD = "text"
 CHAT_DEFAULTS: dict[str, Any] = {"field_messages": "messages", "roles_to_train": ("assistant",),
                                  "train_on_eos": "turn"}
 MESSAGE_PROPERTY_DEFAULTS = {"role": "role", "content": "content"}
+THINKING_FIELD = "reasoning_content"  # Axolotl's default key of a message's reasoning trace
 # Axolotl's gradient-checkpointing default: transformers' reentrant checkpointing.
 GRADIENT_CHECKPOINTING_KWARGS = {"use_reentrant": True}
 MLFLOW_DEFAULT_EXPERIMENT = "tunefile"
@@ -63,7 +64,7 @@ PLAN_LOCATION: dict[str, str] = {
     "activation_offloading": "model.activation_offloading", "unfrozen_parameters": "model.unfrozen_parameters",
     "lora_target_parameters": "model.lora.target_parameters", "lora_fan_in_fan_out": "model.lora.fan_in_fan_out",
     "peft_use_rslora": "model.lora.use_rslora", "eot_tokens": "data.eot_tokens",
-    "eval_sample_packing": "data.eval_packing", "skip_prepare_dataset": "data.skip_prepare",
+    "eval_sample_packing": "data.eval_packing", "chat_template_kwargs": "data.chat_template_kwargs", "skip_prepare_dataset": "data.skip_prepare",
     "adam_beta1": "optimizer.adam_beta1", "adam_beta2": "optimizer.adam_beta2",
     "adam_epsilon": "optimizer.adam_epsilon", "use_tensorboard": "trackers.tensorboard",
     "revision_of_model": "model.revision", "cosine_constant_lr_ratio": "schedule.min_lr_from",
@@ -107,6 +108,7 @@ def dataset_plan(dataset: DatasetSpec) -> DatasetPlan:
     """One entry with the defaults of its type written out; keys its type does not read stay None."""
     chat = dataset.type == "chat_template"
     mappings = {**MESSAGE_PROPERTY_DEFAULTS, **(dataset.message_property_mappings or {})}
+    thinking = dataset.field_thinking or THINKING_FIELD
 
     def chat_key(name: str) -> Any:
         value = getattr(dataset, name)
@@ -123,6 +125,9 @@ def dataset_plan(dataset: DatasetSpec) -> DatasetPlan:
         message_field_role=mappings["role"] if chat else None,
         message_field_content=mappings["content"] if chat else None, roles_to_train=chat_key("roles_to_train"),
         train_on_eos=chat_key("train_on_eos"), chat_template=dataset.chat_template if chat else None,
+        field_thinking=thinking if chat else None,
+        template_thinking_key=(dataset.template_thinking_key or thinking) if chat else None,
+        drop_system_message=bool(dataset.drop_system_message) if chat else None,
     )
 
 
@@ -211,10 +216,13 @@ def build_run_plan(plan: Plan) -> RunPlan:
             micro_batch_size=plan.batch.micro_batch_size,
             packing_attention=plan.packing_attention if spec.sample_packing else None,
             pad_to_sequence_len=spec.pad_to_sequence_len, train_on_inputs=spec.train_on_inputs,
-            val_set_size=spec.val_set_size, prepared_path=spec.dataset_prepared_path,
+            val_set_size=0.0 if spec.pretraining_dataset else spec.val_set_size,
+            prepared_path=spec.dataset_prepared_path,
             chat_template=spec.chat_template, chat_template_jinja=spec.chat_template_jinja,
+            chat_template_kwargs=dict(spec.chat_template_kwargs or {}),
             eot_tokens=tuple(spec.eot_tokens) if spec.eot_tokens else None,
-            eval_packing=spec.sample_packing if spec.eval_sample_packing is None else spec.eval_sample_packing,
+            # Axolotl packs evaluation only when training packs.
+            eval_packing=spec.sample_packing and spec.eval_sample_packing is not False,
             skip_prepare=spec.skip_prepare_dataset or bool(spec.pretraining_dataset),
             streaming=bool(spec.pretraining_dataset)),
         model=ModelPlan(
@@ -250,7 +258,8 @@ def build_run_plan(plan: Plan) -> RunPlan:
             warmup_steps=spec.warmup_steps, warmup_ratio=warmup_ratio, warmup_max_steps=warmup_cap,
             min_lr_ratio=min_lr_ratio(spec), min_lr_from=spec.cosine_constant_lr_ratio or None,
             early_stopping_patience=spec.early_stopping_patience, logging_steps=spec.logging_steps,
-            eval_steps=spec.eval_steps, evals_per_epoch=spec.evals_per_epoch),
+            eval_steps=None if spec.pretraining_dataset else spec.eval_steps,
+            evals_per_epoch=None if spec.pretraining_dataset else spec.evals_per_epoch),
         watchdog=WatchdogPlan(loss_threshold=spec.loss_watchdog_threshold, loss_patience=spec.loss_watchdog_patience),
         checkpointing=CheckpointPlan(
             output_dir=spec.output_dir, save_steps=spec.save_steps, saves_per_epoch=spec.saves_per_epoch,

@@ -12,7 +12,7 @@ from typing import Any
 from .. import __version__
 from ..errors import ConfigError, Problem, format_path
 from ..plan import BatchPlan, Decision, Plan
-from ..spec import BITSANDBYTES_OPTIMIZERS, Spec
+from ..spec import BITSANDBYTES_OPTIMIZERS, TORCHAO_OPTIMIZERS, Spec
 from ..targets import Target
 from .distribution import DeepSpeedInput, resolve_distribution
 from .hardware import resolve_attention, resolve_packing_attention, resolve_precision, resolve_tf32
@@ -65,6 +65,7 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
         if optimizer in BITSANDBYTES_OPTIMIZERS:
             errors.append(Problem(("optimizer",), f"{spec.optimizer} uses bitsandbytes CUDA kernels; the target "
                                   "is the CPU", hint="use optimizer: adamw_torch"))
+    _check_qat_hardware(spec, target, errors, warnings)
     decisions.append(Decision("training", _training_words(spec, quantization_bits), _training_reason(spec)))
 
     model, shape, decision = resolve_model(spec, inputs.local_model_config)
@@ -120,6 +121,24 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
     )
 
 
+def _check_qat_hardware(spec: Spec, target: Target, errors: list[Problem], warnings: list[Problem]) -> None:
+    """torchao's fp4 fake quantisation runs on CUDA; nvfp4 runs a real FP4 matmul, which needs Blackwell."""
+    if spec.qat is None or spec.qat.weight_dtype not in ("nvfp4", "mxfp4"):
+        return
+    dtype = spec.qat.weight_dtype
+    if target.on_cpu:
+        errors.append(Problem(("qat", "weight_dtype"), f"{dtype} fake quantisation needs a CUDA GPU; the target "
+                              "is the CPU", hint="use int4 or int8 on the CPU"))
+    elif dtype == "nvfp4" and target.gpu is not None:
+        if not target.gpu_known:
+            warnings.append(Problem(("qat", "weight_dtype"), "nvfp4 needs a Blackwell GPU (compute capability 10 "
+                                    "or newer); the target's GPU is unspecified", hint="pass --gpu"))
+        elif target.gpu.compute_capability < (10, 0):
+            errors.append(Problem(("qat", "weight_dtype"), f"nvfp4 needs a Blackwell GPU (compute capability 10 "
+                                  f"or newer); {target.gpu.name} is {target.gpu.compute_capability[0]}."
+                                  f"{target.gpu.compute_capability[1]}", hint="use mxfp4 (emulated) on this GPU"))
+
+
 def _target_words(target: Target) -> str:
     if target.gpu is None:
         return f"{target.nodes} node(s) × {target.gpus_per_node} CPU process(es)"
@@ -154,4 +173,17 @@ def _required_packages(spec: Spec, attention: str, strategy: str, bits: int | No
         packages.add("deepspeed")
     if attention == "flash_attention_2":
         packages.add("flash-attn")
+    packages |= _tracker_packages(spec)
+    if spec.optimizer in TORCHAO_OPTIMIZERS or spec.qat is not None:
+        packages.add("torchao")
+    if spec.tokenizer_use_mistral_common:
+        packages.add("mistral-common")
     return tuple(sorted(packages))
+
+
+def _tracker_packages(spec: Spec) -> set[str]:
+    from ..render.config_yaml import trackers_plan  # the one place that decides which trackers run
+
+    trackers = trackers_plan(spec)
+    return ({"wandb"} if trackers.wandb else set()) | ({"mlflow-skinny"} if trackers.mlflow else set()) \
+        | ({"tensorboard"} if trackers.tensorboard else set())

@@ -22,6 +22,10 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 export HF_HUB_OFFLINE=1
 export HF_DATASETS_OFFLINE=1
 export TRANSFORMERS_OFFLINE=1
+# Experiment trackers too: wandb runs offline (wandb sync uploads later), neither reports telemetry.
+export WANDB_MODE=offline
+export WANDB_ERROR_REPORTING=false
+export MLFLOW_DISABLE_TELEMETRY=true
 
 # TF32 matmuls: on (tf32 in config.yaml); the runtime sets torch.backends itself, nothing to export.
 

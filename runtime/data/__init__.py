@@ -1,10 +1,11 @@
 """Data for the training loop: rows → formatted, tokenised, label-masked examples in a prepared-data cache.
 
 ``prepare_data`` is the one entry point: the main process builds the cache when it is missing or stale (its
-key covers everything that changes tokens), every process then opens it memory-mapped. It reads the run plan's
-``data`` section only. Batching (packing, padding, per-rank order) lives in ``batching.py``; where an example
-came from (file and row, for the watchdog's report) in ``cache.py`` (``TokenizedDataset.origin``,
-``describe_examples``).
+key covers everything that changes tokens), every process then opens it memory-mapped; with ``skip_prepare``
+every process tokenises into memory and nothing is written. It reads the run plan's ``data`` section only.
+Streaming plans prepare nothing: ``streaming.py`` reads, tokenises and packs as training goes. Batching
+(packing, padding, per-rank order) lives in ``batching.py``; where an example came from (file and row, for the
+watchdog's report) in ``cache.py`` (``TokenizedDataset.origin``, ``describe_examples``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class PreparedData:
     # rows, tokens, trained_tokens, dropped_rows, dropped, split_rows, leading_padding_stripped, train, eval,
     # reused, …
     stats: dict[str, Any]
-    cache_dir: Path
+    cache_dir: Path | None  # None: tokenised in memory (skip_prepare), nothing on disk
 
 
 def _no_barrier() -> None:
@@ -51,8 +52,17 @@ def prepare_data(data: DataPlan, tokenizer: Any, *, seed: int, offline: bool, is
     """Build (main process, when needed) or reuse the prepared data, wait at ``barrier``, then open it.
 
     ``seed`` is the run's (it picks the eval rows; 0 is a seed like any other); ``offline`` the plan's flag
-    (the HF_* offline environment counts too)."""
+    (the HF_* offline environment counts too). With ``data.skip_prepare`` every process tokenises for itself
+    into memory and nothing is written (no shared cache, so no barrier either)."""
+    if data.streaming:
+        raise DataError("streaming data is read, tokenised and packed as training goes: there is nothing to "
+                        "prepare (see runtime/data/streaming.py)")
     sources = builder.resolve_sources(data.datasets, offline=offline)
+    if data.skip_prepare:
+        log.info("skip_prepare: tokenising %d dataset(s) in memory; nothing is written to %s", len(sources),
+                 data.prepared_path)
+        stats, train, evaluation = builder.build_in_memory(data, tokenizer, sources, seed=seed, shard_rows=shard_rows)
+        return PreparedData(train=train, eval=evaluation, stats={**stats, "reused": False}, cache_dir=None)
     directory = Path(data.prepared_path).expanduser() / builder.cache_key(data, tokenizer, sources, seed=seed)
     reused = builder.is_complete(directory)
     failure: Exception | None = None

@@ -7,12 +7,16 @@ data-parallel ranks stay in step.
 Packing: examples are shuffled, then binned best-fit-decreasing within windows of ``PACKING_WINDOW`` examples
 into rows of at most ``sequence_len`` tokens (windows keep each epoch's bins different; best-fit-decreasing
 within a window packs nearly as tightly as over the whole set), and the bins are shuffled again.
+
+Evaluation is planned apart (``plan_eval_batches``): every example is evaluated exactly once whatever the
+packing and the number of ranks, so packed and padded evaluation average the same tokens.
 """
 
 from __future__ import annotations
 
 from bisect import bisect_left, insort
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,6 +81,42 @@ def plan_batches(lengths: Sequence[int] | np.ndarray, *, micro_batch_size: int, 
     per_rank = len(rows) // world_size
     mine = rows[rank:per_rank * world_size:world_size]
     return [mine[i:i + micro_batch_size] for i in range(0, len(mine), micro_batch_size)]
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """This rank's evaluation micro-batches, and ``idle`` more micro-batches to run without counting their loss:
+    ranks whose share is smaller still run as many forward passes as the busiest rank (sharded strategies
+    gather weights in every forward, so every rank must take part in each one)."""
+
+    micro_batches: list[list[list[int]]]
+    idle: list[list[list[int]]]
+
+
+def plan_eval_batches(lengths: Sequence[int] | np.ndarray, *, micro_batch_size: int, sequence_len: int,
+                      packed: bool, world_size: int = 1, rank: int = 0) -> EvalPlan:
+    """Example i goes to rank i % world_size (none is dropped, unlike training's equal shares); each rank packs
+    its examples best-fit-decreasing (``packed``) or puts one per row, in micro-batches of ``micro_batch_size``
+    rows. No shuffling: the loss is a sum over every example, so order does not matter, and a fixed plan makes
+    successive evaluations comparable."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not (micro_batch_size >= 1 and world_size >= 1 and 0 <= rank < world_size):
+        raise ValueError(f"bad batch geometry: micro_batch_size={micro_batch_size}, rank {rank} of {world_size}")
+    if len(lengths) and int(lengths.max()) > sequence_len:
+        raise ValueError(f"an example has {int(lengths.max())} tokens, more than sequence_len={sequence_len}")
+
+    def share(of_rank: int) -> list[list[list[int]]]:
+        order = np.arange(of_rank, len(lengths), world_size)
+        order = order[lengths[order] > 0]
+        rows = pack(lengths, order, sequence_len) if packed else [[index] for index in order.tolist()]
+        return [rows[i:i + micro_batch_size] for i in range(0, len(rows), micro_batch_size)]
+
+    mine = share(rank)
+    busiest = max(len(share(r)) if r != rank else len(mine) for r in range(world_size))
+    # Any one real example will do for an idle pass; its loss is never counted.
+    stand_in = [[int(np.flatnonzero(lengths > 0)[0])]] if (lengths > 0).any() else []
+    idle = [stand_in] * (busiest - len(mine)) if stand_in else []
+    return EvalPlan(micro_batches=mine, idle=idle)
 
 
 def packing_efficiency(lengths: Sequence[int] | np.ndarray, micro_batches: list[list[list[int]]],

@@ -2,7 +2,8 @@
 
 The folder is ``<data.prepared_path>/<key>``. It is built under a temporary name and renamed into place
 after its ``COMPLETE`` file is written, so a reader sees either nothing or a whole cache, even when a build is
-killed or two processes race (the loser's copy is discarded).
+killed or two processes race (the loser's copy is discarded). With ``skip_prepare`` the same tokenisation runs
+into memory (``build_in_memory``) and nothing is written.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from ...schemas.run_plan import DataPlan, DatasetPlan, plan_to_dict
 from . import chat, examples, formats
-from .cache import COMPLETE, SHARD_ROWS, ShardWriter, SourceFiles
+from .cache import COMPLETE, SHARD_ROWS, ShardWriter, SourceFiles, TokenizedDataset
 from .errors import DataError
 from .examples import Example, RowError, leading_padding_id, strip_leading_padding
 from .formats import make_formatter
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 CACHE_VERSION = 2
 # Run-wide options that change tokens or the split; dataset entries are hashed whole. The tokenizer (with the
 # plan's special_tokens and tokens already added) is hashed by tokenizer_fingerprint.
-TOKEN_OPTIONS = ("sequence_len", "train_on_inputs", "val_set_size", "chat_template", "chat_template_jinja")
+TOKEN_OPTIONS = ("sequence_len", "train_on_inputs", "val_set_size", "chat_template", "chat_template_jinja",
+                 "eot_tokens")
 # The modules that turn rows into tokens: a change to any of them invalidates old caches.
 TOKENISING_CODE = (examples, formats, chat)
 MAX_PROBLEMS = 5
@@ -92,7 +94,7 @@ def build(data: DataPlan, tokenizer: Any, sources: list[Source], directory: Path
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        stats = _tokenise(data, tokenizer, sources, staging, seed=seed, shard_rows=shard_rows)
+        stats, _, _ = _tokenise(data, tokenizer, sources, staging, seed=seed, shard_rows=shard_rows)
         (staging / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         marker = staging / COMPLETE
         marker.write_text(directory.name + "\n", encoding="utf-8")
@@ -107,6 +109,14 @@ def build(data: DataPlan, tokenizer: Any, sources: list[Source], directory: Path
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def build_in_memory(data: DataPlan, tokenizer: Any, sources: list[Source], *, seed: int,
+                    shard_rows: int = SHARD_ROWS) -> tuple[dict[str, Any], TokenizedDataset, TokenizedDataset | None]:
+    """(stats, train, eval or None): the same tokenisation as ``build``, held in memory; nothing is written."""
+    stats, train, evaluation = _tokenise(data, tokenizer, sources, None, seed=seed, shard_rows=shard_rows)
+    return (stats, TokenizedDataset.from_writer(train),
+            TokenizedDataset.from_writer(evaluation) if evaluation is not None else None)
 
 
 def _examples_to_keep(result: list[Example], *, pad_id: int | None,
@@ -127,13 +137,15 @@ def _examples_to_keep(result: list[Example], *, pad_id: int | None,
     return kept, (None if kept else "nothing_to_train"), changed
 
 
-def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Path, *, seed: int,
-              shard_rows: int) -> dict[str, Any]:
+def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Path | None, *, seed: int,
+              shard_rows: int) -> tuple[dict[str, Any], ShardWriter, ShardWriter | None]:
+    """(stats, train writer, eval writer or None), closed; ``staging`` None keeps the shards in memory."""
     sequence_len = data.sequence_len
     total_rows = sum(count_rows(s) for s in sources) if data.val_set_size > 0 else 0
     held_out = eval_rows(total_rows, data.val_set_size, seed)
-    train = ShardWriter(staging / "train", shard_rows=shard_rows)
-    evaluation = ShardWriter(staging / "eval", shard_rows=shard_rows) if len(held_out) else None
+    train = ShardWriter(None if staging is None else staging / "train", shard_rows=shard_rows)
+    evaluation = ShardWriter(None if staging is None else staging / "eval", shard_rows=shard_rows) \
+        if len(held_out) else None
     pad_id = leading_padding_id(tokenizer)
     dropped: Counter[str] = Counter()
     problems: list[str] = []
@@ -179,10 +191,11 @@ def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Pa
     if not train_stats["examples"]:
         first = f" (first problem: {problems[0]})" if problems else ""
         raise DataError(f"no training examples: all {rows} rows were dropped{first}")
-    return {
+    stats = {
         "rows": rows, "dropped_rows": sum(dropped.values()), "dropped": dict(dropped), "problems": problems,
         "split_rows": split_rows, "split_chunks": split_chunks, "leading_padding_stripped": padding_stripped,
         "tokens": train_stats["tokens"] + (eval_stats["tokens"] if eval_stats else 0),
         "trained_tokens": train_stats["trained_tokens"] + (eval_stats["trained_tokens"] if eval_stats else 0),
         "train": train_stats, "eval": eval_stats, "datasets": per_dataset, "sequence_len": sequence_len,
     }
+    return stats, train, evaluation

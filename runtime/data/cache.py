@@ -9,6 +9,9 @@ per dataset, its files with their row counts (so a row of a dataset maps back to
 is written when the split is closed. A whole prepared folder is complete only once its ``COMPLETE`` file
 exists (see ``build.py``).
 
+With ``skip_prepare`` nothing goes to disk: a writer without a folder keeps its shards as arrays, and
+``TokenizedDataset.from_writer`` reads them the same way it reads a folder.
+
 Provenance is for people: when the watchdog stops a run, ``describe_examples`` names the files and rows of the
 micro-batches involved.
 """
@@ -32,16 +35,26 @@ DESCRIBE_ROWS = 20  # rows describe_examples lists before it only counts the res
 
 # Per dataset (in the plan's order), its files in reading order with the rows each holds: (label, rows).
 SourceFiles = list[tuple[str, int]]
+SHARD_FILES = ("input_ids", "labels", "offsets", "origins")  # shard k's files: k-<name>.npy
+
+
+# One shard in memory: (input_ids, labels, offsets, origins), as the four .npy files hold them.
+ShardArrays = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 class ShardWriter:
-    """Appends examples to one split's folder, one shard at a time."""
+    """Appends examples to one split's folder, one shard at a time; with ``directory=None`` the shards stay in
+    memory (``arrays``) and nothing is written."""
 
-    def __init__(self, directory: Path, *, shard_rows: int = SHARD_ROWS, shard_tokens: int = SHARD_TOKENS) -> None:
+    def __init__(self, directory: Path | None, *, shard_rows: int = SHARD_ROWS,
+                 shard_tokens: int = SHARD_TOKENS) -> None:
         self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
         self.shard_rows, self.shard_tokens = shard_rows, shard_tokens
         self.shards: list[dict[str, Any]] = []
+        self.arrays: list[ShardArrays] = []  # in memory only
+        self.index: dict[str, Any] | None = None  # set by close()
         self.rows = self.tokens = self.trained_tokens = self.max_length = 0
         self._ids, self._labels, self._offsets = array("i"), array("i"), array("q", [0])
         self._origins = array("q")
@@ -64,10 +77,14 @@ class ShardWriter:
         if rows == 0:
             return
         name = f"{len(self.shards):05d}"
-        np.save(self.directory / f"{name}-input_ids.npy", np.frombuffer(self._ids, dtype=np.int32))
-        np.save(self.directory / f"{name}-labels.npy", np.frombuffer(self._labels, dtype=np.int32))
-        np.save(self.directory / f"{name}-offsets.npy", np.frombuffer(self._offsets, dtype=np.int64))
-        np.save(self.directory / f"{name}-origins.npy", np.frombuffer(self._origins, dtype=np.int64).reshape(-1, 2))
+        arrays = (np.frombuffer(self._ids, dtype=np.int32), np.frombuffer(self._labels, dtype=np.int32),
+                  np.frombuffer(self._offsets, dtype=np.int64),
+                  np.frombuffer(self._origins, dtype=np.int64).reshape(-1, 2))
+        if self.directory is None:
+            self.arrays.append(arrays)
+        else:
+            for suffix, values in zip(SHARD_FILES, arrays, strict=True):
+                np.save(self.directory / f"{name}-{suffix}.npy", values)
         self.shards.append({"name": name, "rows": rows, "tokens": len(self._ids)})
         self._ids, self._labels, self._offsets = array("i"), array("i"), array("q", [0])
         self._origins = array("q")
@@ -77,33 +94,46 @@ class ShardWriter:
         self._flush()
         summary = {"examples": self.rows, "tokens": self.tokens, "trained_tokens": self.trained_tokens,
                    "max_length": self.max_length}
-        index = {"shards": self.shards, "sources": [[[label, rows] for label, rows in files] for files in sources],
-                 **summary}
-        (self.directory / "index.json").write_text(json.dumps(index, indent=1, sort_keys=True) + "\n",
-                                                   encoding="utf-8")
+        self.index = {"shards": self.shards,
+                      "sources": [[[label, rows] for label, rows in files] for files in sources], **summary}
+        if self.directory is not None:
+            (self.directory / "index.json").write_text(json.dumps(self.index, indent=1, sort_keys=True) + "\n",
+                                                       encoding="utf-8")
         return summary
 
 
 class TokenizedDataset:
-    """One prepared split, memory-mapped: ``ds[i]`` is ``{"input_ids": int32 array, "labels": int32 array}``;
-    ``ds.lengths`` holds every example's token count (int64); ``ds.origin(i)`` says which file and row it came
-    from."""
+    """One prepared split, memory-mapped (or held in memory, see ``from_writer``): ``ds[i]`` is
+    ``{"input_ids": int32 array, "labels": int32 array}``; ``ds.lengths`` holds every example's token count
+    (int64); ``ds.origin(i)`` says which file and row it came from."""
 
     column_names = ("input_ids", "labels", "length")
 
     def __init__(self, directory: Path) -> None:
-        self.directory = Path(directory)
+        self.directory: Path | None = Path(directory)
         index = json.loads((self.directory / "index.json").read_text(encoding="utf-8"))
-        self._ids: list[np.ndarray] = []
-        self._labels: list[np.ndarray] = []
-        self._offsets: list[np.ndarray] = []
-        self._origins: list[np.ndarray] = []
+        shards = []
         for shard in index["shards"]:
             name = shard["name"]
-            self._ids.append(np.load(self.directory / f"{name}-input_ids.npy", mmap_mode="r"))
-            self._labels.append(np.load(self.directory / f"{name}-labels.npy", mmap_mode="r"))
-            self._offsets.append(np.load(self.directory / f"{name}-offsets.npy"))
-            self._origins.append(np.load(self.directory / f"{name}-origins.npy", mmap_mode="r"))
+            shards.append(tuple(np.load(self.directory / f"{name}-{suffix}.npy",
+                                        mmap_mode=None if suffix == "offsets" else "r") for suffix in SHARD_FILES))
+        self._open(shards, index)
+
+    @classmethod
+    def from_writer(cls, writer: ShardWriter) -> TokenizedDataset:
+        """The split a closed in-memory writer holds (``skip_prepare``: nothing on disk)."""
+        if writer.directory is not None or writer.index is None:
+            raise ValueError("from_writer takes a closed writer without a folder")
+        dataset = cls.__new__(cls)
+        dataset.directory = None
+        dataset._open(writer.arrays, writer.index)
+        return dataset
+
+    def _open(self, shards: list[Any], index: dict[str, Any]) -> None:
+        self._ids: list[np.ndarray] = [ids for ids, _, _, _ in shards]
+        self._labels: list[np.ndarray] = [labels for _, labels, _, _ in shards]
+        self._offsets: list[np.ndarray] = [offsets for _, _, offsets, _ in shards]
+        self._origins: list[np.ndarray] = [origins for _, _, _, origins in shards]
         # Per dataset: its files' labels and the dataset row each file starts at.
         self._files: list[tuple[list[str], list[int]]] = []
         for files in index["sources"]:
@@ -145,6 +175,10 @@ class TokenizedDataset:
         source, row = self._origins[shard][local]
         return int(source), int(row)
 
+    def source_rows(self, index: int) -> list[tuple[int, int]]:
+        """Every (dataset, row) example ``index`` holds: one here (a streamed row may hold several documents)."""
+        return [self.source_row(index)]
+
     def origin(self, index: int) -> tuple[str, int]:
         """(file, 0-based row in that file) example ``index`` came from. The file is labelled as the user wrote
         the dataset (its path; a file of a folder dataset as folder/file; a Hub dataset as ``id (name)``). A row
@@ -158,11 +192,12 @@ class TokenizedDataset:
         return labels[file], row - starts[file]
 
 
-def describe_examples(dataset: TokenizedDataset, indices: Iterable[int]) -> str:
+def describe_examples(dataset: Any, indices: Iterable[int]) -> str:
     """One line naming where examples came from, e.g. ``data/alpaca.jsonl rows 12, 873, 9001; data/chat.jsonl
     row 4``: files in the plan's order, rows sorted and deduplicated, at most ``DESCRIBE_ROWS`` rows listed and
-    the rest counted ("and 7 more rows")."""
-    rows = sorted({dataset.source_row(index) for index in indices})
+    the rest counted ("and 7 more rows"). ``dataset`` is a TokenizedDataset or anything with its
+    ``source_rows`` and ``file_row`` (the streamed rows of ``streaming.StreamedRows``)."""
+    rows = sorted({pair for index in indices for pair in dataset.source_rows(index)})
     if not rows:
         return "no examples"
     listed: dict[str, list[int]] = {}

@@ -3,14 +3,21 @@ the turns of ``roles_to_train`` and the end-of-turn tokens ``train_on_eos`` sele
 
 How the mask is found, soundly for any template: the conversation is rendered once in full and then
 incrementally (the first i messages, and for assistant turns with the generation prompt), which marks where
-each turn and its header end; each message's content is located in the rendered text from there on, and its
-end-of-turn marker (eos, or a known turn terminator such as <|im_end|>) is the first one after the content.
-The rendered text is tokenised once with character offsets, and a token is trained when its characters overlap
-a trained span. So the tokens are exactly those of the full rendering (what the model sees at inference).
+each turn and its header end; each message's content is located in the rendered text from there on. The
+rendered text is tokenised once with character offsets, and a token is trained when its characters overlap a
+trained content span. So the tokens are exactly those of the full rendering (what the model sees at inference).
+
+A turn's end token is the first end-of-turn token (by token id) after its content and before the next turn:
+the plan's ``eot_tokens`` when it names them, else eos or a known terminator such as <|im_end|>. As in
+Axolotl, where ``train_on_eot`` defaults to ``train_on_eos`` (tunefile has the one option), naming
+``eot_tokens`` does not stop the eos token from ending a turn too: the first eos in the same place follows the
+same ``train_on_eos`` rule.
 """
 
 from __future__ import annotations
 
+import logging
+from bisect import bisect_left
 from typing import Any
 
 from ...schemas.run_plan import DataPlan, DatasetPlan
@@ -37,6 +44,7 @@ TURN_TERMINATORS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "</s
 # ShareGPT-style role names, mapped to the OpenAI ones templates expect.
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "bot": "assistant", "model": "assistant"}
 TRAIN_ON_EOS = ("all", "turn", "last", "none")
+log = logging.getLogger(__name__)
 
 
 def resolve_chat_template(name: str | None, jinja: str | None, tokenizer: Any) -> str:
@@ -98,43 +106,57 @@ class ChatTemplateFormat(Format):
         if self.train_on_eos not in TRAIN_ON_EOS:
             raise DataError(f"dataset {entry.path}: train_on_eos {self.train_on_eos!r} is not one of "
                             f"{', '.join(TRAIN_ON_EOS)}")
+        # The tokens that end a turn (inference stops at them too, see prompts.py), and their ids.
+        self.terminators = end_of_turn_tokens(data.eot_tokens, tokenizer)
         vocabulary = tokenizer.get_vocab()
-        self.terminators = [t for t in dict.fromkeys([tokenizer.eos_token, *TURN_TERMINATORS])
-                            if t and t in vocabulary]
+        self.end_ids = frozenset(vocabulary[token] for token in self.terminators)
+        # Named eot_tokens leave eos a turn end of its own (Axolotl's separate EOS search).
+        eos_id = tokenizer.eos_token_id
+        self.eos_ids = frozenset() if data.eot_tokens is None or eos_id is None or eos_id in self.end_ids \
+            else frozenset([eos_id])
+        unused = [] if data.eot_tokens is None else [token for token in data.eot_tokens if token not in self.template]
+        if unused:
+            log.warning("dataset %s: eot_tokens %s never appear in its chat template, so no turn ends with them",
+                        entry.path, ", ".join(unused))
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = False) -> str:
         return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False,
                                                   add_generation_prompt=generation_prompt)
 
     def texts(self, row: dict[str, Any]) -> tuple[list[tuple[str, bool]], Any]:
-        """The full rendering (tokenised without added special tokens: the template places them) and the
-        character spans to train."""
+        """The full rendering (tokenised without added special tokens: the template places them), the character
+        spans of the trained contents, and per turn (after its content, its end, whether its end token trains)."""
         messages = row_messages(row, self.field, self.role_key, self.content_key)
         try:
             full = self.render(messages)
         except Exception as exc:  # noqa: BLE001 - a template's raise_exception() or a Jinja error
             raise RowError(f"the chat template cannot render this conversation: {exc}") from None
         content, turn_end = _spans(messages, full, self.render)
-        eos = [_terminator(full, start, end, self.terminators)
-               for (_, start), end in zip(content, turn_end, strict=True)]
-        trained: list[tuple[int, int]] = []
+        trained = [content[i] for i, message in enumerate(messages) if message["role"] in self.roles_to_train]
+        turns = []
         for i, message in enumerate(messages):
-            if message["role"] in self.roles_to_train:
-                trained.append(content[i])
-            wants_eos = {"all": True, "turn": message["role"] in self.roles_to_train,
+            wants_end = {"all": True, "turn": message["role"] in self.roles_to_train,
                          "last": i == len(messages) - 1, "none": False}[self.train_on_eos]
-            if wants_eos and eos[i] is not None:
-                trained.append(eos[i])
-        return [(full, False)], (len(full), trained)
+            turns.append((content[i][1], turn_end[i], wants_end))
+        return [(full, False)], (len(full), trained, turns)
 
     def assemble(self, encoded: list[Encoded], context: Any) -> list[Example]:
-        """A token is trained when its characters overlap a trained span."""
-        (ids, offsets), (length, trained) = encoded[0], context
+        """A token is trained when its characters overlap a trained content span, or when it is the end token
+        of a turn whose end train_on_eos trains."""
+        (ids, offsets), (length, trained, turns) = encoded[0], context
         mask = bytearray(length + 1)
         for start, end in trained:
             mask[start:end] = b"\x01" * (end - start)
         labels = [token if end > start and any(mask[start:end]) else IGNORE
                   for token, (start, end) in zip(ids, offsets, strict=True)]
+        starts = [start for start, _ in offsets]
+        for after, before, wants_end in turns:
+            if not wants_end:
+                continue
+            for wanted in (self.end_ids, self.eos_ids):
+                at = _first_token(ids, starts, wanted, after, before)
+                if at is not None:
+                    labels[at] = ids[at]
         return [Example(list(ids), labels)]
 
 
@@ -190,7 +212,34 @@ def _prefix_length(full: str, render: Any, messages: list[dict[str, Any]], gener
     return len(prefix) if full.startswith(prefix) else 0
 
 
-def _terminator(full: str, start: int, end: int, terminators: list[str]) -> tuple[int, int] | None:
-    """The first end-of-turn marker after a message's content, within its turn."""
-    found = [(at, at + len(t)) for t in terminators if 0 <= (at := full.find(t, start, end))]
-    return min(found) if found else None
+def end_of_turn_tokens(eot_tokens: tuple[str, ...] | None, tokenizer: Any) -> list[str]:
+    """The tokens that end a turn: ``eot_tokens`` when the plan names them (each must be one token of the
+    vocabulary; every one that is not is named in one DataError), else eos and the known terminators the
+    vocabulary has."""
+    vocabulary = tokenizer.get_vocab()
+    if eot_tokens is None:
+        return [t for t in dict.fromkeys([tokenizer.eos_token, *TURN_TERMINATORS]) if t and t in vocabulary]
+    problems = []
+    for token in eot_tokens:
+        if token not in vocabulary:
+            problems.append(f"{token!r} is not in the tokenizer's vocabulary")
+        elif (ids := list(tokenizer.encode(token, add_special_tokens=False))) != [vocabulary[token]]:
+            # A vocabulary entry whose text reads as other tokens (a byte-level form like 'Ġend') is never found.
+            problems.append(f"{token!r} is read as {len(ids)} token(s) {ids}, not as its vocabulary entry")
+    if problems:
+        raise DataError(f"eot_tokens: {'; '.join(problems)} (add the token under `tokens:` or "
+                        "`special_tokens:` in the config)")
+    return list(dict.fromkeys(eot_tokens))
+
+
+def _first_token(ids: list[int], starts: list[int], wanted: frozenset[int], after: int, before: int) -> int | None:
+    """Index of the first token with an id in ``wanted`` that starts at character ``after`` or later and before
+    ``before``: a turn's end token, found after its content and within its turn."""
+    if not wanted:
+        return None
+    at = bisect_left(starts, after)  # a fast tokenizer's offsets run forward through the text
+    while at < len(ids) and starts[at] < before:
+        if ids[at] in wanted:
+            return at
+        at += 1
+    return None

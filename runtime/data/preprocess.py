@@ -1,7 +1,11 @@
 """`preprocess CONFIG [--show N]`: tokenise into the plan's prepared_path (or reuse it), print a summary, and
 optionally N examples with the trained tokens marked: green on a terminal, ``[[...]]`` otherwise. This is the
 view that answers "why doesn't my loss go down": a wrong format or roles_to_train shows as the wrong text
-being marked."""
+being marked.
+
+With ``skip_prepare`` training keeps nothing on disk, so neither does this: the data is tokenised in memory,
+summarised and shown, which still checks the formats before a job waits in a queue. With ``streaming`` there is
+nothing to prepare at all: it says so and, with --show, prints the first rows training would read."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, TextIO
 
-from ...schemas.run_plan import DataPlan
+from ...schemas.run_plan import DataPlan, RunPlan
 from ..config import load_run_plan
 
 GREEN, RESET = "\033[32m", "\033[0m"
@@ -31,6 +35,8 @@ def run_preprocess(config_path: str | Path, *, show: int = 0, out: TextIO | None
         out = sys.stdout
     plan = load_run_plan(config_path)
     tokenizer, added = load_tokenizer(plan.model, offline=plan.offline)
+    if plan.data.streaming:
+        return _show_stream(plan, tokenizer, show=show, out=out)
     data = prepare_data(plan.data, tokenizer, seed=plan.seed, offline=plan.offline)
     out.write(summary(data, plan.data, seed=plan.seed, added_tokens=added) + "\n")
     if show > 0:
@@ -52,8 +58,10 @@ def summary(data: Any, plan: DataPlan, *, seed: int, added_tokens: int = 0) -> s
     stats = data.stats
     train, evaluation = stats["train"], stats["eval"]
     reasons = ", ".join(f"{reason.replace('_', ' ')} {count:,}" for reason, count in sorted(stats["dropped"].items()))
+    where = f"{data.cache_dir} ({'reused' if stats['reused'] else 'built'})" if data.cache_dir is not None else \
+        f"in memory only (skip_prepare: nothing is written to {plan.prepared_path}; training tokenises again)"
     lines = [
-        f"prepared data: {data.cache_dir} ({'reused' if stats['reused'] else 'built'})",
+        f"prepared data: {where}",
         f"  rows: {stats['rows']:,} read from {len(stats['datasets'])} dataset(s)",
         f"  examples: {train['examples']:,} train" + (f", {evaluation['examples']:,} eval" if evaluation else ""),
         f"  tokens: {stats['tokens']:,} ({stats['trained_tokens']:,} trained, "
@@ -77,6 +85,30 @@ def summary(data: Any, plan: DataPlan, *, seed: int, added_tokens: int = 0) -> s
         lines.append(f"  packing efficiency: {100 * efficiency:.1f}% ({train['examples']:,} examples in {rows:,} "
                      f"rows of {plan.sequence_len:,} tokens)")
     return "\n".join(lines)
+
+
+def _show_stream(plan: RunPlan, tokenizer: Any, *, show: int, out: TextIO) -> int:
+    """Streaming: nothing to prepare; with ``show``, the first rows rank 0 would train on."""
+    from itertools import islice
+
+    import numpy as np
+
+    from .streaming import open_stream
+
+    data = plan.data
+    out.write(f"streaming: nothing to prepare; the {len(data.datasets)} source(s) are read, tokenised and packed "
+              f"into rows of {data.sequence_len:,} tokens as training goes (no cache, no evaluation split, "
+              f"{plan.schedule.max_steps:,} steps)\n")
+    if show > 0:
+        stream = open_stream(data, tokenizer, seed=plan.seed, offline=plan.offline)
+        colour = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
+        for i, (pieces, _) in enumerate(islice(stream.rows(), show)):
+            ids = np.concatenate([piece.ids for piece in pieces])
+            origins = "; ".join(f"{label} row {row}" for label, row in
+                                (stream.files.file_row(piece.source, piece.row) for piece in pieces))
+            out.write(f"\n--- row {i} ({len(ids)} tokens, all trained; from {origins}) ---\n")
+            out.write(render_example(tokenizer, ids, ids, colour=colour) + "\n")
+    return 0
 
 
 def render_example(tokenizer: Any, input_ids: Any, labels: Any, *, colour: bool) -> str:

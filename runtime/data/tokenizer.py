@@ -1,11 +1,17 @@
-"""Load the run's tokenizer (``model.tokenizer``: a local folder or a hub id, offline-aware; the class
-``model.tokenizer_class`` names, else ``AutoTokenizer``) and add the plan's ``special_tokens`` and ``tokens``.
-The model side resizes its embeddings when ``len(tokenizer)`` exceeds its vocabulary."""
+"""Load the run's tokenizer (``model.tokenizer``: a local folder or a hub id at the plan's revision,
+offline-aware; the class ``model.tokenizer_class`` names, else ``AutoTokenizer``, or with ``tokenizer_backend:
+mistral_common`` Mistral's own tokenizer, see runtime/mistral_tokenizer.py) and add the plan's
+``special_tokens`` and ``tokens``. The model side resizes its embeddings when ``len(tokenizer)`` exceeds its
+vocabulary.
+
+The plan's revision (Axolotl's revision_of_model) applies to the tokenizer too, as in Axolotl, when it loads from
+the Hub; a local folder has no revisions, which the log says once."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +19,7 @@ from typing import Any
 from ...schemas.run_plan import ModelPlan
 from .errors import DataError
 
+log = logging.getLogger(__name__)
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 TRUE_WORDS = ("1", "true", "yes", "on")
@@ -51,21 +58,44 @@ def load_tokenizer(model: ModelPlan, *, offline: bool) -> tuple[Any, int]:
     source = model.tokenizer
     local = Path(source).expanduser()
     offline = is_offline(offline)
+    revision: dict[str, Any] = {}
     if local.is_dir():
         name, local_files_only = str(local), True
+        if model.revision is not None:
+            log.warning("revision_of_model %s: ignored for the tokenizer, %s is a local folder", model.revision, source)
     elif source.startswith((".", "/", "~")):
         raise DataError(f"tokenizer {source}: no such folder")
     else:
         name, local_files_only = source, offline
-    loader = tokenizer_class(model.tokenizer_class)
+        if model.revision is not None:
+            revision["revision"] = model.revision
     try:
-        tokenizer = loader.from_pretrained(name, trust_remote_code=model.trust_remote_code,
-                                           local_files_only=local_files_only)
+        if model.tokenizer_backend == "mistral_common":
+            tokenizer = load_mistral_common_tokenizer(model, name, local_files_only=local_files_only,
+                                                      revision=revision)
+        else:
+            tokenizer = tokenizer_class(model.tokenizer_class).from_pretrained(
+                name, trust_remote_code=model.trust_remote_code, local_files_only=local_files_only, **revision)
     except (OSError, ValueError) as exc:
         where = "offline and not in the Hugging Face cache" if offline else "cannot be loaded"
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataError(f"tokenizer {source}: {where} ({first_line})") from None
     return tokenizer, add_config_tokens(tokenizer, model.special_tokens, model.tokens)
+
+
+def load_mistral_common_tokenizer(model: ModelPlan, name: str, *, local_files_only: bool,
+                                  revision: dict[str, Any]) -> Any:
+    """Mistral's own tokenizer for ``tokenizer_backend: mistral_common``. Its problems (the package missing, a
+    tokenizer it cannot serve) are errors, never a fallback to another tokenizer, which would change the data."""
+    from ..mistral_tokenizer import MistralTokenizerError, load_mistral_common
+
+    if model.tokenizer_class is not None:
+        log.warning("tokenizer_type %s: not used, tokenizer_use_mistral_common loads mistral-common's tokenizer (as "
+                    "Axolotl does)", model.tokenizer_class)
+    try:
+        return load_mistral_common(name, local_files_only=local_files_only, revision=revision)
+    except MistralTokenizerError as exc:
+        raise DataError(str(exc)) from None
 
 
 def add_config_tokens(tokenizer: Any, special_tokens: dict[str, Any] | None,
@@ -93,8 +123,11 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     merges, normalisation, added tokens, post-processor), its special tokens and its own chat template."""
     digest = hashlib.sha256(type(tokenizer).__name__.encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
+    own_file = getattr(tokenizer, "fingerprint", None)  # a mistral-common tokenizer: its tekken.json's digest
     if backend is not None:
         digest.update(backend.to_str().encode())
+    elif isinstance(own_file, str):
+        digest.update(own_file.encode())
     else:  # a slow (Python) tokenizer: its vocabulary and added tokens are what we can see
         digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     specials = {key: str(getattr(tokenizer, key, None)) for key in NAMED_SPECIAL_TOKENS}
