@@ -142,6 +142,11 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
             if key == "field" and dataset.type != "completion":
                 error(("datasets", index, key), f"field applies only to type: completion datasets "
                       f"(this one is {dataset.type})", hint="chat_template datasets use field_messages")
+    reserved = sorted(set(spec.chat_template_kwargs or ()) & {"conversation", "messages", "chat_template", "tokenize",
+                                                              "add_generation_prompt", "continue_final_message"})
+    if reserved:
+        error("chat_template_kwargs", f"{', '.join(reserved)}: set by tunefile when it renders a conversation",
+              hint="remove these keys")
     if spec.train_on_inputs and not any(d.type == "alpaca" for d in spec.datasets):
         warn("train_on_inputs", "applies to alpaca datasets only; none is listed")
 

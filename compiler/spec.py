@@ -98,7 +98,8 @@ class DatasetSpec(_Strict):
         None, description="chat_template datasets: the key the chat template reads the reasoning trace from "
         "(default: field_thinking).")
     drop_system_message: bool | None = _field(
-        None, description="chat_template datasets: leave the conversation's system turns out (default: false).")
+        None, description="chat_template datasets: leave a conversation's leading system turn out (default: false; "
+        "a system prompt the template writes by itself stays).")
 
 
 class FsdpConfig(_Strict):

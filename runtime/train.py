@@ -31,6 +31,7 @@ import torch
 
 from ..schemas.run_plan import DistributionPlan, RunPlan, plan_to_dict
 from . import attention, checkpoint
+from .early_stopping import EarlyStopping
 from .evaluate import decide_eval_packing, evaluate
 from .freeze import check_row_ranges_supported
 from .kernels import apply_kernels
@@ -344,6 +345,7 @@ class Trainer:
 
     def run(self) -> int:
         self.setup()
+        self.early_stopping, self.stopped_early = EarlyStopping(self.plan.schedule.early_stopping_patience), None
         state, total = self.state, self.total_steps
         # Sums since the last log line: [loss sum (all ranks), label tokens (all ranks), input tokens (this rank)].
         window = [0.0, 0.0, 0.0]
@@ -384,6 +386,11 @@ class Trainer:
                                      self.isolation, idle=self.eval_plan.idle)
                 self.sink.log_eval({"step": state.step, "eval_loss": eval_loss})
                 window_start = time.perf_counter()  # evaluation time is not training throughput
+                if self.early_stopping.should_stop(eval_loss):
+                    self.stopped_early = state.step
+                    log.info("early stopping: the evaluation loss has not improved for %d evaluations; stopping "
+                             "at step %d", self.early_stopping.patience, state.step)
+                    break
             if self.cadence.save_now(state.step, total):
                 checkpoint.save_checkpoint(self.accelerator, self.output_dir, state,
                                            save_total_limit=self.plan.checkpointing.save_total_limit,
@@ -414,7 +421,7 @@ class Trainer:
         if self.main:
             summary = {"step": state.step, "epoch": state.epoch, "distributed_type": acc.distributed_type.value,
                        "world_size": self.world, **peak_memory(self.device),
-                       "runtime_decisions": self.runtime_decisions(),
+                       "runtime_decisions": self.runtime_decisions(), "stopped_early_at_step": self.stopped_early,
                        # Trainable-weight digest per rank: equal under DDP (replicas), per shard under FSDP.
                        "rank_weight_digests": digests}
             (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",

@@ -60,7 +60,7 @@ class DatasetPlan:
     # (Axolotl's field_thinking and template_thinking_key); the trace is renamed from one to the other.
     field_thinking: str | None
     template_thinking_key: str | None
-    drop_system_message: bool | None  # chat_template: leave the conversation's system turns out
+    drop_system_message: bool | None  # chat_template: leave a conversation's leading system turn out
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ CACHE_VERSION = 2
 # Run-wide options that change tokens or the split; dataset entries are hashed whole. The tokenizer (with the
 # plan's special_tokens and tokens already added) is hashed by tokenizer_fingerprint.
 TOKEN_OPTIONS = ("sequence_len", "train_on_inputs", "val_set_size", "chat_template", "chat_template_jinja",
-                 "eot_tokens")
+                 "chat_template_kwargs", "eot_tokens")
 # The modules that turn rows into tokens: a change to any of them invalidates old caches.
 TOKENISING_CODE = (examples, formats, chat)
 MAX_PROBLEMS = 5
