@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from .errors import Problem
 from .models import parse_parameter_count
-from .spec import Spec
+from .spec import TORCHAO_OPTIMIZERS, Spec, optimizer_arguments
 
 _CHAT_ONLY_KEYS = ("field_messages", "message_property_mappings", "roles_to_train", "train_on_eos",
                    "chat_template", "field_thinking", "template_thinking_key", "drop_system_message")
@@ -84,6 +84,9 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
     if spec.unfrozen_parameters and spec.adapter is not None:
         warn("unfrozen_parameters", "no effect with an adapter: PEFT trains only the adapter (and "
              "lora_modules_to_save)", hint="use lora_modules_to_save to train whole modules beside the adapter")
+    if spec.reinit_weights and (spec.load_in_4bit or spec.load_in_8bit or spec.adapter == "qlora"
+                                or spec.model_quantization_config):
+        error("reinit_weights", "fresh random weights cannot be loaded quantised", hint="train them in 16-bit")
     if spec.quantize_moe_experts and not (spec.adapter and (spec.load_in_4bit or spec.load_in_8bit
                                                             or spec.adapter == "qlora")):
         error("quantize_moe_experts", "quantize_moe_experts needs an adapter on a 4-bit or 8-bit base, as in "
@@ -92,6 +95,13 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
         warn(("fsdp_config", "activation_checkpointing"), "gradient_checkpointing is turned off: FSDP's own "
              "activation checkpointing does the same job, and both would recompute twice",
              hint="keep one of the two")
+
+    if spec.optim_args:
+        unknown = sorted(set(optimizer_arguments(spec)) - {"bf16_stochastic_round"})
+        if unknown or spec.optimizer not in TORCHAO_OPTIMIZERS:
+            error("optim_args", "tunefile passes only bf16_stochastic_round, and only to adamw_torch_8bit and "
+                  "adamw_torch_4bit" + (f" (got {', '.join(unknown)})" if unknown else ""),
+                  hint="remove the other arguments, or the line")
 
     # --- quantisation-aware training (the pairs torchao fake-quantises; runtime/qat.py) ---
     if spec.qat is not None:

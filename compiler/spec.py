@@ -183,6 +183,9 @@ class Spec(_Strict):
         None, description="Its arguments, e.g. {dequantize: true}.", group="model")
     qat: QatConfig | None = _field(
         None, description="Quantisation-aware training with torchao (full fine-tuning or LoRA).", group="model")
+    reinit_weights: bool = _field(
+        False, description="Train the base model's architecture from fresh random weights (pretraining from "
+        "scratch); its checkpoint's weights are not loaded.", group="model")
     quantize_moe_experts: bool = _field(
         False, description="With load_in_4bit/8bit and an adapter: also quantise MoE expert weights stored as "
         "3-D parameters (CUDA, bitsandbytes).", group="model")
@@ -336,6 +339,9 @@ class Spec(_Strict):
     early_stopping_patience: int | None = _field(
         None, ge=1, description="Stop when the evaluation loss has not improved for this many evaluations.",
         group="training")
+    optim_args: dict[str, Any] | str | None = _field(
+        None, description="Extra optimizer arguments; tunefile passes bf16_stochastic_round to torchao's "
+        "adamw_torch_8bit/4bit (as a mapping or Axolotl's `key=value,…` string).", group="training")
     adam_beta1: float = _field(0.9, ge=0.0, lt=1.0, description="AdamW's first-moment decay.", group="training")
     adam_beta2: float = _field(0.999, ge=0.0, lt=1.0, description="AdamW's second-moment decay.",
                                group="training")
@@ -471,3 +477,15 @@ class Spec(_Strict):
         "TRANSFORMERS_OFFLINE set before Python starts).",
         group="outputs",
     )
+
+
+def optimizer_arguments(spec: Spec) -> dict[str, Any]:
+    """Axolotl's optim_args as a mapping: given as one, or as its `key=value,key=value` string."""
+    if isinstance(spec.optim_args, dict):
+        return dict(spec.optim_args)
+    arguments: dict[str, Any] = {}
+    for item in (spec.optim_args or "").split(","):
+        key, _, value = item.partition("=")
+        if key.strip():
+            arguments[key.strip()] = {"true": True, "false": False}.get(value.strip().lower(), value.strip())
+    return arguments

@@ -135,7 +135,25 @@ def load_pretrained(model: ModelPlan, source: str, **kwargs: Any) -> torch.nn.Mo
         raise ModelLoadError(f"base_model {source}: cannot read its configuration: {exc}") from None
     if config is not None:
         kwargs["config"] = config
+    if model.from_scratch and source == model.base_model:
+        return from_scratch(model, source, revision=revision, **kwargs)
     return from_pretrained(source, trust_remote_code=model.trust_remote_code, **revision, **kwargs)
+
+
+def from_scratch(model: ModelPlan, source: str, *, revision: dict[str, Any], **kwargs: Any) -> torch.nn.Module:
+    """The base model's architecture with fresh weights (Axolotl's reinit_weights), initialised by the model's
+    own scheme from the seeded RNG; only its configuration is read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = kwargs.pop("config", None)
+    if config is None:
+        try:
+            config = AutoConfig.from_pretrained(resolve_model_source(source, model.revision),
+                                                trust_remote_code=model.trust_remote_code, **revision)
+        except OSError as exc:
+            raise ModelLoadError(f"base_model {source}: cannot read its configuration: {exc}") from None
+    log.info("reinit_weights: %s's architecture with fresh random weights", source)
+    return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code, **kwargs)
 
 
 def load_base_model(model: ModelPlan, *, attn_implementation: str, device_index: int | None = None,

@@ -98,7 +98,8 @@ def build_optimizer(model: torch.nn.Module, optimizer: OptimizerPlan, *, device_
     if name in TORCHAO_OPTIMIZERS:
         # Each step runs torch.compile'd code (a C++ compiler on the CPU, Triton on CUDA); the LR becomes a tensor
         # in the param groups, which our LambdaLR updates in place.
-        return getattr(torchao_optim(), TORCHAO_OPTIMIZERS[name][0])(groups, **common)
+        return getattr(torchao_optim(), TORCHAO_OPTIMIZERS[name][0])(
+            groups, bf16_stochastic_round=optimizer.bf16_stochastic_round, **common)
     if name == "adamw_torch":
         return torch.optim.AdamW(groups, **common)
     if name == "adamw_torch_fused":

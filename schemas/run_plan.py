@@ -135,6 +135,9 @@ class ModelPlan:
     # With load_in_4bit/8bit: also quantise MoE expert weights stored as 3-D parameters (Axolotl's
     # quantize_moe_experts), which bitsandbytes' nn.Linear replacement does not reach.
     quantize_moe_experts: bool
+    # Build the architecture from its configuration with fresh random weights (seeded) instead of loading the
+    # checkpoint's (Axolotl's reinit_weights: pretraining from scratch).
+    from_scratch: bool
     tokenizer: str  # folder or hub id the tokenizer loads from
     tokenizer_class: str | None  # a transformers class name; None: AutoTokenizer
     tokenizer_backend: Literal["huggingface", "mistral_common"]  # mistral_common: Axolotl's
@@ -190,6 +193,9 @@ class OptimizerPlan:
     adam_beta1: float
     adam_beta2: float
     adam_epsilon: float
+    # torchao's low-bit AdamW: round bf16 weights stochastically when it updates them (Axolotl's
+    # optim_args: {bf16_stochastic_round: true}); false for every other optimizer.
+    bf16_stochastic_round: bool
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,8 @@ def data_plan(tmp_path: Path, path: Path, **changes: Any) -> DataPlan:
     plan = DataPlan(datasets=(entry,), sequence_len=SEQUENCE_LEN, micro_batch_size=2,
                     packing_attention="block_mask", pad_to_sequence_len=False, train_on_inputs=False,
                     val_set_size=0.0, prepared_path=str(tmp_path / "prepared"), chat_template=None,
-                    chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None, eval_packing=False, skip_prepare=False, streaming=False)
+                    chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None, eval_packing=False,
+                    skip_prepare=False, streaming=False)
     return replace(plan, **changes)
 
 

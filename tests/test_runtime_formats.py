@@ -27,13 +27,14 @@ def dataset(type: str, **options: Any) -> DatasetPlan:
 def data_plan(*datasets: DatasetPlan, **changes: Any) -> DataPlan:
     plan = DataPlan(datasets=datasets, sequence_len=256, micro_batch_size=2, packing_attention=None,
                     pad_to_sequence_len=False, train_on_inputs=False, val_set_size=0.0, prepared_path="prepared",
-                    chat_template=None, chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None, eval_packing=False, skip_prepare=False, streaming=False)
+                    chat_template=None, chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None,
+                    eval_packing=False, skip_prepare=False, streaming=False)
     return replace(plan, **changes)
 
 
 def model_plan(tokenizer: Path, **changes: Any) -> ModelPlan:
     plan = ModelPlan(base_model=str(tokenizer), revision=None, architecture=None, parameters=None,
-                     config_overrides={}, quantization_config=None, quantize_moe_experts=False,
+                     config_overrides={}, quantization_config=None, quantize_moe_experts=False, from_scratch=False,
                      tokenizer=str(tokenizer), tokenizer_class=None, tokenizer_backend="huggingface",
                      pad_embeddings_to_multiple_of=None, special_tokens=None, tokens=None, trust_remote_code=False,
                      precision="fp32", tf32=False, attn_implementation="sdpa", load_in_4bit=False,

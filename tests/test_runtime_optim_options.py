@@ -154,3 +154,14 @@ def test_bitsandbytes_adamw_gets_the_configs_betas_and_epsilon(name: str) -> Non
     assert type(optimizer).__module__.startswith("bitsandbytes.")
     assert_adam_constants(optimizer, plan)
 
+
+
+@pytest.mark.parametrize("optim_args", [{"bf16_stochastic_round": True}, "bf16_stochastic_round=true"])
+def test_optim_args_bf16_stochastic_round_reaches_torchao(optim_args: object) -> None:
+    """Axolotl's optim_args, as a mapping or its `key=value` string, reaches torchao's low-bit AdamW."""
+    require_module("torchao", "pip install 'tunefile[torchao]'")
+    plan = optimizer_plan("adamw_torch_8bit", optim_args=optim_args)
+    assert plan.bf16_stochastic_round is True
+    built = optim.build_optimizer(two_layer_net(), plan, device_type="cpu")
+    assert built.bf16_stochastic_round is True
+    assert optimizer_plan("adamw_torch_8bit").bf16_stochastic_round is False

@@ -58,7 +58,8 @@ def test_no_weight_decay_on_biases_and_norms() -> None:
     groups = optim.param_groups(model.named_parameters(), 0.1)
     assert [len(g["params"]) for g in groups] == [1, 3]
     assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
-    fused = optim.build_optimizer(model, OptimizerPlan("adamw_torch_fused", 1e-3, 0.1, 1.0, 0.9, 0.999, 1e-8), device_type="cpu")
+    fused = optim.build_optimizer(model, OptimizerPlan("adamw_torch_fused", 1e-3, 0.1, 1.0, 0.9, 0.999, 1e-8, False),
+                                  device_type="cpu")
     assert not fused.defaults.get("fused")  # the fused kernel is CUDA-only; CPU gets the same maths unfused
 
 
@@ -69,7 +70,8 @@ def test_bitsandbytes_optimizers_fail_clearly_without_it() -> None:
     except ImportError:
         pass
     with pytest.raises(optim.OptimizerError, match="bitsandbytes"):
-        optim.build_optimizer(torch.nn.Linear(2, 2), OptimizerPlan("paged_adamw_8bit", 1e-3, 0.0, 1.0, 0.9, 0.999, 1e-8),
+        optim.build_optimizer(torch.nn.Linear(2, 2),
+                              OptimizerPlan("paged_adamw_8bit", 1e-3, 0.0, 1.0, 0.9, 0.999, 1e-8, False),
                               device_type="cpu")
 
 

@@ -87,12 +87,10 @@ REFUSED: dict[str, str] = {
     "dataset_exact_deduplication": "deduplication is not supported; deduplicate the data files beforehand",
     "sample_packing_sequentially": "tunefile packs shuffled samples",
     "curriculum_sampling": "tunefile shuffles the rows; it does not keep them in file order",
-    "optim_args": "extra optimizer arguments are not supported; adam_beta1/2 and adam_epsilon are",
     "accelerator_config": "accelerate is configured by the bundle's accelerate.yaml",
     "llama4_linearized_experts": "tunefile trains the model's own expert modules",
     "tiled_mlp": "tiled MLP computation is not supported",
     "ple_cpu_offload": "per-layer-embedding offloading is not supported; try activation_offloading",
-    "reinit_weights": "tunefile fine-tunes the base model's weights; it does not reinitialise them",
     "use_swanlab": "SwanLab is not among tunefile's trackers; use wandb_project, mlflow_tracking_uri or "
                    "use_tensorboard",
     "use_otel_metrics": "OpenTelemetry metrics are not supported; use wandb, MLflow or TensorBoard",

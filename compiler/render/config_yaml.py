@@ -34,7 +34,7 @@ from ...schemas.run_plan import (
 )
 from ..plan import Plan
 from ..shell import one_line
-from ..spec import DatasetSpec, Spec
+from ..spec import DatasetSpec, Spec, optimizer_arguments
 
 # What each type reads when the entry leaves it unset (Axolotl's defaults).
 COMPLETION_FIELD = "text"
@@ -64,12 +64,13 @@ PLAN_LOCATION: dict[str, str] = {
     "activation_offloading": "model.activation_offloading", "unfrozen_parameters": "model.unfrozen_parameters",
     "lora_target_parameters": "model.lora.target_parameters", "lora_fan_in_fan_out": "model.lora.fan_in_fan_out",
     "peft_use_rslora": "model.lora.use_rslora", "eot_tokens": "data.eot_tokens",
-    "eval_sample_packing": "data.eval_packing", "chat_template_kwargs": "data.chat_template_kwargs", "skip_prepare_dataset": "data.skip_prepare",
+    "eval_sample_packing": "data.eval_packing", "chat_template_kwargs": "data.chat_template_kwargs",
+    "skip_prepare_dataset": "data.skip_prepare",
     "adam_beta1": "optimizer.adam_beta1", "adam_beta2": "optimizer.adam_beta2",
     "adam_epsilon": "optimizer.adam_epsilon", "use_tensorboard": "trackers.tensorboard",
     "revision_of_model": "model.revision", "cosine_constant_lr_ratio": "schedule.min_lr_from",
     "early_stopping_patience": "schedule.early_stopping_patience", "model_config_overrides": "model.config_overrides",
-    "quantize_moe_experts": "model.quantize_moe_experts",
+    "quantize_moe_experts": "model.quantize_moe_experts", "reinit_weights": "model.from_scratch",
     "chat_template": "data.chat_template", "chat_template_jinja": "data.chat_template_jinja",
     "train_on_inputs": "data.train_on_inputs", "val_set_size": "data.val_set_size",
     "dataset_prepared_path": "data.prepared_path", "sequence_len": "data.sequence_len",
@@ -99,7 +100,7 @@ RESOLVED_OR_COMPILER_ONLY = ("bf16", "fp16", "attn_implementation", "sample_pack
                              "eta_min", "use_wandb", "wandb_project", "wandb_entity",
                              "wandb_name", "wandb_run_id", "wandb_mode", "wandb_log_model", "mlflow_tracking_uri",
                              "mlflow_experiment_name", "mlflow_run_name", "model_quantization_config", "dp_shard_size",
-                             "qat",
+                             "optim_args", "qat",
                              "model_quantization_config_kwargs", "tokenizer_use_mistral_common",
                              "resize_token_embeddings_to_32x")
 
@@ -231,7 +232,7 @@ def build_run_plan(plan: Plan) -> RunPlan:
             quantization_config={"class": spec.model_quantization_config,
                                  "kwargs": dict(spec.model_quantization_config_kwargs or {})}
             if spec.model_quantization_config else None,
-            quantize_moe_experts=spec.quantize_moe_experts,
+            quantize_moe_experts=spec.quantize_moe_experts, from_scratch=spec.reinit_weights,
             tokenizer=spec.tokenizer_config or spec.base_model, tokenizer_class=spec.tokenizer_type,
             tokenizer_backend="mistral_common" if spec.tokenizer_use_mistral_common else "huggingface",
             pad_embeddings_to_multiple_of=32 if spec.resize_token_embeddings_to_32x else None,
@@ -251,7 +252,8 @@ def build_run_plan(plan: Plan) -> RunPlan:
         optimizer=OptimizerPlan(name=plan.optimizer, learning_rate=spec.learning_rate,
                                 weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm,
                                 adam_beta1=spec.adam_beta1, adam_beta2=spec.adam_beta2,
-                                adam_epsilon=spec.adam_epsilon),
+                                adam_epsilon=spec.adam_epsilon,
+                                bf16_stochastic_round=optimizer_arguments(spec).get("bf16_stochastic_round") is True),
         schedule=SchedulePlan(
             gradient_accumulation_steps=plan.batch.gradient_accumulation_steps, max_steps=spec.max_steps,
             num_epochs=None if spec.max_steps else spec.num_epochs, lr_scheduler=spec.lr_scheduler,
