@@ -86,7 +86,7 @@ def build_quantization_config(spec: dict[str, Any] | None) -> Any:
     import transformers
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    name, kwargs = spec.get("class"), dict(spec.get("kwargs") or {})
+    name, kwargs = spec["class"], dict(spec["kwargs"])  # the compiler writes both keys
     cls = getattr(transformers, name, None) if isinstance(name, str) else None
     if not (isinstance(cls, type) and issubclass(cls, QuantizationConfigMixin)):
         raise PretrainedOptionError(f"model_quantization_config: transformers {transformers.__version__} has no "
@@ -108,10 +108,10 @@ def dequantizing(spec: dict[str, Any] | None) -> dict[str, Any] | None:
         return None
     import transformers
 
-    cls = getattr(transformers, str(spec.get("class")), None)
+    cls = getattr(transformers, str(spec["class"]), None)
     if cls is None or "dequantize" not in inspect.signature(cls).parameters:
         return None
-    return {"class": spec["class"], "kwargs": {**(spec.get("kwargs") or {}), "dequantize": True}}
+    return {"class": spec["class"], "kwargs": {**spec["kwargs"], "dequantize": True}}
 
 
 def quantization_change(quantization_config: Any, before: dict[str, Any], module: Any) -> str | None:
