@@ -79,7 +79,8 @@ class Reading:
 
 
 def read_axolotl(data: Any) -> Reading:
-    """Raise ConfigError with one line for a config of a kind tunefile does not train; else the Reading."""
+    """The config in tunefile's spelling; ConfigError with one line for a config of a kind tunefile does not
+    train (and nothing else about it, which would not help)."""
     if not isinstance(data, dict):
         return Reading(data)
     data = drop_empty(data)
@@ -89,7 +90,6 @@ def read_axolotl(data: Any) -> Reading:
     reading = Reading(dict(data))
     _rewrite_spellings(reading)
     _sort_keys(reading, reading.data, (), spec_keys(Spec), axolotl_catalogue().top_level)
-    datasets = reading.data.get("datasets")
     for list_key in ("datasets", "pretraining_dataset"):
         entries = reading.data.get(list_key)
         if isinstance(entries, list):
@@ -97,7 +97,6 @@ def read_axolotl(data: Any) -> Reading:
                 if isinstance(entry, dict):
                     _sort_keys(reading, entry, (list_key, index), spec_keys(DatasetSpec),
                                axolotl_catalogue().datasets)
-    del datasets
     fsdp_config = reading.data.get("fsdp_config")
     if isinstance(fsdp_config, dict):
         _sort_keys(reading, fsdp_config, ("fsdp_config",), spec_keys(FsdpConfig),
