@@ -59,9 +59,10 @@ NO_EFFECT: dict[str, str] = {
     "wandb_watch": "gradient histograms are not sent to wandb",
     "shuffle_merged_datasets": "tunefile always shuffles the mixed rows (with seed)",
     "max_packed_sequence_len": "deprecated in Axolotl; tunefile packs into sequence_len rows",
-    "streaming_multipack_buffer_size": "tunefile packs streamed text greedily as it arrives",
-    "pretrain_multipack_attn": "tunefile's streamed rows are cut from one running text, as Axolotl's pretraining "
-                               "rows are",
+    "streaming_multipack_buffer_size": "tunefile shuffles streamed rows through a 10,000-row buffer (Axolotl's "
+                                       "default) and packs them as they arrive",
+    "pretrain_multipack_attn": "tunefile keeps the documents of a streamed row from attending to each other "
+                               "whenever sample_packing gives it a packing attention",
     "save_strategy": "save_steps and saves_per_epoch decide when tunefile saves",
     "eval_strategy": "eval_steps and evals_per_epoch decide when tunefile evaluates",
     "evaluation_strategy": "eval_steps and evals_per_epoch decide when tunefile evaluates",
