@@ -233,9 +233,10 @@ def test_zero2_json_is_not_the_zero2_preset(tmp_path: Path) -> None:
     assert "offload_optimizer" not in preset["zero_optimization"]
 
 
-def test_unsized_bucket_defaults_are_said(tmp_path: Path) -> None:
+@pytest.mark.parametrize("deepspeed", ["deepspeed_configs/zero3.json", "zero3"])
+def test_unsized_bucket_defaults_are_said(tmp_path: Path, deepspeed: str) -> None:
     text = "base_model: some/unknown-model\ndatasets:\n  - path: d.jsonl\n    type: alpaca\n" \
-           "deepspeed: deepspeed_configs/zero3.json\n"
+           f"deepspeed: {deepspeed}\n"
     plan = compile_config(write(tmp_path / "c.yml", text), TargetOptions(gpu="h100-80gb", gpus_per_node=2)).plan
     (strategy,) = [d for d in plan.decisions if d.topic == "strategy"]
     assert "bucket sizes are DeepSpeed's defaults" in strategy.reason

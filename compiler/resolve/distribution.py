@@ -183,8 +183,9 @@ def _deepspeed_plan(spec: Spec, batch: BatchPlan, precision: str, shape: ModelSh
     if name in ds.BUILTIN_PRESETS:
         config = ds.builtin_config(name, batch=batch, precision=precision, max_grad_norm=spec.max_grad_norm,
                                    shape=shape)
+        reason = f"deepspeed: {name} (built-in preset)" + (_UNSIZED_BUCKETS if shape is None else "")
         return (DistributionPlan("deepspeed", deepspeed_config=config, deepspeed_stage=ds.zero_stage(config),
-                                 deepspeed_source=f"built-in {name}"), f"deepspeed: {name} (built-in preset)")
+                                 deepspeed_source=f"built-in {name}"), reason)
     if user_file is None or not isinstance(user_file.data, dict):
         if user_file is not None:
             errors.append(Problem((), "a DeepSpeed config must be a JSON object", file=user_file.name))
@@ -195,10 +196,13 @@ def _deepspeed_plan(spec: Spec, batch: BatchPlan, precision: str, shape: ModelSh
     source = user_file.name if user_file.name.startswith("Axolotl ") else "your file"
     reason = f"deepspeed: {name} ({source}, 'auto' values filled in){_offload_words(config)}"
     if shape is None and _has_auto_buckets(user_file.data):
-        reason += ("; its \"auto\" bucket sizes are DeepSpeed's defaults, since the model's hidden size is unknown "
-                   "(a local base_model or one in the built-in table sizes them)")
+        reason += _UNSIZED_BUCKETS
     return (DistributionPlan("deepspeed", deepspeed_config=config, deepspeed_stage=ds.zero_stage(config),
                              deepspeed_source=name), reason)
+
+
+_UNSIZED_BUCKETS = ("; its bucket sizes are DeepSpeed's defaults, since the model's hidden size is unknown (a local "
+                    "base_model or one in the built-in table sizes them)")
 
 
 def _offload_words(config: dict) -> str:
