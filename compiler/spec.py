@@ -479,6 +479,17 @@ class Spec(_Strict):
     )
 
 
+def wandb_on(spec: Spec) -> bool:
+    """Axolotl's rule: use_wandb when given, else on exactly when a project is named; mode disabled is off."""
+    if spec.wandb_mode == "disabled":
+        return False
+    return spec.use_wandb if spec.use_wandb is not None else bool(spec.wandb_project)
+
+
+def mlflow_on(spec: Spec) -> bool:
+    return bool(spec.mlflow_tracking_uri or spec.mlflow_experiment_name)
+
+
 def optimizer_arguments(spec: Spec) -> dict[str, Any]:
     """Axolotl's optim_args as a mapping: given as one, or as its `key=value,key=value` string."""
     if isinstance(spec.optim_args, dict):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 _TRAINER_ONLY = "tunes Hugging Face's Trainer; tunefile runs its own training loop"
 _SPEED_KERNEL = "selects a speed-only kernel; tunefile runs the model's own code (the results are the same)"
+_LORA_KERNEL = "Axolotl's fused LoRA Triton kernels are a speed option; tunefile runs PEFT's LoRA layers"
 _HUB = "concerns the Hugging Face Hub; tunefile never uploads, and reads HF_TOKEN from the environment"
 
 NO_EFFECT: dict[str, str] = {
@@ -29,11 +30,8 @@ NO_EFFECT: dict[str, str] = {
     "include_tokens_per_second": "tunefile always logs tokens per second",
     "save_safetensors": "tunefile always saves safetensors",
     "save_only_model": "tunefile's checkpoints always hold the optimizer state, so that runs resume exactly",
-    "lora_mlp_kernel": "Axolotl's fused LoRA Triton kernels are a speed option; tunefile runs PEFT's LoRA layers",
-    "lora_qkv_kernel": "Axolotl's fused LoRA Triton kernels are a speed option; tunefile runs PEFT's LoRA layers",
-    "lora_o_kernel": "Axolotl's fused LoRA Triton kernels are a speed option; tunefile runs PEFT's LoRA layers",
-    "lora_embedding_kernel": "Axolotl's fused LoRA Triton kernels are a speed option; tunefile runs PEFT's LoRA "
-                             "layers",
+    "lora_mlp_kernel": _LORA_KERNEL, "lora_qkv_kernel": _LORA_KERNEL, "lora_o_kernel": _LORA_KERNEL,
+    "lora_embedding_kernel": _LORA_KERNEL,
     "use_kernels": "kernels from the Hugging Face Hub are downloaded at run time, which tunefile never does; "
                    "the model's own code runs",
     "use_scattermoe": _SPEED_KERNEL, "use_sonicmoe": _SPEED_KERNEL, "experts_implementation": _SPEED_KERNEL,

@@ -34,7 +34,7 @@ from ...schemas.run_plan import (
 )
 from ..plan import Plan
 from ..shell import one_line
-from ..spec import DatasetSpec, Spec, optimizer_arguments
+from ..spec import DatasetSpec, Spec, mlflow_on, optimizer_arguments, wandb_on
 
 # What each type reads when the entry leaves it unset (Axolotl's defaults).
 COMPLETION_FIELD = "text"
@@ -144,13 +144,6 @@ def lora_plan(spec: Spec) -> LoraPlan:
                     model_dir=spec.lora_model_dir)
 
 
-def wandb_on(spec: Spec) -> bool:
-    """Axolotl's rule: use_wandb when given, else on exactly when a project is named; mode disabled is off."""
-    if spec.wandb_mode == "disabled":
-        return False
-    return spec.use_wandb if spec.use_wandb is not None else bool(spec.wandb_project)
-
-
 def trackers_plan(spec: Spec) -> TrackersPlan:
     wandb = None
     if wandb_on(spec):
@@ -159,7 +152,7 @@ def trackers_plan(spec: Spec) -> TrackersPlan:
                           run_id=spec.wandb_run_id, mode="offline" if offline else "online",
                           log_model=bool(spec.wandb_log_model) and not offline)
     mlflow = None
-    if spec.mlflow_tracking_uri or spec.mlflow_experiment_name:
+    if mlflow_on(spec):
         uri = spec.mlflow_tracking_uri or MLFLOW_OFFLINE_URI
         if spec.offline and not uri.startswith("file:"):
             uri = MLFLOW_OFFLINE_URI

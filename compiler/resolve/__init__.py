@@ -12,7 +12,7 @@ from typing import Any
 from .. import __version__
 from ..errors import ConfigError, Problem, format_path
 from ..plan import BatchPlan, Decision, Plan
-from ..spec import BITSANDBYTES_OPTIMIZERS, TORCHAO_OPTIMIZERS, Spec
+from ..spec import BITSANDBYTES_OPTIMIZERS, TORCHAO_OPTIMIZERS, Spec, mlflow_on, wandb_on
 from ..targets import Target
 from .distribution import DeepSpeedInput, resolve_distribution
 from .hardware import resolve_attention, resolve_packing_attention, resolve_precision, resolve_tf32
@@ -182,8 +182,5 @@ def _required_packages(spec: Spec, attention: str, strategy: str, bits: int | No
 
 
 def _tracker_packages(spec: Spec) -> set[str]:
-    from ..render.config_yaml import trackers_plan  # the one place that decides which trackers run
-
-    trackers = trackers_plan(spec)
-    return ({"wandb"} if trackers.wandb else set()) | ({"mlflow-skinny"} if trackers.mlflow else set()) \
-        | ({"tensorboard"} if trackers.tensorboard else set())
+    return ({"wandb"} if wandb_on(spec) else set()) | ({"mlflow-skinny"} if mlflow_on(spec) else set()) \
+        | ({"tensorboard"} if spec.use_tensorboard else set())
