@@ -22,6 +22,36 @@ _LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear", "lor
               "peft_use_rslora")
 
 
+def _check_training_methods(spec: Spec, error: Callable[..., None], warn: Callable[..., None]) -> None:
+    """LISA, ReLoRA and LoftQ, each with the conditions Axolotl puts on it."""
+    if (spec.lisa_n_layers is None) != (spec.lisa_step_interval is None):
+        present, missing = (("lisa_n_layers", "lisa_step_interval") if spec.lisa_step_interval is None
+                            else ("lisa_step_interval", "lisa_n_layers"))
+        error(present, f"LISA needs both lisa_n_layers and lisa_step_interval; {missing} is missing (Axolotl would "
+              "silently train every layer)", hint=f"add `{missing}: N`")
+    if spec.lisa_n_layers is not None and spec.adapter is not None:
+        error("lisa_n_layers", "LISA trains whole decoder layers: it is a full fine-tuning method",
+              hint="remove `adapter:`, or the lisa_* lines")
+    if spec.relora:
+        if spec.adapter is None:
+            error("relora", "ReLoRA restarts a LoRA adapter: it needs adapter: lora or qlora",
+                  hint="add `adapter: lora`")
+        if spec.jagged_restart_steps is None:
+            error("relora", "ReLoRA needs jagged_restart_steps, as in Axolotl", hint="add `jagged_restart_steps: N`")
+        if spec.fsdp_config is not None:
+            error("relora", "ReLoRA cannot run under FSDP, as in Axolotl", hint="use DDP or DeepSpeed")
+        if spec.lora_model_dir:
+            error("lora_model_dir", "ReLoRA merges and restarts the adapter; it cannot continue an existing one",
+                  hint="remove lora_model_dir, or relora")
+    elif spec.jagged_restart_steps is not None:
+        error("jagged_restart_steps", "tunefile applies jagged learning-rate restarts with ReLoRA only",
+              hint="add `relora: true` and an adapter, or remove the jagged_restart_* lines")
+    if spec.peft and spec.peft.loftq_config:
+        if spec.adapter != "lora" or spec.load_in_4bit or spec.load_in_8bit:
+            error(("peft", "loftq_config"), "LoftQ initialises a LoRA adapter on the unquantised base: it needs "
+                  "adapter: lora without load_in_4bit/8bit, as in Axolotl", hint="use adapter: lora")
+
+
 def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
     errors: list[Problem] = []
     warnings: list[Problem] = []
@@ -96,6 +126,8 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
              "activation checkpointing does the same job, and both would recompute twice",
              hint="keep one of the two")
 
+    _check_training_methods(spec, error, warn)
+
     if spec.optim_args:
         unknown = sorted(set(optimizer_arguments(spec)) - {"bf16_stochastic_round"})
         if unknown or spec.optimizer not in TORCHAO_OPTIMIZERS:
@@ -122,12 +154,35 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
     # --- precision and attention ---
     if spec.bf16 is True and spec.fp16:
         error("fp16", "bf16 and fp16 cannot both be true", hint="keep one (bf16 where the GPU supports it)")
+    if (spec.bfloat16 or spec.float16) and spec.deepspeed:
+        warn("bfloat16" if spec.bfloat16 else "float16", "DeepSpeed keeps fp32 master weights in its optimizer "
+             "whatever the weights load as; only the dtype the model loads in changes",
+             hint="use bf16: true (mixed precision) to say the same thing")
+    if spec.bfloat16 and spec.float16:
+        error("float16", "bfloat16 and float16 cannot both be true", hint="keep one")
+    if spec.bfloat16 and spec.fp16:
+        error("bfloat16", "bfloat16 weights contradict fp16: true", hint="keep one of the two")
+    if spec.float16 and spec.bf16 is True:
+        error("float16", "float16 weights contradict bf16: true", hint="keep one of the two")
     if spec.sample_packing and spec.attn_implementation == "eager":
         error("sample_packing", "sample_packing needs attention that isolates packed samples; eager attention "
               "does not take tunefile's varlen or block-mask paths",
               hint="use attn_implementation: flash_attention_2 or sdpa (the default)")
 
     # --- data ---
+    if spec.streaming and not spec.pretraining_dataset:
+        if spec.max_steps is None:
+            error("streaming", "streamed datasets need max_steps, as in Axolotl: the row count is unknown until "
+                  "the data has been read", hint="add `max_steps: N`")
+        for key in ("val_set_size", "eval_steps", "evals_per_epoch"):
+            if getattr(spec, key):
+                warn(key, "ignored: streamed datasets have no held-out split to evaluate on")
+        if spec.dataset_exact_deduplication:
+            error("dataset_exact_deduplication", "streamed rows cannot be deduplicated: tunefile never holds "
+                  "them all", hint="deduplicate the files beforehand, or stream without it")
+    if spec.group_by_length and spec.sample_packing:
+        warn("group_by_length", "no effect with sample_packing: packed rows are all sequence_len long, as in "
+             "Axolotl", hint="remove the line, or turn sample_packing off")
     if spec.pretraining_dataset:
         if spec.datasets:
             error("pretraining_dataset", "pretraining_dataset and datasets cannot both be set",

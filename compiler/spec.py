@@ -15,7 +15,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-DATASET_TYPES = ("alpaca", "chat_template", "completion", "pretokenized")
+DATASET_TYPES = ("alpaca", "alpaca:chat", "alpaca:phi", "jeopardy", "chat_template", "completion", "pretokenized")
+# The instruction formats: rows of instruction/input/output (jeopardy: question/category/answer).
+INSTRUCTION_TYPES = ("alpaca", "alpaca:chat", "alpaca:phi", "jeopardy")
 OPTIMIZERS = (
     "adamw_torch",
     "adamw_torch_fused",
@@ -25,6 +27,7 @@ OPTIMIZERS = (
     "adamw_bnb_8bit",
     "paged_adamw_8bit",
     "paged_adamw_32bit",
+    "muon",
 )
 # Optimizers that run on bitsandbytes kernels (CUDA only), and torchao's low-bit AdamW.
 BITSANDBYTES_OPTIMIZERS = ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
@@ -35,7 +38,8 @@ ATTN_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3", "sdpa", "eager
 # Axolotl plugins tunefile carries out itself (their keys are top-level keys of this Spec).
 LIGER_PLUGIN = "axolotl.integrations.liger.LigerPlugin"
 CCE_PLUGIN = "axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin"
-KNOWN_PLUGINS = (LIGER_PLUGIN, CCE_PLUGIN)
+SWANLAB_PLUGIN = "axolotl.integrations.swanlab.SwanLabPlugin"
+KNOWN_PLUGINS = (LIGER_PLUGIN, CCE_PLUGIN, SWANLAB_PLUGIN)
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 TRAIN_ON_EOS = ("all", "turn", "last", "none")
 
@@ -159,6 +163,19 @@ class SpecialTokens(_Strict):
     additional_special_tokens: list[str] | None = _field(None, description="Further special tokens to add.")
 
 
+class LoftqConfig(_Strict):
+    """Axolotl's peft.loftq_config."""
+
+    loftq_bits: int = _field(4, ge=2, le=8, description="Bits the base is quantised to for LoftQ's initialisation.")
+
+
+class PeftConfig(_Strict):
+    """Axolotl's peft section."""
+
+    loftq_config: LoftqConfig | None = _field(
+        None, description="LoftQ: initialise the LoRA adapter so that it corrects the base's quantisation error.")
+
+
 class Spec(_Strict):
     """A whole tunefile config."""
 
@@ -219,6 +236,16 @@ class Spec(_Strict):
         description="When merging, shrink resized embeddings back to the tokenizer's vocabulary size.",
         group="model",
     )
+    llama4_linearized_experts: bool = _field(
+        False, description="Llama 4: one linear layer per expert and projection instead of fused expert tensors, "
+        "so LoRA and 4-bit quantisation reach the experts.", group="model")
+    lisa_n_layers: int | None = _field(
+        None, ge=1, description="LISA (full fine-tuning): train only this many decoder layers at a time, drawn at "
+        "random; embeddings and head always train.", group="model")
+    lisa_step_interval: int | None = _field(
+        None, ge=1, description="LISA: draw new layers every N optimizer steps (default: 20).", group="model")
+    lisa_layers_attribute: str = _field(
+        "model.layers", description="LISA: where the decoder layers are in the model.", group="model")
 
     # --- adapter ------------------------------------------------------------------------
     adapter: Literal["lora", "qlora"] | None = _field(
@@ -255,6 +282,28 @@ class Spec(_Strict):
         False, description="Load the base model in 4-bit (NF4). Implied by adapter: qlora.", group="adapter"
     )
     load_in_8bit: bool = _field(False, description="Load the base model in 8-bit (LoRA only).", group="adapter")
+    peft: PeftConfig | None = _field(
+        None, description="PEFT options: loftq_config: {loftq_bits: 4} initialises a lora adapter with LoftQ.",
+        group="adapter")
+    relora: bool = _field(
+        False, description="ReLoRA: every jagged_restart_steps merge the adapter into the base and start a new "
+        "one (lora or qlora).", group="adapter")
+    jagged_restart_steps: int | None = _field(
+        None, ge=1, description="ReLoRA: optimizer steps between restarts.", group="adapter")
+    jagged_restart_warmup_steps: int | None = _field(
+        None, ge=0, description="ReLoRA: learning-rate warm-up steps after each restart (default: 10).",
+        group="adapter")
+    jagged_restart_anneal_steps: int | None = _field(
+        None, ge=0, description="ReLoRA: learning-rate anneal steps before each restart (default: none).",
+        group="adapter")
+    relora_prune_ratio: float | None = _field(
+        None, ge=0.0, le=1.0, description="ReLoRA: share of the optimizer state reset at a restart (default: 0.9).",
+        group="adapter")
+    relora_prune_method: Literal["magnitude", "random", "reset"] | None = _field(
+        None, description="ReLoRA: which optimizer state is reset: magnitude (the smallest), random, or reset "
+        "(all of it) (default: magnitude).", group="adapter")
+    relora_cpu_offload: bool = _field(
+        False, description="ReLoRA: merge the adapter on the CPU to save GPU memory.", group="adapter")
 
     # --- data ---------------------------------------------------------------------------
     datasets: list[DatasetSpec] = _field(
@@ -282,6 +331,15 @@ class Spec(_Strict):
     dataset_prepared_path: str = _field(
         "last_run_prepared", description="Folder of the tokenised-data cache.", group="data"
     )
+    streaming: bool = _field(
+        False, description="Read datasets lazily while training, tokenising and packing as rows arrive: no "
+        "prepared-data cache, no evaluation split; needs max_steps.", group="data")
+    dataset_exact_deduplication: bool = _field(
+        False, description="Drop rows that repeat an earlier row exactly, before the evaluation split.",
+        group="data")
+    group_by_length: bool = _field(
+        False, description="Without sample_packing: batch rows of similar length together (less padding).",
+        group="data")
     skip_prepare_dataset: bool = _field(
         False, description="Tokenise in the training process and write no cache.", group="data"
     )
@@ -362,6 +420,12 @@ class Spec(_Strict):
         "auto", description="bfloat16 mixed precision; auto uses it where the GPU supports it.", group="precision"
     )
     fp16: bool = _field(False, description="float16 mixed precision (GPUs without bf16).", group="precision")
+    bfloat16: bool = _field(
+        False, description="Keep every weight, the trained ones too, in bfloat16 (no fp32 master copy).",
+        group="precision")
+    float16: bool = _field(
+        False, description="Keep every weight, the trained ones too, in float16, trained without loss scaling.",
+        group="precision")
     tf32: bool | Literal["auto"] = _field(
         "auto", description="TF32 matrix multiplies; auto turns them on where the GPU has them (Ampere or newer).",
         group="precision",
@@ -471,6 +535,23 @@ class Spec(_Strict):
     mlflow_experiment_name: str | None = _field(None, description="MLflow experiment (default: tunefile).",
                                                 group="trackers")
     mlflow_run_name: str | None = _field(None, description="MLflow run name.", group="trackers")
+    use_swanlab: bool | None = _field(
+        None, description="Log to SwanLab (default: when swanlab_project is set).", group="trackers")
+    swanlab_project: str | None = _field(None, description="SwanLab project; turns SwanLab on.", group="trackers")
+    swanlab_experiment_name: str | None = _field(None, description="SwanLab experiment name.", group="trackers")
+    swanlab_description: str | None = _field(None, description="SwanLab experiment description.",
+                                             group="trackers")
+    swanlab_workspace: str | None = _field(None, description="SwanLab workspace (team or user).", group="trackers")
+    swanlab_mode: Literal["cloud", "local", "offline", "disabled"] | None = _field(
+        None, description="cloud, local or offline (always offline with offline: true); disabled turns SwanLab off "
+        "(default: cloud).", group="trackers")
+    use_otel_metrics: bool = _field(
+        False, description="Serve training metrics through OpenTelemetry for Prometheus to scrape.",
+        group="trackers")
+    otel_metrics_host: str = _field("localhost", description="OpenTelemetry metrics: address to listen on.",
+                                    group="trackers")
+    otel_metrics_port: int = _field(8000, ge=1, le=65535, description="OpenTelemetry metrics: HTTP port.",
+                                    group="trackers")
     offline: bool = _field(
         False,
         description="tunefile: never touch the network (HF_HUB_OFFLINE, HF_DATASETS_OFFLINE, "
@@ -484,6 +565,14 @@ def wandb_on(spec: Spec) -> bool:
     if spec.wandb_mode == "disabled":
         return False
     return spec.use_wandb if spec.use_wandb is not None else bool(spec.wandb_project)
+
+
+def swanlab_on(spec: Spec) -> bool:
+    """Axolotl's SwanLab plugin's rule: use_swanlab, which naming a project turns on; mode disabled is off.
+    tunefile carries the plugin out itself, so listing it is not needed."""
+    if spec.swanlab_mode == "disabled":
+        return False
+    return bool(spec.use_swanlab) or (spec.use_swanlab is None and bool(spec.swanlab_project))
 
 
 def mlflow_on(spec: Spec) -> bool:

@@ -70,6 +70,8 @@ def _rules_on_valid_part(data: dict[str, Any], schema_problems: list[Problem]) -
         return []
     valid_part = {key: value for key, value in data.items() if key not in broken}
     for key, placeholder in _PLACEHOLDERS.items():
+        if key == "datasets" and valid_part.get("pretraining_dataset"):
+            continue  # a pretraining config has no datasets; a placeholder would contradict it
         if key in broken or key not in valid_part:
             valid_part[key] = placeholder
     try:
@@ -77,7 +79,7 @@ def _rules_on_valid_part(data: dict[str, Any], schema_problems: list[Problem]) -
     except ValidationError:
         return []
     errors, _ = check_rules(spec)
-    replaced = {key for key in _PLACEHOLDERS if valid_part[key] is _PLACEHOLDERS[key]}
+    replaced = {key for key in _PLACEHOLDERS if valid_part.get(key) is _PLACEHOLDERS[key]}
     return [error for error in errors if error.path and error.path[0] not in broken | replaced]
 
 

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RUN_PLAN_VERSION = 2
+RUN_PLAN_VERSION = 3
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Strategy = Literal["single", "ddp", "fsdp", "deepspeed"]
@@ -44,7 +44,8 @@ class DatasetPlan:
     """One `datasets:` entry with the defaults of its type written out; fields a type does not use are None."""
 
     path: str
-    type: Literal["alpaca", "chat_template", "completion", "pretokenized"]
+    # alpaca:chat, alpaca:phi and jeopardy: Axolotl's instruction formats with other prompt wordings
+    type: Literal["alpaca", "alpaca:chat", "alpaca:phi", "jeopardy", "chat_template", "completion", "pretokenized"]
     name: str | None  # Hub dataset configuration
     split: str
     data_files: tuple[str, ...] | None
@@ -86,8 +87,14 @@ class DataPlan:
     # Tokenise in the training process and keep nothing on disk (Axolotl's skip_prepare_dataset): no cache.
     skip_prepare: bool
     # Read the sources lazily, tokenising and packing as training goes, with no cache and no held-out split
-    # (Axolotl's pretraining_dataset). Training then needs schedule.max_steps.
+    # (Axolotl's pretraining_dataset, or datasets with streaming: true). Training then needs schedule.max_steps.
     streaming: bool
+    # Drop rows whose tokens exactly repeat an earlier row's, before the evaluation split is taken
+    # (Axolotl's dataset_exact_deduplication).
+    exact_deduplication: bool
+    # Without packing: draw batches of rows of similar length, so less of each batch is padding (Axolotl's
+    # group_by_length, as Hugging Face's length-grouped sampler does it).
+    group_by_length: bool
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,34 @@ class LoraPlan:
     use_rslora: bool  # scale updates by alpha / sqrt(r) instead of alpha / r
     modules_to_save: tuple[str, ...] | None
     model_dir: str | None  # an existing adapter to continue training
+    # LoftQ: initialise the adapter so that base + adapter approximates the 16-bit weights quantised to this
+    # many bits (Axolotl's peft.loftq_config.loftq_bits); None: peft's default initialisation.
+    loftq_bits: int | None
+
+
+@dataclass(frozen=True)
+class LisaPlan:
+    """LISA (Axolotl's lisa_*): full fine-tuning where only n_layers decoder layers, drawn at random every
+    step_interval optimizer steps, train; embeddings and the output head always train."""
+
+    n_layers: int
+    step_interval: int
+    layers_attribute: str  # the attribute path of the decoder layer list, e.g. model.layers
+
+
+@dataclass(frozen=True)
+class ReloraPlan:
+    """ReLoRA (Axolotl's relora and jagged_restart_*): every restart_steps optimizer steps the LoRA update is
+    merged into the base weights, the adapter starts again, the optimizer state is pruned and the learning
+    rate warms up again, so that many low-rank updates add up to a high-rank one."""
+
+    restart_steps: int
+    warmup_steps: int  # after each restart (Axolotl: jagged_restart_warmup_steps, or 10)
+    anneal_steps: int  # before each restart (Axolotl: jagged_restart_anneal_steps, or 1)
+    min_lr_scale: float  # the floor of the restart's warm-up/anneal factor (Axolotl: cosine_min_lr_ratio or 0.001)
+    prune_ratio: float  # the share of optimizer state reset at a restart (prune_method chooses which)
+    prune_method: Literal["magnitude", "random", "reset"]
+    cpu_offload: bool  # merge on the CPU to save GPU memory
 
 
 @dataclass(frozen=True)
@@ -158,6 +193,12 @@ class ModelPlan:
     # Keep the activations saved for backward in pinned CPU memory (Axolotl's activation_offloading, and
     # gradient_checkpointing: offload, which offloads the checkpointed layer inputs).
     activation_offloading: bool
+    # Every weight, the trained ones too, in the run's half precision, with no fp32 master copy (Axolotl's
+    # bfloat16: true / float16: true); false: full fine-tuning keeps fp32 master weights.
+    half_precision_weights: bool
+    # Llama 4: replace each fused expert tensor with one nn.Linear per expert and projection, so LoRA and
+    # 4-bit quantisation reach the experts (Axolotl's llama4_linearized_experts).
+    llama4_linearized_experts: bool
     # Full fine-tuning only: train just the parameters whose names match one of these regular expressions
     # (Axolotl's unfrozen_parameters); None: every parameter trains.
     unfrozen_parameters: tuple[str, ...] | None
@@ -165,6 +206,8 @@ class ModelPlan:
     adapter: Literal["lora", "qlora"] | None
     lora: LoraPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
     qat: QatPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    lisa: LisaPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    relora: ReloraPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
 
 
 @dataclass(frozen=True)
@@ -216,12 +259,31 @@ class MlflowPlan:
 
 
 @dataclass(frozen=True)
+class SwanlabPlan:
+    project: str
+    experiment_name: str | None
+    description: str | None
+    workspace: str | None
+    mode: Literal["cloud", "local", "offline", "disabled"]  # offline when the config says offline: true
+
+
+@dataclass(frozen=True)
+class OtelPlan:
+    """OpenTelemetry metrics (Axolotl's use_otel_metrics): training metrics served for Prometheus to scrape."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
 class TrackersPlan:
     """Experiment trackers fed with the same metrics as metrics.jsonl (rank 0 only)."""
 
     tensorboard: bool  # event files under output_dir/runs
     wandb: WandbPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
     mlflow: MlflowPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    swanlab: SwanlabPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    otel: OtelPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
 
 
 @dataclass(frozen=True)

@@ -278,15 +278,15 @@ def test_keys_without_effect_are_accepted_and_explain_says_so(tmp_path: Path) ->
 
 
 def test_a_refused_feature_says_what_tunefile_does_instead() -> None:
-    (line,) = problems_of(MINIMAL + "relora: true\n")
-    assert line == "c.yml:5:1: relora: Axolotl's relora is not supported by tunefile: ReLoRA is not supported; " \
-                   "train one LoRA adapter"
+    (line,) = problems_of(MINIMAL + "min_sample_len: 4\n")
+    assert line == "c.yml:5:1: min_sample_len: Axolotl's min_sample_len is not supported by tunefile: tunefile " \
+                   "keeps every sample that fits sequence_len"
 
 
 def test_a_refused_feature_left_at_axolotls_default_is_accepted() -> None:
-    _, warnings, notes = validate_with_notes(load_document(MINIMAL + "relora: false\ngroup_by_length: false\n"
+    _, warnings, notes = validate_with_notes(load_document(MINIMAL + "tiled_mlp: false\nfp8: false\n"
                                                            "tensor_parallel_size: 1\n", "c.yml"))
-    assert warnings == [] and {note.path for note in notes} == {("relora",), ("group_by_length",),
+    assert warnings == [] and {note.path for note in notes} == {("tiled_mlp",), ("fp8",),
                                                                  ("tensor_parallel_size",)}
 
 

@@ -78,15 +78,15 @@ def test_missing_required_keys() -> None:
 
 
 def test_axolotl_keys_tunefile_does_not_take_say_what_to_do() -> None:
-    document = load_document(MINIMAL + "relora: true\n", "c.yml")
+    document = load_document(MINIMAL + "use_ray: true\n", "c.yml")
     with pytest.raises(ConfigError) as caught:
         validate_document(document)
     (problem,) = caught.value.problems
-    assert problem.path == ("relora",)
-    assert problem.message == "Axolotl's relora is not supported by tunefile: ReLoRA is not supported; train one " \
-                              "LoRA adapter"
+    assert problem.path == ("use_ray",)
+    assert problem.message == "Axolotl's use_ray is not supported by tunefile: Ray is not supported; tunefile " \
+                              "launches with accelerate (launch.sh) or SLURM (job.sbatch)"
     # Left at Axolotl's default (off), the same key changes nothing and is accepted.
-    spec, _ = validate_document(load_document(MINIMAL + "relora: false\n", "c.yml"))
+    spec, _ = validate_document(load_document(MINIMAL + "use_ray: false\n", "c.yml"))
     assert spec.base_model
 
 

@@ -148,8 +148,16 @@ def _note(reading: Reading, path: KeyPath, verdict: str, reason: str) -> None:
     reading.notes.append(Problem(path, verdict, hint=reason, at_key=True))
 
 
+# Whole-number keys whose examples write `false` for "none": Axolotl's pydantic reads a boolean as 0 there.
+FALSE_AS_ZERO = ("jagged_restart_warmup_steps", "jagged_restart_anneal_steps")
+
+
 def _rewrite_spellings(reading: Reading) -> None:
     data = reading.data
+    for key in FALSE_AS_ZERO:
+        if data.get(key) is False:
+            data[key] = 0
+            _note(reading, (key,), "read as 0", "Axolotl reads false as 0 in a whole-number key")
     # Attention: the legacy booleans become attn_implementation, as Axolotl's own validator does.
     for key, implementation in LEGACY_ATTENTION.items():
         if key not in data:

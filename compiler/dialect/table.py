@@ -55,6 +55,9 @@ NO_EFFECT: dict[str, str] = {
     "eval_batch_size": "tunefile evaluates with micro_batch_size; the evaluation loss is the same token-weighted "
                        "mean at any batch size",
     "wandb_watch": "gradient histograms are not sent to wandb",
+    "swanlab_log_completions": "logs preference-training completions, which tunefile does not train",
+    "swanlab_api_key": "tunefile reads SwanLab's key from the environment (SWANLAB_API_KEY), so that no secret is "
+                       "copied into the bundle",
     "shuffle_merged_datasets": "tunefile always shuffles the mixed rows (with seed)",
     "max_packed_sequence_len": "deprecated in Axolotl; tunefile packs into sequence_len rows",
     "streaming_multipack_buffer_size": "tunefile shuffles streamed rows through a 10,000-row buffer (Axolotl's "
@@ -72,27 +75,15 @@ REFUSED: dict[str, str] = {
     "context_parallel_size": "context parallelism is not supported; tunefile shards with FSDP or DeepSpeed ZeRO",
     "expert_parallel_size": "expert parallelism is not supported; tunefile shards with FSDP or DeepSpeed ZeRO",
     "dp_replicate_size": "N-D parallelism (HSDP) is not supported; fsdp_config shards across every GPU",
-    "relora": "ReLoRA is not supported; train one LoRA adapter",
-    "lisa_n_layers": "LISA layer sampling is not supported",
-    "jagged_restart_steps": "jagged learning-rate restarts are not supported; lr_scheduler offers cosine, linear, "
-                            "constant and constant_with_warmup",
     "fp8": "FP8 training is not supported; tunefile trains in bf16 or fp16",
     "lr_quadratic_warmup": "tunefile's warmup is linear",
-    "group_by_length": "tunefile shuffles rows (or packs them); it does not group them by length",
-    "float16": "pure float16 weights are not supported; use fp16: true (mixed precision)",
-    "bfloat16": "pure bfloat16 weights are not supported; use bf16: true (mixed precision)",
     "device_map": "tunefile places the model itself (one copy per GPU, or sharded by FSDP/DeepSpeed)",
     "min_sample_len": "tunefile keeps every sample that fits sequence_len",
-    "dataset_exact_deduplication": "deduplication is not supported; deduplicate the data files beforehand",
     "sample_packing_sequentially": "tunefile packs shuffled samples",
     "curriculum_sampling": "tunefile shuffles the rows; it does not keep them in file order",
     "accelerator_config": "accelerate is configured by the bundle's accelerate.yaml",
-    "llama4_linearized_experts": "tunefile trains the model's own expert modules",
     "tiled_mlp": "tiled MLP computation is not supported",
     "ple_cpu_offload": "per-layer-embedding offloading is not supported; try activation_offloading",
-    "use_swanlab": "SwanLab is not among tunefile's trackers; use wandb_project, mlflow_tracking_uri or "
-                   "use_tensorboard",
-    "use_otel_metrics": "OpenTelemetry metrics are not supported; use wandb, MLflow or TensorBoard",
     "use_ray": "Ray is not supported; tunefile launches with accelerate (launch.sh) or SLURM (job.sbatch)",
     "use_onebitllms": "one-bit LLM training is not supported",
     "nvfp4_merge_aware": "NVFP4 training is not supported",
@@ -100,7 +91,6 @@ REFUSED: dict[str, str] = {
     "use_dsv4_kernels": "DeepSeek-V4 kernels are not supported",
     "use_glm_dsa_kernels": "GLM sparse-attention kernels are not supported",
     "freeze_mm_modules": "multimodal models are not supported",
-    "streaming": "streamed SFT datasets are not supported; pretraining_dataset streams completion data",
     "do_causal_lm_eval": "tunefile's evaluation reports the loss only",
     "eval_causal_lm_metrics": "tunefile's evaluation reports the loss only",
     "eval_table_size": "tunefile's evaluation reports the loss only",
@@ -159,7 +149,7 @@ NO_EFFECT_PLUGINS: dict[str, str] = {
 }
 # Plugins tunefile does not carry out, by what they do.
 PLUGIN_FEATURES: dict[str, str] = {
-    "expert_parallel": "expert parallelism", "kernels": "Hub kernels", "swanlab": "SwanLab tracking",
+    "expert_parallel": "expert parallelism", "kernels": "Hub kernels",
     "diffusion": "diffusion training", "spectrum": "Spectrum layer selection", "kd": "knowledge distillation",
     "grokfast": "Grokfast", "lm_eval": "lm-eval-harness evaluation", "llm_compressor": "LLM Compressor",
     "densemixer": "DenseMixer", "mora": "MoRA adapters", "hatchery": "Hatchery", "nemo_gym": "NeMo Gym",

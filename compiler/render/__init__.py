@@ -23,7 +23,8 @@ def render_bundle(plan: Plan) -> dict[str, str]:
     files = {
         "config.yaml": render_config_yaml(build_run_plan(plan), config_name=plan.config_name),
         "accelerate.yaml": render_accelerate_yaml(target=target, distribution=distribution,
-                                                  precision=plan.precision, batch=batch),
+                                                  precision=plan.precision, batch=batch,
+                                                  loss_scaling=not spec.float16),
         "launch.sh": render_launch_sh(version=plan.tunefile_version, config_name=plan.config_name, summary=summary,
                                       target=target, offline=spec.offline, tf32=plan.tf32, deepspeed=deepspeed),
         "job.sbatch": render_job_sbatch(version=plan.tunefile_version, config_name=plan.config_name,

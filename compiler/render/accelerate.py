@@ -60,7 +60,9 @@ def deepspeed_section(*, stage: int | None) -> dict[str, Any]:
 
 
 def render_accelerate_yaml(*, target: Target, distribution: DistributionPlan, precision: str,
-                           batch: BatchPlan) -> str:
+                           batch: BatchPlan, loss_scaling: bool = True) -> str:
+    """``loss_scaling`` false: float16 weights trained as they are (Axolotl's float16: true); accelerate's fp16
+    mode would put a gradient scaler in, which refuses float16 parameters."""
     config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": distributed_type(distribution.strategy),
@@ -69,7 +71,7 @@ def render_accelerate_yaml(*, target: Target, distribution: DistributionPlan, pr
         "machine_rank": 0,
         "main_training_function": "main",
         "main_process_port": _DEFAULT_PORT,
-        "mixed_precision": _MIXED_PRECISION[precision],
+        "mixed_precision": _MIXED_PRECISION[precision] if loss_scaling else "no",
         "use_cpu": target.on_cpu,
         "rdzv_backend": "static",
         "same_network": True,
@@ -87,6 +89,9 @@ def render_accelerate_yaml(*, target: Target, distribution: DistributionPlan, pr
         "# launch.sh passes machine rank (one per node), head address and port (one per job) on its command line.",
         f"# Batch: {batch.explanation()}.",
     ]
+    if not loss_scaling:
+        header.append("# mixed_precision: no: the weights themselves are float16 (float16: true), so there is no "
+                      "autocast and no loss scaler.")
     if target.on_cpu and distribution.strategy == "ddp":
         header.append("# CPU DDP: MULTI_GPU with use_cpu: true makes accelerate start torchrun (MULTI_CPU would start "
                       "one process without mpirun); the processes form a gloo group and run as MULTI_CPU.")

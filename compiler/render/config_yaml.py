@@ -20,13 +20,17 @@ from ...schemas.run_plan import (
     DistributionPlan,
     FsdpPlan,
     KernelsPlan,
+    LisaPlan,
     LoraPlan,
     MlflowPlan,
     ModelPlan,
     OptimizerPlan,
+    OtelPlan,
     QatPlan,
+    ReloraPlan,
     RunPlan,
     SchedulePlan,
+    SwanlabPlan,
     TrackersPlan,
     WandbPlan,
     WatchdogPlan,
@@ -34,7 +38,7 @@ from ...schemas.run_plan import (
 )
 from ..plan import Plan
 from ..shell import one_line
-from ..spec import DatasetSpec, Spec, mlflow_on, optimizer_arguments, wandb_on
+from ..spec import DatasetSpec, Spec, mlflow_on, optimizer_arguments, swanlab_on, wandb_on
 
 # What each type reads when the entry leaves it unset (Axolotl's defaults).
 COMPLETION_FIELD = "text"
@@ -48,6 +52,9 @@ MLFLOW_DEFAULT_EXPERIMENT = "tunefile"
 AXOLOTL_WARMUP_RATIO, AXOLOTL_WARMUP_CAP = 0.03, 100
 MLFLOW_OFFLINE_URI = "file:./mlruns"  # relative to the launch directory, like output_dir
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's choice for Llama-style attention when none is named
+# Axolotl's ReLoRA defaults (its jagged scheduler and optimizer-state pruning).
+RELORA_WARMUP_STEPS, RELORA_ANNEAL_STEPS, RELORA_MIN_LR_SCALE = 10, 1, 0.001
+RELORA_PRUNE_RATIO, RELORA_RESET_PRUNE_RATIO = 0.9, 0.999
 
 # Spec key → where its value lands in the plan ("section.field"). Keys absent here are read by the compiler
 # alone (COMPILER_ONLY) or become several plan facts (precision, attention, distribution).
@@ -88,8 +95,11 @@ PLAN_LOCATION: dict[str, str] = {
     "resume_from_checkpoint": "checkpointing.resume_from_checkpoint",
     "auto_resume_from_checkpoints": "checkpointing.auto_resume",
     "seed": "seed", "offline": "offline",
+    "llama4_linearized_experts": "model.llama4_linearized_experts",
+    "dataset_exact_deduplication": "data.exact_deduplication", "group_by_length": "data.group_by_length",
 }
-# Keys that become resolved facts rather than one plan field: precision (bf16/fp16), the attention kernel
+# Keys that become resolved facts rather than one plan field: precision (bf16/fp16/bfloat16/float16), the
+# sections present only when switched on (lisa, relora, swanlab, otel), the attention kernel
 # (flash/sdp/eager_attention), packing (sample_packing → data.packing_attention), the distribution
 # (deepspeed, fsdp_*, strategy), and compiler inputs (target, model_type, model_parameters, tokenizer_config).
 RESOLVED_OR_COMPILER_ONLY = ("bf16", "fp16", "attn_implementation", "sample_packing", "deepspeed", "fsdp_version",
@@ -102,7 +112,13 @@ RESOLVED_OR_COMPILER_ONLY = ("bf16", "fp16", "attn_implementation", "sample_pack
                              "mlflow_experiment_name", "mlflow_run_name", "model_quantization_config", "dp_shard_size",
                              "optim_args", "qat",
                              "model_quantization_config_kwargs", "tokenizer_use_mistral_common",
-                             "resize_token_embeddings_to_32x")
+                             "resize_token_embeddings_to_32x", "bfloat16", "float16", "peft", "relora",
+                             "jagged_restart_warmup_steps", "jagged_restart_anneal_steps", "relora_prune_ratio",
+                             "relora_prune_method", "streaming", "use_swanlab", "swanlab_project",
+                             "swanlab_experiment_name", "swanlab_description", "swanlab_workspace", "swanlab_mode",
+                             "use_otel_metrics", "otel_metrics_host", "otel_metrics_port", "lisa_n_layers",
+                             "lisa_step_interval", "lisa_layers_attribute", "jagged_restart_steps",
+                             "relora_cpu_offload")
 
 
 def dataset_plan(dataset: DatasetSpec) -> DatasetPlan:
@@ -141,7 +157,32 @@ def lora_plan(spec: Spec) -> LoraPlan:
                     target_parameters=tuple(spec.lora_target_parameters) if spec.lora_target_parameters else None,
                     fan_in_fan_out=spec.lora_fan_in_fan_out, use_rslora=spec.peft_use_rslora,
                     modules_to_save=tuple(spec.lora_modules_to_save) if spec.lora_modules_to_save else None,
-                    model_dir=spec.lora_model_dir)
+                    model_dir=spec.lora_model_dir,
+                    loftq_bits=spec.peft.loftq_config.loftq_bits if spec.peft and spec.peft.loftq_config else None)
+
+
+def lisa_plan(spec: Spec) -> LisaPlan | None:
+    """LISA runs when both of its keys are set, as in Axolotl (the rules refuse one without the other)."""
+    if spec.lisa_n_layers is None or spec.lisa_step_interval is None:
+        return None
+    return LisaPlan(n_layers=spec.lisa_n_layers, step_interval=spec.lisa_step_interval,
+                    layers_attribute=spec.lisa_layers_attribute)
+
+
+def relora_plan(spec: Spec) -> ReloraPlan | None:
+    """Axolotl's defaults: warm up 10 steps and anneal 1 after/before each restart (an empty, false or zero
+    value means the default, as Axolotl's `or` does), prune 90 % of the optimizer state (99.9 % with reset)."""
+    if not spec.relora or spec.jagged_restart_steps is None:
+        return None
+    method = spec.relora_prune_method or "magnitude"
+    ratio = spec.relora_prune_ratio
+    if ratio is None:
+        ratio = RELORA_RESET_PRUNE_RATIO if method == "reset" else RELORA_PRUNE_RATIO
+    return ReloraPlan(restart_steps=spec.jagged_restart_steps,
+                      warmup_steps=spec.jagged_restart_warmup_steps or RELORA_WARMUP_STEPS,
+                      anneal_steps=spec.jagged_restart_anneal_steps or RELORA_ANNEAL_STEPS,
+                      min_lr_scale=spec.cosine_min_lr_ratio or RELORA_MIN_LR_SCALE,
+                      prune_ratio=ratio, prune_method=method, cpu_offload=spec.relora_cpu_offload)
 
 
 def trackers_plan(spec: Spec) -> TrackersPlan:
@@ -158,13 +199,24 @@ def trackers_plan(spec: Spec) -> TrackersPlan:
             uri = MLFLOW_OFFLINE_URI
         mlflow = MlflowPlan(tracking_uri=uri, experiment_name=spec.mlflow_experiment_name or MLFLOW_DEFAULT_EXPERIMENT,
                             run_name=spec.mlflow_run_name)
-    return TrackersPlan(tensorboard=spec.use_tensorboard, wandb=wandb, mlflow=mlflow)
+    swanlab = None
+    if swanlab_on(spec):
+        mode = "offline" if spec.offline else (spec.swanlab_mode or "cloud")
+        swanlab = SwanlabPlan(project=spec.swanlab_project or "tunefile", experiment_name=spec.swanlab_experiment_name,
+                              description=spec.swanlab_description, workspace=spec.swanlab_workspace, mode=mode)
+    otel = OtelPlan(host=spec.otel_metrics_host, port=spec.otel_metrics_port) if spec.use_otel_metrics else None
+    return TrackersPlan(tensorboard=spec.use_tensorboard, wandb=wandb, mlflow=mlflow, swanlab=swanlab, otel=otel)
 
 
 def data_sources(spec: Spec) -> tuple[DatasetPlan, ...]:
     if spec.pretraining_dataset:
         return tuple(dataset_plan(d.model_copy(update={"type": "completion"})) for d in spec.pretraining_dataset)
     return tuple(dataset_plan(d) for d in spec.datasets)
+
+
+def streamed(spec: Spec) -> bool:
+    """Rows read while training (pretraining_dataset, or datasets with streaming: true): no cache, no eval split."""
+    return bool(spec.pretraining_dataset) or spec.streaming
 
 
 def distribution_plan(plan: Plan) -> DistributionPlan:
@@ -210,15 +262,18 @@ def build_run_plan(plan: Plan) -> RunPlan:
             micro_batch_size=plan.batch.micro_batch_size,
             packing_attention=plan.packing_attention if spec.sample_packing else None,
             pad_to_sequence_len=spec.pad_to_sequence_len, train_on_inputs=spec.train_on_inputs,
-            val_set_size=0.0 if spec.pretraining_dataset else spec.val_set_size,
+            val_set_size=0.0 if streamed(spec) else spec.val_set_size,
             prepared_path=spec.dataset_prepared_path,
             chat_template=spec.chat_template, chat_template_jinja=spec.chat_template_jinja,
             chat_template_kwargs=dict(spec.chat_template_kwargs or {}),
             eot_tokens=tuple(spec.eot_tokens) if spec.eot_tokens else None,
             # Axolotl packs evaluation only when training packs.
             eval_packing=spec.sample_packing and spec.eval_sample_packing is not False,
-            skip_prepare=spec.skip_prepare_dataset or bool(spec.pretraining_dataset),
-            streaming=bool(spec.pretraining_dataset)),
+            skip_prepare=spec.skip_prepare_dataset or streamed(spec),
+            streaming=streamed(spec),
+            exact_deduplication=spec.dataset_exact_deduplication,
+            # Axolotl's sampler groups by length only when it does not pack.
+            group_by_length=spec.group_by_length and not spec.sample_packing),
         model=ModelPlan(
             base_model=spec.base_model, revision=spec.revision_of_model, architecture=plan.model.architecture,
             parameters=plan.model.parameters, config_overrides=dict(spec.model_config_overrides or {}),
@@ -237,10 +292,13 @@ def build_run_plan(plan: Plan) -> RunPlan:
             gradient_checkpointing=bool(spec.gradient_checkpointing) and not fsdp_checkpoints(plan),
             gradient_checkpointing_kwargs=dict(spec.gradient_checkpointing_kwargs or GRADIENT_CHECKPOINTING_KWARGS),
             activation_offloading=bool(spec.activation_offloading) or spec.gradient_checkpointing == "offload",
+            half_precision_weights=spec.bfloat16 or spec.float16,
+            llama4_linearized_experts=spec.llama4_linearized_experts,
             unfrozen_parameters=tuple(spec.unfrozen_parameters) if spec.unfrozen_parameters and not adapter
             else None,
             shrink_embeddings=spec.shrink_embeddings, adapter=adapter, lora=lora_plan(spec) if adapter else None,
-            qat=QatPlan(**spec.qat.model_dump()) if spec.qat else None),
+            qat=QatPlan(**spec.qat.model_dump()) if spec.qat else None,
+            lisa=lisa_plan(spec), relora=relora_plan(spec)),
         kernels=KernelsPlan(**plan.kernels),
         optimizer=OptimizerPlan(name=plan.optimizer, learning_rate=spec.learning_rate,
                                 weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm,
@@ -253,8 +311,8 @@ def build_run_plan(plan: Plan) -> RunPlan:
             warmup_steps=spec.warmup_steps, warmup_ratio=warmup_ratio, warmup_max_steps=warmup_cap,
             min_lr_ratio=min_lr_ratio(spec), min_lr_from=spec.cosine_constant_lr_ratio or None,
             early_stopping_patience=spec.early_stopping_patience, logging_steps=spec.logging_steps,
-            eval_steps=None if spec.pretraining_dataset else spec.eval_steps,
-            evals_per_epoch=None if spec.pretraining_dataset else spec.evals_per_epoch),
+            eval_steps=None if streamed(spec) else spec.eval_steps,
+            evals_per_epoch=None if streamed(spec) else spec.evals_per_epoch),
         watchdog=WatchdogPlan(loss_threshold=spec.loss_watchdog_threshold, loss_patience=spec.loss_watchdog_patience),
         checkpointing=CheckpointPlan(
             output_dir=spec.output_dir, save_steps=spec.save_steps, saves_per_epoch=spec.saves_per_epoch,

@@ -16,6 +16,18 @@ def _gpu_words(target: Target) -> str:
 
 def resolve_precision(spec: Spec, target: Target, errors: list[Problem]) -> tuple[Precision, Decision]:
     gpu, where = target.gpu, _gpu_words(target)
+    if spec.bfloat16:
+        if gpu is not None and not gpu.bf16:
+            errors.append(Problem(("bfloat16",), f"{gpu.name} has no bfloat16 support",
+                                  hint="use `float16: true`, or fp16: true (mixed precision)"))
+        return "bf16", Decision("precision", "bf16", "bfloat16: true: every weight, the trained ones too, is "
+                                "kept in bfloat16 (no fp32 master copy)")
+    if spec.float16:
+        if gpu is None:
+            errors.append(Problem(("float16",), "float16 weights need a GPU; the target is the CPU",
+                                  hint="remove `float16: true` or pass a GPU target"))
+        return "fp16", Decision("precision", "fp16", "float16: true: every weight, the trained ones too, is kept "
+                                "in float16 and trained without loss scaling (no fp32 master copy)")
     if gpu is None:
         if spec.fp16:
             errors.append(Problem(("fp16",), "fp16 mixed precision needs a GPU; the target is the CPU",

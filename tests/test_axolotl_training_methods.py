@@ -1,0 +1,191 @@
+"""The compiler's half of the Axolotl features run plan version 3 adds: each key lands in the plan with Axolotl's
+defaults filled in, and each misuse Axolotl forbids (or would silently ignore) is one located error.
+
+The runtime's half (what each plan field does while training) is tested in tests/test_runtime_*.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from helpers import MINIMAL, write
+from tunefile.compiler.errors import ConfigError
+from tunefile.compiler.loader import load_document
+from tunefile.compiler.pipeline import Sources, TargetOptions, compile_config
+from tunefile.compiler.validate import validate_document, validate_with_notes
+
+H100 = TargetOptions(gpu="h100-80gb")
+LORA = MINIMAL + "adapter: lora\n"
+
+
+def compiled(tmp_path: Path, text: str, options: TargetOptions = H100) -> dict[str, str]:
+    return compile_config(write(tmp_path / "cfg.yml", text), options).files
+
+
+def plan_of(tmp_path: Path, text: str, options: TargetOptions = H100) -> dict[str, Any]:
+    return yaml.safe_load(compiled(tmp_path, text, options)["config.yaml"])
+
+
+def problems_of(text: str) -> list[str]:
+    document = load_document(text, "c.yml")
+    with pytest.raises(ConfigError) as caught:
+        validate_document(document)
+    sources = Sources(documents={"c.yml": document}, main="c.yml")
+    return [sources.format(problem) for problem in caught.value.problems]
+
+
+# --- ReLoRA -------------------------------------------------------------------------------------------------
+
+def test_relora_takes_axolotls_defaults(tmp_path: Path) -> None:
+    relora = plan_of(tmp_path, LORA + "relora: true\njagged_restart_steps: 150\n")["model"]["relora"]
+    assert relora == {"restart_steps": 150, "warmup_steps": 10, "anneal_steps": 1, "min_lr_scale": 0.001,
+                      "prune_ratio": 0.9, "prune_method": "magnitude", "cpu_offload": False}
+
+
+def test_relora_reset_prunes_nearly_everything_and_reads_false_as_zero(tmp_path: Path) -> None:
+    text = LORA + ("relora: true\njagged_restart_steps: 50\njagged_restart_anneal_steps: false\n"
+                   "jagged_restart_warmup_steps: 5\nrelora_prune_method: reset\ncosine_min_lr_ratio: 0.1\n")
+    relora = plan_of(tmp_path, text)["model"]["relora"]
+    # Axolotl's `anneal or 1`: false reads as 0, which means the default.
+    assert (relora["anneal_steps"], relora["warmup_steps"]) == (1, 5)
+    assert (relora["prune_method"], relora["prune_ratio"], relora["min_lr_scale"]) == ("reset", 0.999, 0.1)
+    _, _, notes = validate_with_notes(load_document(text, "c.yml"))
+    assert any(note.path == ("jagged_restart_anneal_steps",) and note.message == "read as 0" for note in notes)
+
+
+@pytest.mark.parametrize("text, expected", [
+    (MINIMAL + "relora: true\njagged_restart_steps: 10\n", "relora: ReLoRA restarts a LoRA adapter"),
+    (LORA + "relora: true\n", "relora: ReLoRA needs jagged_restart_steps"),
+    (LORA + "jagged_restart_steps: 10\n", "jagged_restart_steps: tunefile applies jagged learning-rate restarts"),
+    (LORA + "relora: true\njagged_restart_steps: 10\nfsdp_config:\n  fsdp_version: 2\n",
+     "relora: ReLoRA cannot run under FSDP"),
+])
+def test_relora_misuse_is_one_located_error(text: str, expected: str) -> None:
+    (line,) = problems_of(text)
+    assert expected in line and line.startswith("c.yml:")
+
+
+# --- LISA ---------------------------------------------------------------------------------------------------
+
+def test_lisa_lands_in_the_plan(tmp_path: Path) -> None:
+    model = plan_of(tmp_path, MINIMAL + "lisa_n_layers: 4\nlisa_step_interval: 20\n")["model"]
+    assert model["lisa"] == {"n_layers": 4, "step_interval": 20, "layers_attribute": "model.layers"}
+    assert "lisa" not in plan_of(tmp_path, MINIMAL)["model"]
+
+
+@pytest.mark.parametrize("text, expected", [
+    (MINIMAL + "lisa_n_layers: 4\n", "lisa_n_layers: LISA needs both lisa_n_layers and lisa_step_interval; "
+                                     "lisa_step_interval is missing"),
+    (LORA + "lisa_n_layers: 4\nlisa_step_interval: 5\n", "lisa_n_layers: LISA trains whole decoder layers"),
+])
+def test_lisa_misuse_is_one_located_error(text: str, expected: str) -> None:
+    (line,) = problems_of(text)
+    assert line.startswith("c.yml:") and expected in line
+
+
+# --- LoftQ --------------------------------------------------------------------------------------------------
+
+def test_loftq_bits_land_in_the_lora_plan(tmp_path: Path) -> None:
+    lora = plan_of(tmp_path, LORA + "peft:\n  loftq_config:\n    loftq_bits: 4\n")["model"]["lora"]
+    assert lora["loftq_bits"] == 4
+    assert plan_of(tmp_path, LORA)["model"]["lora"]["loftq_bits"] is None
+
+
+def test_loftq_needs_an_unquantised_lora_base() -> None:
+    (line,) = problems_of(MINIMAL + "adapter: qlora\npeft:\n  loftq_config:\n    loftq_bits: 4\n")
+    assert "peft.loftq_config: LoftQ initialises a LoRA adapter on the unquantised base" in line
+
+
+# --- pure half-precision weights ----------------------------------------------------------------------------
+
+def test_bfloat16_is_bf16_with_half_precision_weights(tmp_path: Path) -> None:
+    files = compiled(tmp_path, MINIMAL + "bfloat16: true\n")
+    model = yaml.safe_load(files["config.yaml"])["model"]
+    assert (model["precision"], model["half_precision_weights"]) == ("bf16", True)
+    assert yaml.safe_load(files["accelerate.yaml"])["mixed_precision"] == "bf16"
+
+
+def test_float16_trains_without_a_loss_scaler(tmp_path: Path) -> None:
+    files = compiled(tmp_path, MINIMAL + "float16: true\n")
+    model = yaml.safe_load(files["config.yaml"])["model"]
+    assert (model["precision"], model["half_precision_weights"]) == ("fp16", True)
+    # accelerate's fp16 mode would add a GradScaler, which refuses float16 parameters.
+    assert yaml.safe_load(files["accelerate.yaml"])["mixed_precision"] == "no"
+    assert yaml.safe_load(compiled(tmp_path, MINIMAL + "fp16: true\n")["accelerate.yaml"])["mixed_precision"] == "fp16"
+
+
+def test_half_precision_weights_contradicting_mixed_precision_are_errors() -> None:
+    assert "bfloat16 weights contradict fp16: true" in problems_of(MINIMAL + "bfloat16: true\nfp16: true\n")[0]
+    assert "float16 weights contradict bf16: true" in problems_of(MINIMAL + "float16: true\nbf16: true\n")[0]
+
+
+def test_float16_weights_need_a_gpu(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        compiled(tmp_path, MINIMAL + "float16: true\n", TargetOptions(target="cpu"))
+    assert "float16 weights need a GPU" in str(caught.value.problems[0].message)
+
+
+# --- data: streaming SFT, deduplication, grouping, formats ---------------------------------------------------
+
+def test_streamed_sft_datasets_have_no_cache_and_no_eval_split(tmp_path: Path) -> None:
+    data = plan_of(tmp_path, MINIMAL + "streaming: true\nmax_steps: 100\nval_set_size: 0.1\n")["data"]
+    assert (data["streaming"], data["skip_prepare"], data["val_set_size"]) == (True, True, 0.0)
+    (line,) = problems_of(MINIMAL + "streaming: true\n")
+    assert line.startswith("c.yml:5:12: streaming: streamed datasets need max_steps")
+
+
+def test_deduplication_and_length_grouping_land_in_the_plan(tmp_path: Path) -> None:
+    data = plan_of(tmp_path, MINIMAL + "dataset_exact_deduplication: true\ngroup_by_length: true\n")["data"]
+    assert (data["exact_deduplication"], data["group_by_length"]) == (True, True)
+    # With packing every row is sequence_len long: Axolotl's sampler does not group then, nor does tunefile.
+    packed = plan_of(tmp_path, MINIMAL + "group_by_length: true\nsample_packing: true\n")["data"]
+    assert packed["group_by_length"] is False
+
+
+@pytest.mark.parametrize("kind", ["alpaca:chat", "alpaca:phi", "jeopardy"])
+def test_axolotls_other_instruction_formats_compile(tmp_path: Path, kind: str) -> None:
+    text = f"base_model: m\ndatasets:\n  - path: data/x.jsonl\n    type: {kind}\n"
+    assert plan_of(tmp_path, text)["data"]["datasets"][0]["type"] == kind
+
+
+# --- trackers -----------------------------------------------------------------------------------------------
+
+def test_swanlab_follows_axolotls_switches(tmp_path: Path) -> None:
+    on = plan_of(tmp_path, MINIMAL + "use_swanlab: true\nswanlab_project: p\nswanlab_mode: local\n")
+    assert on["trackers"]["swanlab"] == {"project": "p", "experiment_name": None, "description": None,
+                                         "workspace": None, "mode": "local"}
+    # Naming a project turns it on; offline: true always keeps it off the network; disabled turns it off.
+    assert plan_of(tmp_path, MINIMAL + "swanlab_project: p\noffline: true\n")["trackers"]["swanlab"]["mode"] == \
+        "offline"
+    assert "swanlab" not in plan_of(tmp_path, MINIMAL + "swanlab_project: p\nswanlab_mode: disabled\n")["trackers"]
+    assert "swanlab" not in plan_of(tmp_path, MINIMAL + "swanlab_project: p\nuse_swanlab: false\n")["trackers"]
+
+
+def test_the_swanlab_plugin_is_accepted(tmp_path: Path) -> None:
+    text = MINIMAL + "plugins:\n  - axolotl.integrations.swanlab.SwanLabPlugin\nuse_swanlab: true\n"
+    assert plan_of(tmp_path, text)["trackers"]["swanlab"]["project"] == "tunefile"
+
+
+def test_otel_metrics_take_axolotls_address(tmp_path: Path) -> None:
+    assert plan_of(tmp_path, MINIMAL + "use_otel_metrics: true\n")["trackers"]["otel"] == {"host": "localhost",
+                                                                                         "port": 8000}
+    assert "otel" not in plan_of(tmp_path, MINIMAL)["trackers"]
+
+
+# --- models and optimizers ----------------------------------------------------------------------------------
+
+def test_llama4_linearized_experts_and_muon_land_in_the_plan(tmp_path: Path) -> None:
+    plan = plan_of(tmp_path, MINIMAL + "llama4_linearized_experts: true\noptimizer: muon\n")
+    assert plan["model"]["llama4_linearized_experts"] is True and plan["optimizer"]["name"] == "muon"
+
+
+def test_a_pretraining_config_with_another_error_reports_only_that_error() -> None:
+    # The rules run on the valid part with placeholders for the broken keys; a datasets placeholder must not
+    # then contradict pretraining_dataset.
+    text = "base_model: m\npretraining_dataset:\n  - path: c4\nmax_steps: 10\noptimizer: sgd_of_my_own\n"
+    (line,) = problems_of(text)
+    assert line.startswith("c.yml:5:12: optimizer: expected one of")
