@@ -46,6 +46,25 @@ def _check_training_methods(spec: Spec, error: Callable[..., None], warn: Callab
     elif spec.jagged_restart_steps is not None:
         error("jagged_restart_steps", "tunefile applies jagged learning-rate restarts with ReLoRA only",
               hint="add `relora: true` and an adapter, or remove the jagged_restart_* lines")
+    if spec.lr_quadratic_warmup:
+        if spec.lr_scheduler != "cosine":
+            warn("lr_quadratic_warmup", f"no effect with lr_scheduler: {spec.lr_scheduler}: Axolotl warms up "
+                 "quadratically only with cosine; the warm-up stays linear", hint="use lr_scheduler: cosine")
+        elif spec.cosine_min_lr_ratio or spec.eta_min:
+            warn("lr_quadratic_warmup", "Axolotl's cosine with quadratic warm-up decays to 0: cosine_min_lr_ratio "
+                 "(eta_min) is dropped, as Axolotl does", hint="remove one of the two")
+    if spec.fp8_enable_fsdp_float8_all_gather and not spec.fp8:
+        error("fp8_enable_fsdp_float8_all_gather", "float8 all-gather needs fp8: true", hint="add `fp8: true`")
+    if spec.fp8 and (spec.load_in_4bit or spec.load_in_8bit or spec.adapter == "qlora"):
+        error("fp8", "FP8 training computes the linear layers in float8: it cannot run on a 4/8-bit base",
+              hint="use a 16-bit base (adapter: lora or full fine-tuning)")
+    if spec.ple_cpu_offload:
+        if spec.fsdp_config is not None or spec.deepspeed:
+            error("ple_cpu_offload", "ple_cpu_offload places parameters itself; FSDP and DeepSpeed would shard them, "
+                  "as Axolotl says", hint="train on one GPU")
+        if not ((spec.adapter == "qlora") or (spec.adapter == "lora" and (spec.load_in_8bit or spec.load_in_4bit))):
+            error("ple_cpu_offload", "ple_cpu_offload needs a quantised base under an adapter (qlora, or lora with "
+                  "load_in_8bit), as in Axolotl", hint="add `adapter: qlora`")
     if spec.peft and spec.peft.loftq_config:
         if spec.adapter != "lora" or spec.load_in_4bit or spec.load_in_8bit:
             error(("peft", "loftq_config"), "LoftQ initialises a LoRA adapter on the unquantised base: it needs "
@@ -231,7 +250,7 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
 QAT_PAIRS: dict[tuple[str, str | None], int | None] = {
     ("int4", None): None, ("int4", "int8"): None, ("int8", None): None, ("int8", "int8"): None,
     ("int4", "float8_e4m3fn"): 128, ("float8_e4m3fn", "float8_e4m3fn"): 0, ("nvfp4", "nvfp4"): 16,
-    ("mxfp4", "mxfp4"): 32,
+    ("mxfp4", "mxfp4"): 32, ("ternary", None): None, ("ternary", "int8"): None,
 }
 
 
@@ -247,8 +266,8 @@ def _check_qat(spec: Spec, error: Callable[..., None]) -> None:
     size = QAT_PAIRS[pair]
     if size and qat.group_size != size:
         error(("qat", "group_size"), f"{qat.weight_dtype}/{qat.activation_dtype} needs group_size: {size}")
-    if qat.quantize_embedding and qat.weight_dtype not in ("int4", "int8"):
-        error(("qat", "quantize_embedding"), "only int4 and int8 weights can quantise the embedding")
+    if qat.quantize_embedding and qat.weight_dtype not in ("int4", "int8", "ternary"):
+        error(("qat", "quantize_embedding"), "only int4, int8 and ternary weights can quantise the embedding")
     if qat.fake_quant_after_n_steps and qat.weight_dtype in ("nvfp4", "mxfp4"):
         error(("qat", "fake_quant_after_n_steps"), f"torchao's {qat.weight_dtype} layers cannot be switched off "
               "for the first steps", hint="remove fake_quant_after_n_steps")

@@ -136,14 +136,15 @@ class FsdpConfig(_Strict):
     )
 
 
-QAT_DTYPES = ("int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4")
+QAT_DTYPES = ("int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4", "ternary")
 
 
 class QatConfig(_Strict):
     """Quantisation-aware training (``qat``), carried out with torchao's fake quantisation."""
 
     weight_dtype: Literal[QAT_DTYPES] = _field(  # type: ignore[valid-type]
-        "int8", description="Fake-quantised weight format: int4, int8, float8_e4m3fn (fp8), nvfp4 or mxfp4.")
+        "int8", description="Fake-quantised weight format: int4, int8, float8_e4m3fn (fp8), nvfp4, mxfp4 or ternary "
+        "(weights in {-1, 0, 1} times a per-row scale, BitNet-style).")
     activation_dtype: Literal[QAT_DTYPES] | None = _field(  # type: ignore[valid-type]
         None, description="Fake-quantised activation format (default: activations stay as they are).")
     group_size: int = _field(32, ge=1, description="Elements per quantisation group: it must divide the layers' "
@@ -174,6 +175,13 @@ class PeftConfig(_Strict):
 
     loftq_config: LoftqConfig | None = _field(
         None, description="LoftQ: initialise the LoRA adapter so that it corrects the base's quantisation error.")
+
+
+class Fp8Config(_Strict):
+    """Axolotl's fp8_config."""
+
+    recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"] = _field(
+        "tensorwise", description="torchao's float8 scaling recipe.")
 
 
 class Spec(_Strict):
@@ -239,6 +247,21 @@ class Spec(_Strict):
     llama4_linearized_experts: bool = _field(
         False, description="Llama 4: one linear layer per expert and projection instead of fused expert tensors, "
         "so LoRA and 4-bit quantisation reach the experts.", group="model")
+    tiled_mlp: bool = _field(
+        False, description="ALST tiled MLP: run each MLP over the sequence in slices, forward and backward, so long "
+        "sequences need less activation memory.", group="model")
+    tiled_mlp_num_shards: int | None = _field(
+        None, ge=1, description="Slices per MLP call (default: sequence length / hidden size, rounded up).",
+        group="model")
+    tiled_mlp_use_original_mlp: bool = _field(
+        True, description="Tile the model's own MLP module (false: a generic gated MLP on its weights).",
+        group="model")
+    ple_cpu_offload: bool = _field(
+        False, description="Keep the huge per-layer embeddings a model lists in _no_placement_params in host "
+        "memory (one GPU, LoRA/QLoRA).", group="model")
+    device_map: str | None = _field(
+        None, description="transformers' placement; tunefile places the model itself, so only auto (or one "
+        "device) on a one-GPU run is accepted, where it means the same.", group="model")
     lisa_n_layers: int | None = _field(
         None, ge=1, description="LISA (full fine-tuning): train only this many decoder layers at a time, drawn at "
         "random; embeddings and head always train.", group="model")
@@ -337,6 +360,8 @@ class Spec(_Strict):
     dataset_exact_deduplication: bool = _field(
         False, description="Drop rows that repeat an earlier row exactly, before the evaluation split.",
         group="data")
+    min_sample_len: int | None = _field(
+        None, ge=1, description="Drop rows shorter than this many tokens (default: 2, as Axolotl).", group="data")
     group_by_length: bool = _field(
         False, description="Without sample_packing: batch rows of similar length together (less padding).",
         group="data")
@@ -381,6 +406,9 @@ class Spec(_Strict):
     )
     learning_rate: float = _field(2e-4, gt=0, description="Peak learning rate.", group="training")
     warmup_steps: int | None = _field(None, ge=0, description="Linear warmup steps.", group="training")
+    lr_quadratic_warmup: bool = _field(
+        False, description="Warm the learning rate up along a quadratic curve instead of a straight line.",
+        group="training")
     warmup_ratio: float | None = _field(
         None, ge=0.0, lt=1.0, description="Warmup as a fraction of all steps (rounded down).", group="training"
     )
@@ -420,6 +448,12 @@ class Spec(_Strict):
         "auto", description="bfloat16 mixed precision; auto uses it where the GPU supports it.", group="precision"
     )
     fp16: bool = _field(False, description="float16 mixed precision (GPUs without bf16).", group="precision")
+    fp8: bool = _field(
+        False, description="FP8 training with torchao: linear layers compute in float8 (Hopper or newer).",
+        group="precision")
+    fp8_config: Fp8Config | None = _field(None, description="FP8 options: recipe.", group="precision")
+    fp8_enable_fsdp_float8_all_gather: bool = _field(
+        False, description="With fp8 and FSDP2: gather float8 weights instead of bf16 ones.", group="precision")
     bfloat16: bool = _field(
         False, description="Keep every weight, the trained ones too, in bfloat16 (no fp32 master copy).",
         group="precision")

@@ -95,6 +95,8 @@ class DataPlan:
     # Without packing: draw batches of rows of similar length, so less of each batch is padding (Axolotl's
     # group_by_length, as Hugging Face's length-grouped sampler does it).
     group_by_length: bool
+    # Rows shorter than this many tokens are dropped (Axolotl's min_sample_len, or 2).
+    min_sample_len: int
 
 
 @dataclass(frozen=True)
@@ -146,11 +148,28 @@ class QatPlan:
     """Quantisation-aware training (Axolotl's qat): torchao fake-quantises the linear layers' weights (and
     activations) in forward, so the model learns to survive the quantisation applied after training."""
 
-    weight_dtype: Literal["int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4"]
+    weight_dtype: Literal["int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4", "ternary"]
     activation_dtype: Literal["int4", "int8", "float8_e4m3fn", "nvfp4", "mxfp4"] | None
     group_size: int  # elements per quantisation group of a weight row
     quantize_embedding: bool
     fake_quant_after_n_steps: int | None  # None: from the first step
+
+
+@dataclass(frozen=True)
+class TiledMlpPlan:
+    """ALST's tiled MLP (Axolotl's tiled_mlp): each MLP runs over the sequence in num_shards slices, forward and
+    backward, so its intermediate activations exist for one slice at a time (long sequences)."""
+
+    num_shards: int | None  # None: ceil(sequence length / hidden size), decided per batch as Axolotl does
+    use_original_mlp: bool  # tile the model's own MLP module (false: a generic gated MLP on its weights)
+
+
+@dataclass(frozen=True)
+class Fp8Plan:
+    """FP8 training with torchao (Axolotl's fp8): the linear layers compute in float8 with dynamic scaling."""
+
+    recipe: Literal["tensorwise", "rowwise", "rowwise_with_gw_hp"]
+    fsdp_float8_all_gather: bool  # FSDP2 gathers the float8 weights instead of the bf16 ones
 
 
 @dataclass(frozen=True)
@@ -199,6 +218,9 @@ class ModelPlan:
     # Llama 4: replace each fused expert tensor with one nn.Linear per expert and projection, so LoRA and
     # 4-bit quantisation reach the experts (Axolotl's llama4_linearized_experts).
     llama4_linearized_experts: bool
+    # Keep the parameters the model lists in _no_placement_params (huge per-layer embeddings) in host memory
+    # (Axolotl's ple_cpu_offload).
+    ple_cpu_offload: bool
     # Full fine-tuning only: train just the parameters whose names match one of these regular expressions
     # (Axolotl's unfrozen_parameters); None: every parameter trains.
     unfrozen_parameters: tuple[str, ...] | None
@@ -208,6 +230,8 @@ class ModelPlan:
     qat: QatPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
     lisa: LisaPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
     relora: ReloraPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    tiled_mlp: TiledMlpPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    fp8: Fp8Plan | None = field(default=None, metadata=OMIT_WHEN_NONE)
 
 
 @dataclass(frozen=True)
@@ -297,6 +321,7 @@ class SchedulePlan:
     warmup_steps: int | None  # at most one of warmup_steps and warmup_ratio is set; neither: no warmup
     warmup_ratio: float | None  # warmup = int(ratio × total steps) (rounded down, as Axolotl) …
     warmup_max_steps: int | None  # … and at most this many (Axolotl's default warmup: 3%, at most 100)
+    warmup_shape: Literal["linear", "quadratic"]  # quadratic: Axolotl's lr_quadratic_warmup
     # Cosine: the learning rate decays to this fraction of its peak (Axolotl's cosine_min_lr_ratio, or eta_min
     # as a fraction of learning_rate) …
     min_lr_ratio: float
@@ -348,6 +373,17 @@ class DeepSpeedPlan:
 
 
 @dataclass(frozen=True)
+class ParallelismPlan:
+    """N-D parallelism (Axolotl's dp_replicate_size, dp_shard_size, tensor_parallel_size, context_parallel_size,
+    carried out by accelerate's ParallelismConfig): their product is the world size."""
+
+    dp_replicate_size: int  # > 1 with dp_shard_size > 1: HSDP (replicas of FSDP groups)
+    dp_shard_size: int
+    tensor_parallel_size: int
+    context_parallel_size: int
+
+
+@dataclass(frozen=True)
 class DistributionPlan:
     strategy: Strategy
     device: Literal["cpu", "cuda"]
@@ -356,6 +392,7 @@ class DistributionPlan:
     world_size: int
     fsdp: FsdpPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
     deepspeed: DeepSpeedPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
+    parallelism: ParallelismPlan | None = field(default=None, metadata=OMIT_WHEN_NONE)
 
 
 @dataclass(frozen=True)

@@ -189,3 +189,54 @@ def test_a_pretraining_config_with_another_error_reports_only_that_error() -> No
     text = "base_model: m\npretraining_dataset:\n  - path: c4\nmax_steps: 10\noptimizer: sgd_of_my_own\n"
     (line,) = problems_of(text)
     assert line.startswith("c.yml:5:12: optimizer: expected one of")
+
+
+# --- wave two: fp8, tiled MLP, per-layer-embedding offload, ternary QAT, quadratic warm-up, device_map ------
+
+def test_fp8_lands_in_the_plan_on_hopper_and_is_refused_before_it(tmp_path: Path) -> None:
+    text = MINIMAL + "fp8: true\nfp8_enable_fsdp_float8_all_gather: true\nfp8_config:\n  recipe: rowwise\n"
+    assert plan_of(tmp_path, text)["model"]["fp8"] == {"recipe": "rowwise", "fsdp_float8_all_gather": True}
+    with pytest.raises(ConfigError) as caught:
+        compiled(tmp_path, MINIMAL + "fp8: true\n", TargetOptions(gpu="a100-80gb"))
+    assert "FP8 training needs compute capability 8.9 or newer (Ada, Hopper); a100-80gb is 8.0" in \
+        caught.value.problems[0].message
+    (line,) = problems_of(MINIMAL + "fp8_enable_fsdp_float8_all_gather: true\n")
+    assert "float8 all-gather needs fp8: true" in line
+
+
+def test_tiled_mlp_and_ple_offload_land_in_the_plan(tmp_path: Path) -> None:
+    model = plan_of(tmp_path, MINIMAL + "tiled_mlp: true\n")["model"]
+    assert model["tiled_mlp"] == {"num_shards": None, "use_original_mlp": True}
+    qlora = plan_of(tmp_path, MINIMAL + "adapter: qlora\nple_cpu_offload: true\n")["model"]
+    assert qlora["ple_cpu_offload"] is True
+    (line,) = problems_of(MINIMAL + "adapter: lora\nple_cpu_offload: true\n")
+    assert "ple_cpu_offload needs a quantised base under an adapter" in line
+
+
+def test_ternary_qat_compiles_with_its_embedding(tmp_path: Path) -> None:
+    text = MINIMAL + "qat:\n  weight_dtype: ternary\n  activation_dtype: int8\n  quantize_embedding: true\n"
+    qat = plan_of(tmp_path, text)["model"]["qat"]
+    assert (qat["weight_dtype"], qat["activation_dtype"], qat["quantize_embedding"]) == ("ternary", "int8", True)
+    assert "cannot fake-quantise weights ternary with activations int4" in \
+        problems_of(MINIMAL + "qat:\n  weight_dtype: ternary\n  activation_dtype: int4\n")[0]
+
+
+def test_quadratic_warmup_is_axolotls_cosine_variant(tmp_path: Path) -> None:
+    schedule = plan_of(tmp_path, MINIMAL + "lr_scheduler: cosine\nlr_quadratic_warmup: true\n"
+                                           "cosine_min_lr_ratio: 0.1\n")["schedule"]
+    # Axolotl's quadratic-warm-up cosine has no floor: the min-lr ratio is dropped, with a warning.
+    assert (schedule["warmup_shape"], schedule["min_lr_ratio"]) == ("quadratic", 0.0)
+    linear = plan_of(tmp_path, MINIMAL + "lr_scheduler: linear\nlr_quadratic_warmup: true\n")["schedule"]
+    assert linear["warmup_shape"] == "linear"
+
+
+def test_min_sample_len_defaults_to_axolotls_two_tokens(tmp_path: Path) -> None:
+    assert plan_of(tmp_path, MINIMAL)["data"]["min_sample_len"] == 2
+    assert plan_of(tmp_path, MINIMAL + "min_sample_len: 64\n")["data"]["min_sample_len"] == 64
+
+
+def test_device_map_auto_means_nothing_more_on_one_gpu(tmp_path: Path) -> None:
+    compiled(tmp_path, MINIMAL + "device_map: auto\n", TargetOptions(gpu="h100-80gb", gpus_per_node=1))
+    with pytest.raises(ConfigError) as caught:
+        compiled(tmp_path, MINIMAL + "device_map: auto\n", TargetOptions(gpu="h100-80gb", gpus_per_node=2))
+    assert caught.value.problems[0].message.startswith("device_map: auto spreads one model copy over 2 processes'")

@@ -18,6 +18,7 @@ from ...schemas.run_plan import (
     DatasetPlan,
     DeepSpeedPlan,
     DistributionPlan,
+    Fp8Plan,
     FsdpPlan,
     KernelsPlan,
     LisaPlan,
@@ -31,6 +32,7 @@ from ...schemas.run_plan import (
     RunPlan,
     SchedulePlan,
     SwanlabPlan,
+    TiledMlpPlan,
     TrackersPlan,
     WandbPlan,
     WatchdogPlan,
@@ -55,6 +57,7 @@ DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's choice for Llama-style att
 # Axolotl's ReLoRA defaults (its jagged scheduler and optimizer-state pruning).
 RELORA_WARMUP_STEPS, RELORA_ANNEAL_STEPS, RELORA_MIN_LR_SCALE = 10, 1, 0.001
 RELORA_PRUNE_RATIO, RELORA_RESET_PRUNE_RATIO = 0.9, 0.999
+AXOLOTL_MIN_SAMPLE_LEN = 2  # Axolotl drops rows shorter than this when min_sample_len is not set
 
 # Spec key → where its value lands in the plan ("section.field"). Keys absent here are read by the compiler
 # alone (COMPILER_ONLY) or become several plan facts (precision, attention, distribution).
@@ -97,6 +100,7 @@ PLAN_LOCATION: dict[str, str] = {
     "seed": "seed", "offline": "offline",
     "llama4_linearized_experts": "model.llama4_linearized_experts",
     "dataset_exact_deduplication": "data.exact_deduplication", "group_by_length": "data.group_by_length",
+    "ple_cpu_offload": "model.ple_cpu_offload",
 }
 # Keys that become resolved facts rather than one plan field: precision (bf16/fp16/bfloat16/float16), the
 # sections present only when switched on (lisa, relora, swanlab, otel), the attention kernel
@@ -118,7 +122,9 @@ RESOLVED_OR_COMPILER_ONLY = ("bf16", "fp16", "attn_implementation", "sample_pack
                              "swanlab_experiment_name", "swanlab_description", "swanlab_workspace", "swanlab_mode",
                              "use_otel_metrics", "otel_metrics_host", "otel_metrics_port", "lisa_n_layers",
                              "lisa_step_interval", "lisa_layers_attribute", "jagged_restart_steps",
-                             "relora_cpu_offload")
+                             "relora_cpu_offload", "min_sample_len", "tiled_mlp", "tiled_mlp_num_shards",
+                             "tiled_mlp_use_original_mlp", "fp8", "fp8_config", "fp8_enable_fsdp_float8_all_gather",
+                             "lr_quadratic_warmup", "device_map")
 
 
 def dataset_plan(dataset: DatasetSpec) -> DatasetPlan:
@@ -214,6 +220,24 @@ def data_sources(spec: Spec) -> tuple[DatasetPlan, ...]:
     return tuple(dataset_plan(d) for d in spec.datasets)
 
 
+def tiled_mlp_plan(spec: Spec) -> TiledMlpPlan | None:
+    if not spec.tiled_mlp:
+        return None
+    return TiledMlpPlan(num_shards=spec.tiled_mlp_num_shards, use_original_mlp=spec.tiled_mlp_use_original_mlp)
+
+
+def fp8_plan(spec: Spec) -> Fp8Plan | None:
+    if not spec.fp8:
+        return None
+    return Fp8Plan(recipe=spec.fp8_config.recipe if spec.fp8_config else "tensorwise",
+                   fsdp_float8_all_gather=spec.fp8_enable_fsdp_float8_all_gather)
+
+
+def quadratic_warmup(spec: Spec) -> bool:
+    """Axolotl warms up quadratically only with the cosine schedule."""
+    return spec.lr_quadratic_warmup and spec.lr_scheduler == "cosine"
+
+
 def streamed(spec: Spec) -> bool:
     """Rows read while training (pretraining_dataset, or datasets with streaming: true): no cache, no eval split."""
     return bool(spec.pretraining_dataset) or spec.streaming
@@ -273,7 +297,8 @@ def build_run_plan(plan: Plan) -> RunPlan:
             streaming=streamed(spec),
             exact_deduplication=spec.dataset_exact_deduplication,
             # Axolotl's sampler groups by length only when it does not pack.
-            group_by_length=spec.group_by_length and not spec.sample_packing),
+            group_by_length=spec.group_by_length and not spec.sample_packing,
+            min_sample_len=spec.min_sample_len or AXOLOTL_MIN_SAMPLE_LEN),
         model=ModelPlan(
             base_model=spec.base_model, revision=spec.revision_of_model, architecture=plan.model.architecture,
             parameters=plan.model.parameters, config_overrides=dict(spec.model_config_overrides or {}),
@@ -293,12 +318,12 @@ def build_run_plan(plan: Plan) -> RunPlan:
             gradient_checkpointing_kwargs=dict(spec.gradient_checkpointing_kwargs or GRADIENT_CHECKPOINTING_KWARGS),
             activation_offloading=bool(spec.activation_offloading) or spec.gradient_checkpointing == "offload",
             half_precision_weights=spec.bfloat16 or spec.float16,
-            llama4_linearized_experts=spec.llama4_linearized_experts,
+            llama4_linearized_experts=spec.llama4_linearized_experts, ple_cpu_offload=spec.ple_cpu_offload,
             unfrozen_parameters=tuple(spec.unfrozen_parameters) if spec.unfrozen_parameters and not adapter
             else None,
             shrink_embeddings=spec.shrink_embeddings, adapter=adapter, lora=lora_plan(spec) if adapter else None,
             qat=QatPlan(**spec.qat.model_dump()) if spec.qat else None,
-            lisa=lisa_plan(spec), relora=relora_plan(spec)),
+            lisa=lisa_plan(spec), relora=relora_plan(spec), tiled_mlp=tiled_mlp_plan(spec), fp8=fp8_plan(spec)),
         kernels=KernelsPlan(**plan.kernels),
         optimizer=OptimizerPlan(name=plan.optimizer, learning_rate=spec.learning_rate,
                                 weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm,
@@ -309,7 +334,10 @@ def build_run_plan(plan: Plan) -> RunPlan:
             gradient_accumulation_steps=plan.batch.gradient_accumulation_steps, max_steps=spec.max_steps,
             num_epochs=None if spec.max_steps else spec.num_epochs, lr_scheduler=spec.lr_scheduler,
             warmup_steps=spec.warmup_steps, warmup_ratio=warmup_ratio, warmup_max_steps=warmup_cap,
-            min_lr_ratio=min_lr_ratio(spec), min_lr_from=spec.cosine_constant_lr_ratio or None,
+            warmup_shape="quadratic" if quadratic_warmup(spec) else "linear",
+            # Axolotl's quadratic-warmup cosine has no floor: it drops cosine_min_lr_ratio (a warning says so).
+            min_lr_ratio=0.0 if quadratic_warmup(spec) else min_lr_ratio(spec),
+            min_lr_from=spec.cosine_constant_lr_ratio or None,
             early_stopping_patience=spec.early_stopping_patience, logging_steps=spec.logging_steps,
             eval_steps=None if streamed(spec) else spec.eval_steps,
             evals_per_epoch=None if streamed(spec) else spec.evals_per_epoch),

@@ -66,6 +66,8 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
             errors.append(Problem(("optimizer",), f"{spec.optimizer} uses bitsandbytes CUDA kernels; the target "
                                   "is the CPU", hint="use optimizer: adamw_torch"))
     _check_qat_hardware(spec, target, errors, warnings)
+    _check_fp8_hardware(spec, target, errors, warnings)
+    _check_device_map(spec, target, errors, decisions)
     decisions.append(Decision("training", _training_words(spec, quantization_bits), _training_reason(spec)))
 
     model, shape, decision = resolve_model(spec, inputs.local_model_config)
@@ -137,6 +139,39 @@ def _check_qat_hardware(spec: Spec, target: Target, errors: list[Problem], warni
             errors.append(Problem(("qat", "weight_dtype"), f"nvfp4 needs a Blackwell GPU (compute capability 10 "
                                   f"or newer); {target.gpu.name} is {target.gpu.compute_capability[0]}."
                                   f"{target.gpu.compute_capability[1]}", hint="use mxfp4 (emulated) on this GPU"))
+
+
+def _check_fp8_hardware(spec: Spec, target: Target, errors: list[Problem], warnings: list[Problem]) -> None:
+    """torchao's float8 matmuls need compute capability 8.9 (Ada, Hopper) or newer, as Axolotl checks."""
+    if not spec.fp8:
+        return
+    if target.gpu is None:
+        errors.append(Problem(("fp8",), "FP8 training needs a CUDA GPU; the target is the CPU",
+                              hint="remove `fp8: true` or pass a GPU target"))
+    elif not target.gpu_known:
+        warnings.append(Problem(("fp8",), "FP8 training needs compute capability 8.9 or newer (Ada, Hopper); the "
+                                "target's GPU is unspecified", hint="pass --gpu"))
+    elif not target.gpu.fp8:
+        major, minor = target.gpu.compute_capability
+        errors.append(Problem(("fp8",), f"FP8 training needs compute capability 8.9 or newer (Ada, Hopper); "
+                              f"{target.gpu.name} is {major}.{minor}", hint="remove `fp8: true` and train in bf16"))
+
+
+# device_map values that, for one process, mean what tunefile does anyway: the model on that process's GPU.
+ONE_DEVICE_MAPS = ("auto", "cuda", "cuda:0", "0")
+
+
+def _check_device_map(spec: Spec, target: Target, errors: list[Problem], decisions: list[Decision]) -> None:
+    if spec.device_map is None:
+        return
+    if target.world_size == 1 and spec.device_map in ONE_DEVICE_MAPS:
+        decisions.append(Decision("axolotl device_map", "no effect", f"device_map: {spec.device_map} on one GPU "
+                                  "places the model where tunefile does"))
+        return
+    errors.append(Problem(("device_map",), f"device_map: {spec.device_map} spreads one model copy over "
+                          f"{target.world_size} processes' devices, which tunefile does not do; it places one copy "
+                          "per GPU, or shards with FSDP/DeepSpeed", hint="remove device_map (use fsdp_config or "
+                          "deepspeed to split a model too large for one GPU)"))
 
 
 def _target_words(target: Target) -> str:
