@@ -278,9 +278,9 @@ def test_keys_without_effect_are_accepted_and_explain_says_so(tmp_path: Path) ->
 
 
 def test_a_refused_feature_says_what_tunefile_does_instead() -> None:
-    (line,) = problems_of(MINIMAL + "min_sample_len: 4\n")
-    assert line == "c.yml:5:1: min_sample_len: Axolotl's min_sample_len is not supported by tunefile: tunefile " \
-                   "keeps every sample that fits sequence_len"
+    (line,) = problems_of(MINIMAL + "use_ray: true\n")
+    assert line == "c.yml:5:1: use_ray: Axolotl's use_ray is not supported by tunefile: Ray is not supported; " \
+                   "tunefile launches with accelerate (launch.sh) or SLURM (job.sbatch)"
 
 
 def test_a_refused_feature_left_at_axolotls_default_is_accepted() -> None:
