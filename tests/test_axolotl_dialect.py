@@ -284,10 +284,10 @@ def test_a_refused_feature_says_what_tunefile_does_instead() -> None:
 
 
 def test_a_refused_feature_left_at_axolotls_default_is_accepted() -> None:
-    _, warnings, notes = validate_with_notes(load_document(MINIMAL + "tiled_mlp: false\nfp8: false\n"
-                                                           "tensor_parallel_size: 1\n", "c.yml"))
-    assert warnings == [] and {note.path for note in notes} == {("tiled_mlp",), ("fp8",),
-                                                                 ("tensor_parallel_size",)}
+    _, warnings, notes = validate_with_notes(load_document(MINIMAL + "use_ray: false\nuse_eaft: false\n"
+                                                           "expert_parallel_size: 1\n", "c.yml"))
+    assert warnings == [] and {note.path for note in notes} == {("use_ray",), ("use_eaft",),
+                                                                 ("expert_parallel_size",)}
 
 
 @pytest.mark.parametrize("text, feature", [
