@@ -13,13 +13,67 @@ from collections.abc import Callable
 
 from .errors import Problem
 from .models import parse_parameter_count
-from .spec import TORCHAO_OPTIMIZERS, Spec, optimizer_arguments
+from .spec import BITSANDBYTES_OPTIMIZERS, TORCHAO_OPTIMIZERS, Spec, optimizer_arguments
 
 _CHAT_ONLY_KEYS = ("field_messages", "message_property_mappings", "roles_to_train", "train_on_eos",
                    "chat_template", "field_thinking", "template_thinking_key", "drop_system_message")
 _LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_target_linear", "lora_target_modules",
               "lora_modules_to_save", "lora_model_dir", "lora_target_parameters", "lora_fan_in_fan_out",
               "peft_use_rslora")
+
+
+_LIGER_MODULE_KERNELS = ("liger_rms_norm", "liger_glu_activation", "liger_layer_norm", "liger_rope",
+                         "liger_rms_norm_gated")
+_FUSED_LOSSES = ("liger_fused_linear_cross_entropy", "cut_cross_entropy")
+
+
+def _check_parallelism(spec: Spec, error: Callable[..., None], warn: Callable[..., None]) -> None:
+    """Tensor and context parallelism with what tunefile can carry out beside them (the sizes against the GPU
+    count, FSDP2 and the model's shape are checked in resolve/distribution.py)."""
+    tp = (spec.tensor_parallel_size or 1) > 1
+    cp = (spec.context_parallel_size or 1) > 1
+    if tp:
+        if spec.adapter is not None or spec.load_in_4bit or spec.load_in_8bit:
+            error("tensor_parallel_size", "tensor parallelism splits full 16/32-bit weights; tunefile does not "
+                  "split LoRA/QLoRA adapters or quantised layers with it",
+                  hint="for an adapter use FSDP2 (fsdp_version: 2, fsdp_config, dp_shard_size) without "
+                  "tensor_parallel_size, or fine-tune fully")
+        if spec.deepspeed:
+            error("tensor_parallel_size", "tensor parallelism with DeepSpeed is DeepSpeed's AutoTP, which tunefile "
+                  "does not run; tunefile's tensor parallelism runs inside FSDP2",
+                  hint="replace `deepspeed:` with fsdp_version: 2 and an fsdp_config")
+        for key in _LIGER_MODULE_KERNELS + ("liger_fused_linear_cross_entropy",):
+            if getattr(spec, key):
+                error(key, "Liger's kernels read whole weights; tensor parallelism leaves each GPU a slice (Axolotl "
+                      "refuses liger_rms_norm and Liger's fused loss with it too)", hint=f"remove `{key}`")
+        for key in ("qat", "fp8"):
+            if getattr(spec, key):
+                error(key, f"{key} swaps the linear layers for torchao's, which tensor parallelism does not split",
+                      hint="remove tensor_parallel_size, or the line")
+        if spec.optimizer in BITSANDBYTES_OPTIMIZERS:
+            error("optimizer", f"{spec.optimizer} (bitsandbytes) cannot update tensor-parallel weights, as in "
+                  "Axolotl", hint="use adamw_torch or adamw_torch_fused")
+        if spec.fsdp_config is not None and spec.fsdp_config.cpu_ram_efficient_loading:
+            error(("fsdp_config", "cpu_ram_efficient_loading"), "with tensor parallelism every GPU loads the "
+                  "weights and keeps its slice; loading them on one GPU and scattering is not carried out",
+                  hint="set cpu_ram_efficient_loading: false")
+        if spec.cut_cross_entropy:
+            warn("cut_cross_entropy", "no effect with tensor parallelism: the output head is split, so the plain "
+                 "loss runs (the same loss, with the whole logits)")
+    if cp:
+        if spec.attn_implementation == "eager":
+            error("context_parallel_size", "context parallelism runs its own attention: SDPA over the keys and "
+                  "values gathered from the group, not eager attention",
+                  hint="set attn_implementation: sdpa (or flash_attention_2, as Axolotl asks for)")
+        for key in _FUSED_LOSSES:
+            if getattr(spec, key) and not (tp and key == "cut_cross_entropy"):
+                warn(key, "no effect with context parallelism: each GPU's loss is its slice's against labels "
+                     "shifted before the split, and the plain loss runs (the same loss)")
+    if (tp or cp or ((spec.dp_replicate_size or 1) > 1 and (spec.dp_shard_size or 1) > 1)) \
+            and spec.fsdp_config is not None and spec.fsdp_version != 2:
+        error("fsdp_version" if spec.fsdp_version is not None else "fsdp_config", "N-D parallelism (HSDP, tensor or "
+              "context parallelism) runs on FSDP2; an fsdp_config without fsdp_version: 2 is FSDP1",
+              hint="set `fsdp_version: 2`")
 
 
 def _check_training_methods(spec: Spec, error: Callable[..., None], warn: Callable[..., None]) -> None:
@@ -29,6 +83,9 @@ def _check_training_methods(spec: Spec, error: Callable[..., None], warn: Callab
                             else ("lisa_step_interval", "lisa_n_layers"))
         error(present, f"LISA needs both lisa_n_layers and lisa_step_interval; {missing} is missing (Axolotl would "
               "silently train every layer)", hint=f"add `{missing}: N`")
+    if spec.lisa_n_layers is not None and (spec.fsdp_config is not None or spec.deepspeed):
+        error("lisa_n_layers", "LISA switches requires_grad on whole layers, which FSDP's and DeepSpeed's flattened "
+              "or sharded parameters do not allow", hint="use DDP (leave out fsdp_config and deepspeed)")
     if spec.lisa_n_layers is not None and spec.adapter is not None:
         error("lisa_n_layers", "LISA trains whole decoder layers: it is a full fine-tuning method",
               hint="remove `adapter:`, or the lisa_* lines")
@@ -38,8 +95,9 @@ def _check_training_methods(spec: Spec, error: Callable[..., None], warn: Callab
                   hint="add `adapter: lora`")
         if spec.jagged_restart_steps is None:
             error("relora", "ReLoRA needs jagged_restart_steps, as in Axolotl", hint="add `jagged_restart_steps: N`")
-        if spec.fsdp_config is not None:
-            error("relora", "ReLoRA cannot run under FSDP, as in Axolotl", hint="use DDP or DeepSpeed")
+        if spec.fsdp_config is not None or spec.deepspeed:
+            error("relora", "ReLoRA merges into whole weights: it cannot run under FSDP or DeepSpeed, as in Axolotl",
+                  hint="use DDP (leave out fsdp_config and deepspeed)")
         if spec.lora_model_dir:
             error("lora_model_dir", "ReLoRA merges and restarts the adapter; it cannot continue an existing one",
                   hint="remove lora_model_dir, or relora")
@@ -65,6 +123,20 @@ def _check_training_methods(spec: Spec, error: Callable[..., None], warn: Callab
         if not ((spec.adapter == "qlora") or (spec.adapter == "lora" and (spec.load_in_8bit or spec.load_in_4bit))):
             error("ple_cpu_offload", "ple_cpu_offload needs a quantised base under an adapter (qlora, or lora with "
                   "load_in_8bit), as in Axolotl", hint="add `adapter: qlora`")
+    if spec.llama4_linearized_experts and spec.adapter and spec.lora_target_linear:
+        error("lora_target_linear", "with Llama 4, every linear layer includes the MoE router, an nn.Linear that "
+              "returns a pair, which a LoRA layer cannot wrap (Axolotl's Llama 4 examples name their targets)",
+              hint="name lora_target_modules, e.g. self_attn.q_proj, shared_expert.gate_proj and, for the experts, "
+              "the regular expression .*experts\\.(gate|up|down)_projs\\.[0-9]+")
+    if spec.float16 and spec.adapter is None and spec.optimizer in ("adamw_torch", "adamw_torch_fused", "muon"):
+        warn("float16", f"{spec.optimizer} on float16 weights: AdamW's epsilon (1e-8) rounds to 0 in float16, so "
+             "a parameter with a zero gradient turns NaN and the watchdog stops the run",
+             hint="use bfloat16: true, fp16: true (mixed precision), or optimizer: adamw_bnb_8bit as Axolotl's "
+             "float16 examples do")
+    fsdp1 = spec.fsdp_config is not None and (spec.fsdp_version or 1) == 1
+    if spec.optimizer == "muon" and (spec.deepspeed or fsdp1):
+        error("optimizer", "muon orthogonalises whole weight matrices; " + ("DeepSpeed" if spec.deepspeed else "FSDP1")
+              + " hands the optimizer flattened 1-D shards, as Axolotl says", hint="use fsdp_version: 2, or DDP")
     if spec.peft and spec.peft.loftq_config:
         if spec.adapter != "lora" or spec.load_in_4bit or spec.load_in_8bit:
             error(("peft", "loftq_config"), "LoftQ initialises a LoRA adapter on the unquantised base: it needs "
@@ -146,6 +218,7 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
              hint="keep one of the two")
 
     _check_training_methods(spec, error, warn)
+    _check_parallelism(spec, error, warn)
 
     if spec.optim_args:
         unknown = sorted(set(optimizer_arguments(spec)) - {"bf16_stochastic_round"})

@@ -187,7 +187,7 @@ def inference(config: Path, lora_dir: Path | None, base_only: bool, prompt: str 
 
 @click.command(name="tiny-model")
 @click.argument("directory", type=click.Path(path_type=Path))
-@click.option("--arch", type=click.Choice(["llama", "mistral", "qwen2"]), default="llama", show_default=True)
+@click.option("--arch", type=click.Choice(["llama", "mistral", "qwen2", "llama4"]), default="llama", show_default=True)
 def tiny_model(directory: Path, arch: str) -> None:
     """Build a tiny random model with a locally trained tokenizer in DIRECTORY (tests, demos, smoke runs)."""
     sys.exit(_run_runtime("tiny-model", str(directory), "--arch", arch))

@@ -167,7 +167,8 @@ class SpecialTokens(_Strict):
 class LoftqConfig(_Strict):
     """Axolotl's peft.loftq_config."""
 
-    loftq_bits: int = _field(4, ge=2, le=8, description="Bits the base is quantised to for LoftQ's initialisation.")
+    loftq_bits: Literal[4, 8] = _field(4, description="Bits the base is quantised to for LoftQ's initialisation "
+                                       "(peft's LoftQ takes 4 or 8).")
 
 
 class PeftConfig(_Strict):
@@ -516,8 +517,18 @@ class Spec(_Strict):
     fsdp_config: FsdpConfig | None = _field(None, description="Turns on FSDP with these settings.",
                                             group="distribution")
     dp_shard_size: int | None = _field(
-        None, ge=1, description="Axolotl's FSDP shard group size; tunefile shards across every GPU, so it must "
-        "equal the GPU count.", group="distribution")
+        None, ge=1, description="FSDP's shard group: parameters are sharded across this many GPUs (default: every "
+        "GPU the other sizes leave). dp_replicate_size × dp_shard_size × tensor_parallel_size × "
+        "context_parallel_size is the GPU count.", group="distribution")
+    dp_replicate_size: int | None = _field(
+        None, ge=1, description="HSDP (FSDP2): this many replicas of the dp_shard_size shard group; the GPUs left "
+        "after dp_shard_size by default.", group="distribution")
+    tensor_parallel_size: int | None = _field(
+        None, ge=1, description="Tensor parallelism (full fine-tuning, FSDP2): each layer is split across this many "
+        "GPUs, as the model's own tensor-parallel plan says.", group="distribution")
+    context_parallel_size: int | None = _field(
+        None, ge=1, description="Context parallelism: every sequence is split across this many GPUs, which gather "
+        "each other's keys and values in attention (sdpa or flash_attention_2).", group="distribution")
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = _field(
         "auto",
         description="tunefile: distribution when neither deepspeed nor fsdp_config is set; auto picks DDP, "

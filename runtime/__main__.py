@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     tiny = commands.add_parser("tiny-model", help="build a tiny random model and tokenizer for tests and demos")
     tiny.add_argument("directory")
-    tiny.add_argument("--arch", choices=("llama", "mistral", "qwen2"), default="llama")
+    tiny.add_argument("--arch", choices=("llama", "mistral", "qwen2", "llama4"), default="llama")
 
     merge = commands.add_parser("merge-lora", help="merge the adapter into the base and save a full model")
     merge.add_argument("config")

@@ -64,7 +64,9 @@ def load_reply_streamer(plan: RunPlan, *, lora_dir: str | None, base_only: bool,
     output_dir = Path(plan.checkpointing.output_dir)
     adapter, base_source = None, None
     if not base_only:
-        if lora_dir is not None or plan.model.adapter is not None:
+        # ReLoRA's output is the merged model, as in Axolotl: no adapter to attach.
+        relora_output = plan.model.relora is not None and lora_dir is None
+        if lora_dir is not None or (plan.model.adapter is not None and not relora_output):
             adapter = locate_adapter(Path(lora_dir) if lora_dir is not None else output_dir)
         elif (output_dir / "config.json").is_file():
             base_source = str(output_dir)  # a full fine-tune saved the whole model there

@@ -49,6 +49,9 @@ def run_merge(config_path: str | Path, *, lora_dir: str | None = None, output: s
     if plan.model.adapter is None:
         raise ModelLoadError(f"the config has no `adapter:`: it trains the full model, so {output_dir} already "
                              "holds a full model; there is no adapter to merge")
+    if plan.model.relora is not None and lora_dir is None:
+        raise ModelLoadError(f"ReLoRA merges its adapter into the base at every restart and at the end, so "
+                             f"{output_dir} already holds the merged model; there is no adapter to merge")
     source = Path(lora_dir) if lora_dir is not None else output_dir
     target = Path(output) if output is not None else output_dir / MERGED_DIR
     check_output_dir(target, source)

@@ -6,6 +6,9 @@ chose for this machine; nothing here has a default of its own.
 Precision policy (the "why" behind the dtypes):
 - full fine-tuning keeps fp32 master weights; bf16/fp16 compute comes from autocast (accelerate's
   mixed precision), so the optimizer never updates half-precision weights;
+- half_precision_weights (Axolotl's bfloat16: true / float16: true) loads every weight, the trained ones too,
+  in the run's half precision: no fp32 master copy, half the weight and optimizer memory. As in Axolotl, peft
+  still upcasts a LoRA adapter's own weights to fp32 (its autocast_adapter_dtype, which Axolotl leaves on);
 - adapters (LoRA) load the frozen base in the compute dtype (half the memory) while peft keeps the
   small trainable adapter weights in fp32;
 - QLoRA stores the base in 4-bit nf4 with double quantisation and computes in bf16 (in fp16 when the run's
@@ -14,6 +17,7 @@ Precision policy (the "why" behind the dtypes):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -36,6 +40,7 @@ from .pretrained import (
 log = logging.getLogger(__name__)
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LOFTQ_BITS = (4, 8)  # what peft's LoftQ quantises to: nf4 or int8
 QUANTIZED_COMPUTE_DTYPE = torch.bfloat16  # bitsandbytes' 4-bit matmuls when the run's precision is fp32
 
 
@@ -81,6 +86,11 @@ def compute_dtype(model: ModelPlan) -> torch.dtype:
 
 
 def weights_dtype(model: ModelPlan) -> torch.dtype:
+    if model.half_precision_weights:
+        if model.precision not in HALF:
+            raise ModelLoadError("model: half_precision_weights keeps the weights in the run's half precision, and "
+                                 f"the precision is {model.precision}; recompile the config with `tunefile compile`")
+        return HALF[model.precision]
     if is_quantized(model):
         return compute_dtype(model)
     if uses_adapter(model) and model.precision in HALF:
@@ -135,9 +145,30 @@ def load_pretrained(model: ModelPlan, source: str, **kwargs: Any) -> torch.nn.Mo
         raise ModelLoadError(f"base_model {source}: cannot read its configuration: {exc}") from None
     if config is not None:
         kwargs["config"] = config
-    if model.from_scratch and source == model.base_model:
-        return from_scratch(model, source, revision=revision, **kwargs)
-    return from_pretrained(source, trust_remote_code=model.trust_remote_code, **revision, **kwargs)
+    scratch = model.from_scratch and source == model.base_model
+    with experts_construction(model, source, revision=revision, scratch=scratch):
+        if scratch:
+            module = from_scratch(model, source, revision=revision, **kwargs)
+        else:
+            module = from_pretrained(source, trust_remote_code=model.trust_remote_code, **revision, **kwargs)
+    if model.llama4_linearized_experts:
+        from .llama4_experts import finish_linearizing
+
+        finish_linearizing(module, source=source)
+    return module
+
+
+def experts_construction(model: ModelPlan, source: str, *, revision: dict[str, Any],
+                         scratch: bool) -> contextlib.AbstractContextManager[Any]:
+    """With llama4_linearized_experts and a checkpoint that already stores the experts linearized: build the
+    model with linear experts, so its tensors load straight into them (llama4_experts.py); otherwise nothing,
+    and a fused checkpoint is converted after loading."""
+    if not model.llama4_linearized_experts or scratch:
+        return contextlib.nullcontext()
+    from .llama4_experts import checkpoint_layout, checkpoint_tensor_names, linearized_construction
+
+    names = checkpoint_tensor_names(resolve_model_source(source, model.revision), revision=revision)
+    return linearized_construction() if checkpoint_layout(names) == "linearized" else contextlib.nullcontext()
 
 
 def from_scratch(model: ModelPlan, source: str, *, revision: dict[str, Any], **kwargs: Any) -> torch.nn.Module:
@@ -166,8 +197,21 @@ def load_base_model(model: ModelPlan, *, attn_implementation: str, device_index:
         kwargs["quantization_config"] = quant
         if is_quantized(model):  # bitsandbytes quantises while loading, straight onto this process's GPU
             kwargs["device_map"] = {"": 0 if device_index is None else device_index}
+    placement = None
+    if model.ple_cpu_offload:  # the parameters the model keeps off the GPU stay out of the map (ple_offload.py)
+        from .ple_offload import plan_host_placement
+
+        placement = plan_host_placement(model, source=resolve_model_source(model.base_model, model.revision),
+                                        quantized=is_quantized(model), device=device_index or 0)
+        kwargs["device_map"] = placement.device_map
     built = dict(vars(quant)) if quant is not None else {}
     module = load_pretrained(model, model.base_model, **kwargs)
+    host_memory = placement.keep(module) if placement is not None else {}
+    if model.llama4_linearized_experts and is_quantized(model):
+        # Experts converted from a fused checkpoint after loading are still 16-bit nn.Linear layers.
+        from .llama4_experts import quantize_linearized_experts
+
+        quantize_linearized_experts(module, quant)
     module.config.use_cache = False  # the KV cache is for generation; in training it only costs memory
     revision = revision_decision(model)
     if revision is not None and revision.startswith("ignored"):
@@ -177,7 +221,7 @@ def load_base_model(model: ModelPlan, *, attn_implementation: str, device_index:
         log.warning("model_quantization_config: %s", change)
     if decisions is not None:
         decisions.update({key: value for key, value in (("revision", revision), ("quantization", change))
-                          if value is not None})
+                          if value is not None} | host_memory)
     return module
 
 
@@ -221,22 +265,78 @@ def lora_parameter_options(lora: LoraPlan, config_fields: Any) -> dict[str, Any]
     return {"target_parameters": list(lora.target_parameters)}
 
 
+def check_loftq(lora: LoraPlan | None, *, quantized: bool) -> None:
+    """Refuse LoftQ where peft cannot run it, before any weight loads. peft (0.21) quantises each target weight
+    with bitsandbytes on a CUDA (or XPU) device to compute the initialisation, and has no CPU path, so no
+    fallback would keep LoftQ's meaning: the base then trains on its quantised-and-restored weights."""
+    if lora is None or lora.loftq_bits is None or lora.model_dir is not None:
+        return
+    if quantized:
+        raise ModelLoadError("peft.loftq_config: LoftQ initialises an adapter on the unquantised base, and the plan "
+                             "loads it in 4 or 8 bits (qlora / load_in_*bit); recompile the config with "
+                             "`tunefile compile`")
+    if lora.loftq_bits not in LOFTQ_BITS:
+        raise ModelLoadError(f"peft.loftq_config.loftq_bits: peft's LoftQ quantises to 4 (nf4) or 8 (int8) bits, "
+                             f"not {lora.loftq_bits}")
+    require_loftq_machine(lora.loftq_bits)
+
+
+def require_loftq_machine(bits: int) -> None:
+    """What peft's LoftQ needs of the machine. Loading a saved LoftQ adapter (merge, inference) runs LoftQ again:
+    peft rebuilds the quantised base the adapter was trained against, so those commands need the same."""
+    import importlib.util
+
+    from peft.import_utils import is_bnb_4bit_available, is_bnb_available, is_xpu_available
+
+    if not (is_bnb_available() and (bits == 8 or is_bnb_4bit_available())):
+        raise ModelLoadError("peft.loftq_config: LoftQ quantises with bitsandbytes, which is not installed: "
+                             "pip install 'tunefile[qlora]'")
+    if not (torch.cuda.is_available() or is_xpu_available()):
+        raise ModelLoadError("peft.loftq_config: peft's LoftQ runs on a CUDA GPU only (it quantises with "
+                             "bitsandbytes there); this machine has none")
+    if importlib.util.find_spec("scipy") is None:
+        raise ModelLoadError("peft.loftq_config: peft's LoftQ needs scipy: pip install scipy")
+
+
+def lora_init_options(lora: LoraPlan) -> dict[str, Any]:
+    """LoraConfig's initialisation: peft's default (A random, B zero), or LoftQ (Axolotl's peft.loftq_config):
+    each target weight W is replaced by its loftq_bits quantisation Q and the adapter starts from the
+    rank-r SVD of W - Q. peft does not scale that start by lora_alpha / r (peft issue #1982), nor does Axolotl:
+    base plus adapter then approximates W only when lora_alpha equals r."""
+    if lora.loftq_bits is None:
+        return {}
+    from peft import LoftQConfig
+
+    return {"init_lora_weights": "loftq", "loftq_config": LoftQConfig(loftq_bits=lora.loftq_bits)}
+
+
+def lora_config(lora: LoraPlan) -> Any:
+    """peft's LoraConfig for a fresh adapter as ``lora`` describes it."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_target_modules(lora),
+        fan_in_fan_out=lora.fan_in_fan_out, use_rslora=lora.use_rslora,
+        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+        bias="none", task_type="CAUSAL_LM", **lora_parameter_options(lora, LoraConfig.__dataclass_fields__),
+        **lora_init_options(lora),
+    )
+
+
 def add_adapter(module: torch.nn.Module, lora: LoraPlan) -> torch.nn.Module:
     """A fresh LoRA adapter on ``module`` as ``lora`` describes it, or the one in lora.model_dir to continue."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     if lora.model_dir is not None:
         if not Path(lora.model_dir).is_dir():
             raise ModelLoadError(f"lora_model_dir {lora.model_dir}: not a directory")
         log.info("continuing training of the adapter in %s", lora.model_dir)
         return PeftModel.from_pretrained(module, lora.model_dir, is_trainable=True)
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora_target_modules(lora),
-        fan_in_fan_out=lora.fan_in_fan_out, use_rslora=lora.use_rslora,
-        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
-        bias="none", task_type="CAUSAL_LM", **lora_parameter_options(lora, LoraConfig.__dataclass_fields__),
-    )
-    return get_peft_model(module, config)
+    check_loftq(lora, quantized=False)
+    if lora.loftq_bits is not None:
+        log.info("LoftQ: quantising each LoRA target to %d bits and starting the adapter from the residual",
+                 lora.loftq_bits)
+    return get_peft_model(module, lora_config(lora))
 
 
 def enable_gradient_checkpointing(module: torch.nn.Module, kwargs: dict[str, Any], *, frozen_inputs: bool) -> None:
@@ -289,6 +389,7 @@ def load_model(model: ModelPlan, *, attn_implementation: str, vocab_size: int,
     if quantized and model.lora is None:
         raise ModelLoadError("model: a quantised base (load_in_4bit / load_in_8bit) needs an adapter, and the plan "
                              "has none; recompile the config with `tunefile compile`")
+    check_loftq(model.lora, quantized=quantized)  # before loading: LoftQ needs what peft runs it with
     if quantized and model.qat is not None:
         raise ModelLoadError("model: qat fake-quantises full-precision weights and cannot train a quantised base "
                              "(load_in_4bit / load_in_8bit / qlora); recompile the config with `tunefile compile`")
@@ -302,20 +403,27 @@ def load_model(model: ModelPlan, *, attn_implementation: str, vocab_size: int,
     if model.qat is not None:  # after the resize (a new embedding), before the hooks and adapter on the layers
         from .qat import prepare_qat
 
-        prepare_qat(module, model.qat)
+        prepare_qat(module, model.qat, decisions=decisions)
     if model.unfrozen_parameters is not None:  # before checkpointing, which needs to know what is frozen
         freeze_all_but(module, model.unfrozen_parameters)
     if quantized:
         from peft import prepare_model_for_kbit_training
 
-        module = prepare_model_for_kbit_training(
-            module, use_gradient_checkpointing=model.gradient_checkpointing,
-            gradient_checkpointing_kwargs=dict(model.gradient_checkpointing_kwargs))
+        from .ple_offload import host_parameters_keep_their_dtype
+
+        with host_parameters_keep_their_dtype(module, model.ple_cpu_offload):  # no fp32 copy of a host table
+            module = prepare_model_for_kbit_training(
+                module, use_gradient_checkpointing=model.gradient_checkpointing,
+                gradient_checkpointing_kwargs=dict(model.gradient_checkpointing_kwargs))
     elif model.gradient_checkpointing:
         enable_gradient_checkpointing(module, model.gradient_checkpointing_kwargs,
                                       frozen_inputs=uses_adapter(model) or not input_embeddings_train(module))
     if model.lora is not None:
         module = add_adapter(module, model.lora)
+    if model.ple_cpu_offload:  # DDP leaves the parameters kept in host memory alone (ple_offload.py)
+        from .ple_offload import ignore_in_ddp
+
+        ignore_in_ddp(module)
     if experts is not None:
         experts.dequantize_on_access(module)
     trainable, total = parameter_counts(module)

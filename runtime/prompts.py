@@ -2,17 +2,18 @@
 inference exactly the token sequence it was trained to continue.
 
 The format is that of the run plan's first dataset (``data.datasets[0]``; a compiled plan always has one):
-- alpaca: Alpaca's prompt (formats.AlpacaFormat's own template) around the message as the instruction,
-  tokenised with the tokenizer's special tokens, as in training;
+- alpaca, alpaca:chat, alpaca:phi, jeopardy: the type's instruction prompt (instruction.AlpacaFormat with the
+  type's style) around the message as the instruction (jeopardy: the question), tokenised with the tokenizer's
+  special tokens, as in training;
 - chat_template: the conversation so far plus the user's message, rendered with the template training
   resolved (chat.dataset_chat_template) and the generation prompt, tokenised without added special tokens
   (the template places them), as in training;
 - completion and pretokenized: the message as raw text to continue.
 
 A message that is a JSON object is read as a row of the dataset instead, so a line copied from the training
-file asks the model exactly that question: alpaca ``{"instruction": …, "input": …}`` (its output is ignored),
-chat ``{"messages": [...]}`` (the reply is generated after its last non-assistant turn), completion
-``{"text": …}``.
+file asks the model exactly that question: alpaca ``{"instruction": …, "input": …}`` (its output is ignored;
+jeopardy ``{"question": …, "category": …}``), chat ``{"messages": [...]}`` (the reply is generated after its last
+non-assistant turn), completion ``{"text": …}``.
 """
 
 from __future__ import annotations
@@ -69,15 +70,14 @@ class PromptBuilder:
             messages = self._row_conversation(row) if row is not None else [
                 *history, {"role": "user", "content": message}]
             return self.format.render(messages, generation_prompt=True), False  # type: ignore[attr-defined]
-        if isinstance(self.format, AlpacaFormat):
-            row = {**(row if row is not None else {"instruction": message}), "output": ""}
-        else:
-            row = row if row is not None else {self.format_entry.field: message}
         try:
-            texts, _ = self.format.texts(row)
+            if isinstance(self.format, AlpacaFormat):  # the prompt alone: the row's output is not needed
+                style = self.format.style
+                return self.format.prompt(row if row is not None else {style.instruction_key: message}), True
+            texts, _ = self.format.texts(row if row is not None else {self.format_entry.field: message})
         except RowError as exc:
             raise PromptError(f"prompt {message.strip()[:60]!r}: not a {self.kind} row: {exc}") from None
-        return texts[0]  # the prompt part; alpaca's texts[1] is the (empty) response
+        return texts[0]
 
     def token_ids(self, message: str, history: Sequence[Message] = ()) -> list[int]:
         text, special = self.text(message, history)

@@ -15,6 +15,11 @@ weight-only. Only nvfp4 and mxfp4 get fake-quantise configs written here: the on
 their PTQ configs pick kernels that need a Blackwell GPU (mxfp4) or the MSLK package (nvfp4), and
 these are the same numerics on the emulated or plain-PyTorch path.
 
+Ternary weights (BitNet b1.58, Axolotl's ``weight_dtype: ternary``) are tunefile's own fake quantisation in
+runtime/qat_ternary.py, with Axolotl's rules rather than the ones above: every linear layer but the output head,
+group_size unused (one absmean scale per row), int8 per-row embedding tables, and the ternary values baked into
+the saved weights. torchao is needed there only for the embedding.
+
 Order in the model's loading (runtime/model.py): weights, vocabulary resize, ``prepare_qat``,
 gradient checkpointing, the LoRA adapter (which then wraps the fake-quantised linear layers: the frozen
 base weights are fake-quantised, the adapter's low-rank update is not), and then accelerate's
@@ -32,6 +37,13 @@ import torch
 
 from ..schemas.run_plan import QatPlan
 from .errors import RuntimeUserError
+from .qat_ternary import (
+    StraightThroughQuantizer,
+    TernaryFakeQuantizedLinear,
+    bake_ternary_weights,
+    has_tied_output_embedding,
+    prepare_ternary_linears,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +61,16 @@ SUPPORTED_PAIRS = {
     ("float8_e4m3fn", "float8_e4m3fn"): "Float8DynamicActivationFloat8WeightConfig",
     ("nvfp4", "nvfp4"): "NVFP4DynamicActivationNVFP4WeightConfig",
     ("mxfp4", "mxfp4"): "MXDynamicActivationMXWeightConfig (fp4)",
+    ("ternary", None): "ternary weights, absmean per row (runtime/qat_ternary.py)",
+    ("ternary", "int8"): "ternary weights, int8 activations per token (runtime/qat_ternary.py)",
 }
 # The group size a format fixes; a plan asking for another would train for a quantisation that never comes.
 FIXED_GROUP_SIZE = {("int4", "float8_e4m3fn"): 128, ("nvfp4", "nvfp4"): 16, ("mxfp4", "mxfp4"): 32}
 # Every other pair quantises weights in groups of input features, so group_size must divide each row.
-UNGROUPED = {("float8_e4m3fn", "float8_e4m3fn")}  # per-tensor scales: group_size does not apply
-EMBEDDING_WEIGHTS = ("int4", "int8")  # the weight-only PTQ configs torchao derives embedding QAT from
+# Per-tensor or per-row scales: group_size does not apply.
+UNGROUPED = {("float8_e4m3fn", "float8_e4m3fn"), ("ternary", None), ("ternary", "int8")}
+# int4 / int8: the weight-only PTQ configs torchao derives embedding QAT from; ternary: int8 per row (Axolotl's).
+EMBEDDING_WEIGHTS = ("int4", "int8", "ternary")
 NVFP4_MIN_CAPABILITY = (10, 0)  # torchao's NVFP4 layers run the real FP4 matmul: Blackwell or newer
 
 
@@ -83,8 +99,8 @@ def check_qat_plan(qat: QatPlan) -> None:
         raise QatError(f"qat.group_size {qat.group_size}: {_pair_name(qat)} are quantised in groups of {fixed} "
                        f"(torchao's {SUPPORTED_PAIRS[pair]}); set qat.group_size: {fixed}")
     if qat.quantize_embedding and qat.weight_dtype not in EMBEDDING_WEIGHTS:
-        raise QatError(f"qat.quantize_embedding: torchao fake-quantises an embedding only with "
-                       f"{' or '.join(EMBEDDING_WEIGHTS)} weights, not {qat.weight_dtype}; set it to false")
+        raise QatError(f"qat.quantize_embedding: an embedding is fake-quantised only with int4 or int8 weights, "
+                       f"or ternary (an int8 table), not {qat.weight_dtype}; set it to false")
     if qat.fake_quant_after_n_steps and qat.weight_dtype in ("nvfp4", "mxfp4"):
         raise QatError(f"qat.fake_quant_after_n_steps: torchao's {qat.weight_dtype} layers have no switch to "
                        "train unquantised first; remove fake_quant_after_n_steps")
@@ -93,7 +109,7 @@ def check_qat_plan(qat: QatPlan) -> None:
 def check_qat_device(qat: QatPlan, device: torch.device) -> None:
     """QatError where this machine cannot run the plan's fake quantisation (the fp4 formats need CUDA)."""
     if qat.weight_dtype not in ("nvfp4", "mxfp4"):
-        return  # the integer and float8 fake quantisation is plain PyTorch: any device
+        return  # the integer, float8 and ternary fake quantisation is plain PyTorch: any device
     if device.type != "cuda":
         raise QatError(f"qat: {qat.weight_dtype} fake quantisation needs a CUDA GPU (torchao's fp4 kernels); "
                        f"this run is on {device.type}")
@@ -106,10 +122,17 @@ def check_qat_device(qat: QatPlan, device: torch.device) -> None:
 
 def check_qat(qat: QatPlan, device: torch.device) -> None:
     """Everything that can refuse the plan's qat on this machine, before any weight is loaded: torchao
-    missing, a combination it cannot fake-quantise, a device its kernels do not run on."""
-    _torchao_qat()
+    missing (where the plan needs it), a combination it cannot fake-quantise, a device its kernels do not run on."""
+    if needs_torchao(qat):
+        _torchao_qat()
     check_qat_plan(qat)
     check_qat_device(qat, device)
+
+
+def needs_torchao(qat: QatPlan) -> bool:
+    """Whether the plan's fake quantisation uses torchao: all but ternary weights, whose linear layers are
+    runtime/qat_ternary.py's (the int8 embedding of quantize_embedding is still torchao's)."""
+    return qat.weight_dtype != "ternary" or qat.quantize_embedding
 
 
 def _torchao_qat() -> Any:
@@ -202,10 +225,18 @@ def _fp4_linear_classes() -> tuple[type, ...]:
     return MXFakeQuantizedLinear, NVFP4FakeQuantizedLinear
 
 
-@functools.cache
-def _fake_quantized_classes() -> tuple[type, ...]:
+@functools.cache  # caches the classes only: a missing torchao raises, and is asked again next time
+def _torchao_fake_quantized_classes() -> tuple[type, ...]:
     qat = _torchao_qat()
     return qat.FakeQuantizedLinear, qat.FakeQuantizedEmbedding, *_fp4_linear_classes()
+
+
+def _fake_quantized_classes() -> tuple[type, ...]:
+    try:
+        torchao_classes = _torchao_fake_quantized_classes()
+    except QatError:  # no torchao: a ternary run without quantize_embedding has none of its layers
+        torchao_classes = ()
+    return TernaryFakeQuantizedLinear, *torchao_classes
 
 
 def _is_fake_quantized(module: torch.nn.Module) -> bool:
@@ -214,7 +245,8 @@ def _is_fake_quantized(module: torch.nn.Module) -> bool:
 
 def fake_quantized_modules(model: torch.nn.Module) -> list[str]:
     """Names of the model's fake-quantised layers (empty once stripped)."""
-    return [name for name, module in model.named_modules() if _is_fake_quantized(module)]
+    classes = _fake_quantized_classes()
+    return [name for name, module in model.named_modules() if isinstance(module, classes)]
 
 
 def _check_group_widths(model: torch.nn.Module, qat: QatPlan, include: Callable[[torch.nn.Module, str], bool],
@@ -226,12 +258,17 @@ def _check_group_widths(model: torch.nn.Module, qat: QatPlan, include: Callable[
                            f"{name}'s weight; choose a group size that divides every quantised layer's width")
 
 
-def prepare_qat(model: torch.nn.Module, qat: QatPlan) -> None:
-    """Swap the model's linear layers (and, with quantize_embedding, its embeddings) for torchao's
-    fake-quantised ones, in place. The swapped layers hold the same parameter objects, so tied weights
-    stay tied and the state dict keeps its keys: a checkpoint of a prepared model loads into a freshly
-    prepared one, and fake quantisation itself holds no state (its scales are recomputed every forward)."""
+def prepare_qat(model: torch.nn.Module, qat: QatPlan, decisions: dict[str, Any] | None = None) -> None:
+    """Swap the model's linear layers (and, with quantize_embedding, its embeddings) for fake-quantised ones,
+    in place: torchao's, or for ternary weights runtime/qat_ternary.py's. The swapped layers hold the same
+    parameter objects, so tied weights stay tied and the state dict keeps its keys: a checkpoint of a prepared
+    model loads into a freshly prepared one, and fake quantisation itself holds no state (its scales are
+    recomputed every forward). ``decisions`` receives what could not be honoured on this model (a tied
+    embedding ternary QAT leaves unquantised)."""
     check_qat_plan(qat)
+    if qat.weight_dtype == "ternary":
+        _prepare_ternary_qat(model, qat, decisions)
+        return
     _torchao_qat()  # missing or too old: one line, before the imports below fail with a traceback
     from torchao.quantization import quantize_
 
@@ -251,6 +288,39 @@ def prepare_qat(model: torch.nn.Module, qat: QatPlan) -> None:
              qat.fake_quant_after_n_steps or 0)
 
 
+def ternary_embedding_qat_config() -> Any:
+    """torchao's ``QATConfig`` for the embedding under ternary QAT (Axolotl's): int8, symmetric, one scale per
+    row of the table, weight-only."""
+    from torchao.quantization.qat.fake_quantize_config import IntxFakeQuantizeConfig
+
+    QATConfig = _torchao_qat().QATConfig
+    return QATConfig(weight_config=IntxFakeQuantizeConfig(dtype=torch.int8, granularity="per_channel"))
+
+
+TIED_EMBEDDING_SKIPPED = ("qat.quantize_embedding not applied: the output head shares the input embedding's "
+                          "weight, and ternary QAT keeps the output head in full precision (untie them to "
+                          "quantise the table)")
+
+
+def _prepare_ternary_qat(model: torch.nn.Module, qat: QatPlan, decisions: dict[str, Any] | None) -> None:
+    names = prepare_ternary_linears(model, quantize_activations=qat.activation_dtype is not None)
+    embeddings = 0
+    if qat.quantize_embedding:
+        if has_tied_output_embedding(model):  # as Axolotl: the table would carry int8 into the head
+            log.warning("%s", TIED_EMBEDDING_SKIPPED)
+            if decisions is not None:
+                decisions["qat_embedding"] = TIED_EMBEDDING_SKIPPED
+        else:
+            _torchao_qat()  # missing or too old: one line, before the import below fails with a traceback
+            from torchao.quantization import quantize_
+
+            quantize_(model, ternary_embedding_qat_config(), filter_fn=_is_embedding)
+            embeddings = len(fake_quantized_modules(model)) - len(names)
+    log.info("quantisation-aware training: %d linear layers ternary (%s activations), %d embeddings int8, "
+             "after %s steps", len(names), qat.activation_dtype or "unquantised", embeddings,
+             qat.fake_quant_after_n_steps or 0)
+
+
 def _input_in_autocast_dtype(_module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     # torchao's fp4 layers keep their input's dtype and assert it, but their matmul obeys autocast: with fp32
     # master weights under bf16 autocast an fp32 input came back as bf16 and failed the assertion. Cast the
@@ -267,10 +337,14 @@ def set_fake_quantization(model: torch.nn.Module, enabled: bool) -> None:
     """Switch every fake quantiser on or off (off: the layers compute with the full-precision weights and
     activations). Each of torchao's quantisers carries an ``enabled`` flag, the one its
     ``enable_linear_fake_quant`` sets on a linear layer's two; the embedding's has no helper, so the flags
-    are set directly. The nvfp4/mxfp4 layers have none; check_qat_plan refuses a delayed start for them."""
-    FakeQuantizerBase = _torchao_qat().FakeQuantizerBase
+    are set directly. The nvfp4/mxfp4 layers have none; check_qat_plan refuses a delayed start for them.
+    The ternary layers' quantisers (runtime/qat_ternary.py) carry the same flag."""
+    try:
+        quantizers: tuple[type, ...] = (StraightThroughQuantizer, _torchao_qat().FakeQuantizerBase)
+    except QatError:  # no torchao: only ternary layers can be here
+        quantizers = (StraightThroughQuantizer,)
     for module in model.modules():
-        if isinstance(module, FakeQuantizerBase):
+        if isinstance(module, quantizers):
             module.enabled = enabled
 
 
@@ -299,14 +373,19 @@ class FakeQuantSchedule:
 
 
 def strip_fake_quantization(model: torch.nn.Module) -> None:
-    """Swap the fake-quantised layers back for plain ``nn.Linear`` / ``nn.Embedding`` holding the same
-    trained weights (torchao's convert step without a PTQ config), so the model saves, and loads with plain
-    transformers, as the architecture it came from. Like Axolotl, the real quantisation is left to a later
-    quantise step, which applies the PTQ config of the same qat settings."""
-    qat = _torchao_qat()
-    from torchao.quantization import quantize_
+    """Swap the fake-quantised layers back for plain ``nn.Linear`` / ``nn.Embedding``, so the model saves, and
+    loads with plain transformers, as the architecture it came from. As Axolotl: ternary layers hold their
+    ternary-rounded weights from then on (baked); torchao's hold the same trained weights (its convert step
+    without a PTQ config), the real quantisation left to a later quantise step with the same qat settings."""
+    baked = bake_ternary_weights(model)
+    if baked:
+        log.info("ternary QAT: the ternary weights of %d linear layers baked into the model", baked)
+    if any(isinstance(module, _fake_quantized_classes()) for module in model.modules()):
+        qat = _torchao_qat()
+        from torchao.quantization import quantize_
 
-    quantize_(model, qat.QATConfig(step="convert"), filter_fn=lambda module, _name: _is_fake_quantized(module))
+        quantize_(model, qat.QATConfig(step="convert"),
+                  filter_fn=lambda module, _name: _is_fake_quantized(module))
     left = fake_quantized_modules(model)
     if left:  # the root module itself: quantize_ swaps children only
         raise QatError(f"qat: could not strip the fake quantisation of {left[0] or 'the model'}")

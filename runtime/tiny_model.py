@@ -24,7 +24,7 @@ CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 
-ARCHITECTURES = ("llama", "mistral", "qwen2")
+ARCHITECTURES = ("llama", "mistral", "qwen2", "llama4")
 
 # Generic English plus every word of examples/data (arithmetic, colours, the pangram corpus), the Alpaca prompt
 # and chat roles. Repetition gives the BPE trainer counts to merge on; the order is fixed, so training is too.
@@ -100,7 +100,7 @@ def build_tokenizer():
 
 
 def model_config(arch: str, *, vocab_size: int, bos_token_id: int, eos_token_id: int, pad_token_id: int):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import Llama4TextConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     shape = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
@@ -112,6 +112,13 @@ def model_config(arch: str, *, vocab_size: int, bos_token_id: int, eos_token_id:
         return MistralConfig(**shape, sliding_window=None)
     if arch == "qwen2":
         return Qwen2Config(**shape, use_sliding_window=False)
+    if arch == "llama4":
+        # Llama 4's text MoE (Llama4ForCausalLM): every layer routes each token to one of 4 experts (as Scout
+        # does) beside a shared expert; the experts are small so that the model stays about as big as the others.
+        # No chunked attention: that is for contexts far beyond a test's.
+        return Llama4TextConfig(**{**shape, "intermediate_size": 32}, intermediate_size_mlp=128, head_dim=16,
+                                num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
+                                attention_chunk_size=None)
     raise ValueError(f"unknown tiny-model architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 

@@ -1,4 +1,5 @@
-"""Experiment trackers (Weights & Biases, MLflow, TensorBoard), fed the same records as metrics.jsonl.
+"""Experiment trackers (Weights & Biases, MLflow, TensorBoard, SwanLab) and a Prometheus endpoint (OpenTelemetry
+metrics), fed the same records as metrics.jsonl.
 
 The plan's ``trackers`` section says which ones the run wants; only the main process opens them. Each is a
 small class behind one interface: ``load`` (import its package), ``start`` (the run's configuration as one
@@ -8,12 +9,15 @@ flat dict), ``log_config`` (values learnt later: what this machine decided), ``l
 When things are not as planned:
 - the package is not installed: the run goes on without that tracker; one warning line and the runtime
   decisions (metrics.jsonl, train_summary.json) name the extra that installs it;
-- offline (wandb mode offline, an MLflow ``file:`` URI): nothing is sent anywhere. wandb keeps its run under
-  output_dir/wandb (``wandb sync`` uploads it later), MLflow writes its file store, and the libraries'
-  crash reports and telemetry are switched off, since they would reach for the network;
-- the tracker cannot start (online: no API key, the server unreachable): the run stops before its first
-  step with one line. The user asked for that record; hours of training without it are worse than an error
-  now, and Axolotl (through transformers' callbacks) fails at the same point;
+- offline (wandb mode offline, an MLflow ``file:`` URI, SwanLab mode offline or local): nothing is sent anywhere.
+  wandb keeps its run under output_dir/wandb (``wandb sync`` uploads it later), SwanLab under output_dir/swanlog
+  (``swanlab sync``), MLflow writes its file store, and the libraries' crash reports and telemetry are switched
+  off, since they would reach for the network. The OpenTelemetry endpoint only answers on this machine's
+  host:port; it sends nothing;
+- the tracker cannot start (online: no API key, the server unreachable; the metrics port taken): the run
+  stops before its first step with one line. The user asked for that record; hours of training without it are
+  worse than an error now, and Axolotl (through transformers' callbacks) fails at the same point (its
+  OpenTelemetry callback only logs a taken port, and the run then has no endpoint);
 - a tracker that fails after it started is dropped with one warning line and the failure is recorded in the
   runtime decisions; training and metrics.jsonl go on (wandb itself retries a lost connection in its own
   process without holding up the loop).
@@ -29,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..schemas.run_plan import MlflowPlan, TrackersPlan, WandbPlan
+from ..schemas.run_plan import MlflowPlan, OtelPlan, SwanlabPlan, TrackersPlan, WandbPlan
 from .errors import RuntimeUserError
 
 log = logging.getLogger(__name__)
@@ -223,6 +227,114 @@ class TensorBoardTracker:
         self.writer.close()
 
 
+class SwanlabTracker:
+    """Axolotl's SwanLab plugin (use_swanlab / swanlab_*): the run's configuration and every metric, in SwanLab's
+    cloud or, with mode offline or local, only in output_dir/swanlog."""
+
+    name, extra = "swanlab", "swanlab"
+    advice = "log in (`swanlab login` or SWANLAB_API_KEY) and check the network, or set swanlab_mode: offline"
+
+    def __init__(self, plan: SwanlabPlan, *, output_dir: Path) -> None:
+        self.plan = plan
+        self.log_dir = output_dir / "swanlog"
+        self.run: Any = None
+
+    def load(self) -> None:
+        import swanlab
+
+        self.swanlab = swanlab
+
+    def start(self, run_config: dict[str, Any]) -> None:
+        plan = self.plan
+        # SwanLab takes Axolotl's mode names (cloud is its online); offline and local write only under log_dir.
+        self.run = self.swanlab.init(project=plan.project, name=plan.experiment_name, description=plan.description,
+                                     workspace=plan.workspace, mode=plan.mode, log_dir=str(self.log_dir),
+                                     config=run_config)
+
+    def log_config(self, values: dict[str, Any]) -> None:
+        self.run.config.update(flatten(values))
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        self.run.log(scalars(record), step=step)
+
+    def finish(self, model_dir: Path | None, *, failed: bool) -> None:
+        # Explicitly: SwanLab would finish in an atexit hook, which a training process leaving with os._exit skips.
+        self.run.finish(state="crashed" if failed else "success")
+
+
+class OtelTracker:
+    """Axolotl's use_otel_metrics: the latest training values as OpenTelemetry instruments, read through
+    OpenTelemetry's Prometheus exporter and served at http://host:port/metrics for a Prometheus server to scrape.
+    The names are Axolotl's, so dashboards built for it work: gauges for the loss, learning rate, epoch, gradient
+    norm and each evaluation value, and a counter of the optimizer steps this process completed. Nothing is pushed
+    anywhere; the server stops when the run finishes."""
+
+    name, extra = "otel", "otel"
+    advice = "choose a free otel_metrics_port (another process on this machine holds this one) on a host this " \
+             "machine has"
+    GAUGES = {"loss": ("axolotl_train_loss", "Current training loss"),
+              "lr": ("axolotl_learning_rate", "Current learning rate"),
+              "epoch": ("axolotl_epoch", "Current training epoch"),
+              "grad_norm": ("axolotl_gradient_norm", "Gradient norm")}
+    STEPS = ("axolotl_global_steps", "Total training steps completed")
+
+    def __init__(self, plan: OtelPlan, *, start_step: int) -> None:
+        self.plan = plan
+        self.counted_step = start_step  # the counter counts this process's steps, from where it resumed
+        self.gauges: dict[str, Any] = {}
+
+    def load(self) -> None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.resources import Resource
+        from prometheus_client import CollectorRegistry, start_http_server
+
+        self.reader_class, self.provider_class, self.resource_class = PrometheusMetricReader, MeterProvider, Resource
+        self.registry_class, self.start_http_server = CollectorRegistry, start_http_server
+
+    def start(self, run_config: dict[str, Any]) -> None:
+        # A registry of our own rather than prometheus_client's global one, and a provider that is not
+        # OpenTelemetry's global: nothing else in the process sees or changes these metrics.
+        registry = self.registry_class()
+        self.provider = self.provider_class(metric_readers=[self.reader_class(registry=registry)],
+                                           resource=self.resource_class.create({"service.name": "tunefile"}),
+                                           shutdown_on_exit=False)
+        self.meter = self.provider.get_meter("tunefile.training")
+        self.steps = self.meter.create_counter(self.STEPS[0], description=self.STEPS[1], unit="1")
+        try:
+            self.server, self.thread = self.start_http_server(self.plan.port, addr=self.plan.host, registry=registry)
+        except Exception:
+            self.provider.shutdown()
+            raise
+        log.info("OpenTelemetry metrics at http://%s:%d/metrics", self.plan.host, self.plan.port)
+
+    def log_config(self, values: dict[str, Any]) -> None:
+        """Prometheus holds numbers over time, not a configuration: the bundle's config.yaml is the record."""
+
+    def log(self, step: int, record: dict[str, Any]) -> None:
+        if step > self.counted_step:
+            self.steps.add(step - self.counted_step)
+            self.counted_step = step
+        for key, value in record.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if key in self.GAUGES:
+                self.gauge(*self.GAUGES[key]).set(float(value))
+            elif key.startswith("eval_"):  # eval_loss → axolotl_eval_loss, as Axolotl names every evaluation value
+                self.gauge(f"axolotl_{key}", f"Evaluation metric: {key}").set(float(value))
+
+    def gauge(self, name: str, description: str) -> Any:
+        if name not in self.gauges:
+            self.gauges[name] = self.meter.create_gauge(name, description=description, unit="1")
+        return self.gauges[name]
+
+    def finish(self, model_dir: Path | None, *, failed: bool) -> None:
+        self.server.shutdown()  # stops serve_forever; server_close frees the port
+        self.server.server_close()
+        self.thread.join(timeout=10)
+        self.provider.shutdown()
+
+
 def markdown_table(flat: dict[str, Any]) -> str:
     """TensorBoard's text tab renders Markdown: a two-column table reads better than a JSON blob."""
     rows = "".join(f"| {key} | {as_text(value).replace('|', '&#124;')} |\n" for key, value in flat.items())
@@ -274,6 +386,10 @@ def planned_trackers(plan: TrackersPlan, *, output_dir: Path, start_step: int, o
         trackers.append(WandbTracker(plan.wandb, output_dir=output_dir))
     if plan.mlflow is not None:
         trackers.append(MlflowTracker(plan.mlflow, offline=offline))
+    if plan.swanlab is not None and plan.swanlab.mode != "disabled":
+        trackers.append(SwanlabTracker(plan.swanlab, output_dir=output_dir))
+    if plan.otel is not None:
+        trackers.append(OtelTracker(plan.otel, start_step=start_step))
     return trackers
 
 
@@ -283,6 +399,8 @@ def open_trackers(plan: TrackersPlan, *, output_dir: Path, start_step: int, offl
     one that is installed but cannot start stops the run (TrackerStartError), after the others are closed."""
     started: list[Tracker] = []
     decisions: dict[str, str] = {}
+    if plan.swanlab is not None and plan.swanlab.mode == "disabled":
+        decisions["swanlab"] = "off: swanlab_mode is disabled"
     config = flatten(run_config)
     for tracker in planned_trackers(plan, output_dir=output_dir, start_step=start_step, offline=offline):
         try:
@@ -309,5 +427,6 @@ def open_trackers(plan: TrackersPlan, *, output_dir: Path, start_step: int, offl
 def unopened_trackers(plan: TrackersPlan, reason: str) -> TrackerSet:
     """No tracker started (a finished run launched again has nothing to record); the decisions say why."""
     names = [name for name, wanted in (("tensorboard", plan.tensorboard), ("wandb", plan.wandb is not None),
-                                       ("mlflow", plan.mlflow is not None)) if wanted]
+                                       ("mlflow", plan.mlflow is not None), ("swanlab", plan.swanlab is not None),
+                                       ("otel", plan.otel is not None)) if wanted]
     return TrackerSet([], {name: f"off: {reason}" for name in names})

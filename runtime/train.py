@@ -33,16 +33,21 @@ from ..schemas.run_plan import DistributionPlan, RunPlan, plan_to_dict
 from . import attention, checkpoint
 from .early_stopping import EarlyStopping
 from .evaluate import decide_eval_packing, evaluate
+from .fp8 import Fp8Choice, decide_fp8
 from .freeze import check_row_ranges_supported
 from .kernels import apply_kernels
+from .lisa import LayerSampler
 from .losses import label_token_count, token_loss_sum
 from .metrics import MetricsSink, NullSink, metrics_sink
 from .model import load_model, uses_adapter
 from .offload import decide_activation_offloading
-from .optim import build_optimizer, build_scheduler, decide_optimizer, total_optimizer_steps
+from .optim import MuonWithAdamW, build_optimizer, build_scheduler, decide_optimizer, total_optimizer_steps
+from .parallelism import Parallelism, accelerate_config, adapt_accelerator
 from .qat import FakeQuantSchedule, check_qat, strip_fake_quantization
+from .relora import ReloraRestarts, build_jagged_scheduler
 from .router_loss import RouterAuxLoss
 from .schedule import Cadence, MicroBatch, optimizer_steps, steps_in
+from .tiled_mlp import apply_tiled_mlp
 from .watchdog import Alarm, Watchdog
 
 log = logging.getLogger("tunefile.runtime")
@@ -51,23 +56,40 @@ MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 SUMMARY_FILE = "train_summary.json"
 
 
-def build_accelerator(*, precision: str, accumulation: int, distribution: DistributionPlan) -> Any:
+def mixed_precision(precision: str, *, half_precision_weights: bool) -> str:
+    """accelerate's mixed_precision. float16 weights (half_precision_weights with fp16, Axolotl's float16: true)
+    train without it, as Axolotl's trainer does: fp16 mode puts a gradient scaler in, which refuses to unscale
+    float16 gradients. bfloat16 weights keep bf16 autocast, as Axolotl's bf16 flag does (no scaler there)."""
+    if half_precision_weights and precision == "fp16":
+        return "no"
+    return MIXED_PRECISION[precision]
+
+
+def build_accelerator(*, precision: str, half_precision_weights: bool, accumulation: int,
+                      distribution: DistributionPlan, fp8: Fp8Choice | None = None) -> Any:
     """Distributed type, process count and FSDP/DeepSpeed settings come from `accelerate launch` (the
     bundle's accelerate.yaml); precision and accumulation from the plan."""
     from accelerate import Accelerator
 
-    settings: dict[str, Any] = {"mixed_precision": MIXED_PRECISION[precision],
-                                "gradient_accumulation_steps": accumulation}
+    settings: dict[str, Any] = {
+        "mixed_precision": mixed_precision(precision, half_precision_weights=half_precision_weights),
+        "gradient_accumulation_steps": accumulation}
     if distribution.deepspeed is not None:
         # deepspeed.json holds both (the compiler wrote the same numbers there); accelerate takes them from it.
         settings = {}
-    return Accelerator(
+    if fp8 is not None:  # torchao's float8 layers, converted by accelerate in prepare (fp8.py)
+        settings |= fp8.accelerator_settings(deepspeed=distribution.deepspeed is not None)
+    accelerator = Accelerator(
         # accelerate only forms a gloo group from torchrun's environment when told it is on CPU.
         cpu=distribution.device == "cpu",
         # Our schedule counts optimizer steps; accelerate's default would step it once per process.
         step_scheduler_with_optimizer=False,
+        # N-D parallelism (HSDP, tensor and context parallelism): the device mesh (parallelism.py).
+        parallelism_config=accelerate_config(distribution),
         **settings,
     )
+    adapt_accelerator(accelerator)
+    return accelerator
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -113,12 +135,18 @@ class Trainer:
 
         plan = self.plan
         self.accumulation = plan.schedule.gradient_accumulation_steps
+        # FP8 where this machine can run it, decided before accelerate starts (its mixed precision says so).
+        self.fp8 = decide_fp8(plan.model.fp8, distribution=plan.distribution)
         self.accelerator = build_accelerator(precision=plan.model.precision, accumulation=self.accumulation,
-                                             distribution=plan.distribution)
+                                             half_precision_weights=plan.model.half_precision_weights,
+                                             distribution=plan.distribution, fp8=self.fp8)
         acc = self.accelerator
         self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
         self.main = acc.is_main_process
         self.deepspeed = acc.distributed_type.value == "DEEPSPEED"
+        # Which share of the data this rank trains on, and how many ranks hold the same batch (parallelism.py).
+        self.parallel = Parallelism(plan.distribution, acc)
+        self.data_rank, self.data_world = self.parallel.layout.data_rank, self.parallel.layout.data_world
         if not self.main:
             logging.getLogger().setLevel(logging.WARNING)
         set_seed(plan.seed)
@@ -139,7 +167,7 @@ class Trainer:
 
             # Read, tokenised and packed as training goes (data/streaming.py): no cache, no evaluation split.
             self.data = open_streamed_data(plan.data, self.tokenizer, seed=plan.seed, offline=plan.offline,
-                                           rank=self.rank, world_size=self.world, packed=self.packing)
+                                           rank=self.data_rank, world_size=self.data_world, packed=self.packing)
             self.train_lengths, self.eval_lengths, self.first_plan = self.data.train.lengths, [], []
             # No epochs (the plan sets max_steps): a *_per_epoch cadence counts the whole run as one.
             self.steps_per_epoch = plan.schedule.max_steps
@@ -161,7 +189,7 @@ class Trainer:
         # Every evaluation example once, on some rank, whatever the packing: fixed for the run.
         self.eval_plan = plan_eval_batches(self.eval_lengths, micro_batch_size=plan.data.micro_batch_size,
                                            sequence_len=plan.data.sequence_len, packed=self.eval_packed,
-                                           world_size=self.world, rank=self.rank)
+                                           world_size=self.data_world, rank=self.data_rank)
         self.total_steps = total_optimizer_steps(plan.schedule, steps_per_epoch=self.steps_per_epoch)
         if self.packing and not plan.data.streaming:  # streamed rows are full by construction
             from .data.batching import packing_efficiency
@@ -175,6 +203,8 @@ class Trainer:
                                                     device_type=self.device.type)
         if self.attention.fallback:
             log.warning("attention: %s", self.attention.fallback)
+        # Context parallelism: every layer's attention gathers the row's keys and values (context_parallel.py).
+        self.attention = self.parallel.attention(self.attention)
         if plan.model.qat is not None:  # refused before any weight loads: no torchao, or no kernel for it here
             check_qat(plan.model.qat, self.device)
         self.loading_decisions: dict[str, Any] = {}  # the revision, a quantisation transformers changed
@@ -183,11 +213,15 @@ class Trainer:
                            decisions=self.loading_decisions)
         self.router_aux = RouterAuxLoss(model)  # a MoE router's aux loss joins the loss (router_loss.py)
         # Liger / cut-cross-entropy where this machine has them (each fallback logged and recorded).
-        self.kernels = apply_kernels(model, plan.kernels, device_type=self.device.type, precision=plan.model.precision,
-                                     distribution=plan.distribution)
+        self.kernels = apply_kernels(model, self.parallel.kernels(plan.kernels), device_type=self.device.type,
+                                     precision=plan.model.precision, distribution=plan.distribution)
+        # ALST's tiled MLP around each decoder MLP's forward as it now is (adapters and kernels in place).
+        self.tiled_mlp = apply_tiled_mlp(model, plan.model.tiled_mlp, distribution=plan.distribution)
         self.sliding_window = getattr(model.config, "sliding_window", None)
         if not getattr(model.config, "use_sliding_window", True):
             self.sliding_window = None  # qwen2 carries a window size it does not use
+        # Tensor parallelism splits the layers; context parallelism checks the model and learns its window.
+        self.parallel.prepare_model(model, pad_token_id=self.pad_token_id, sliding_window=self.sliding_window)
         self.mask_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
 
         # The optimizer and activation offloading this machine can run (a fallback is logged and recorded).
@@ -198,11 +232,24 @@ class Trainer:
                 log.warning("%s", fallback)
         check_row_ranges_supported(plan.model.unfrozen_parameters, fsdp=acc.distributed_type.value == "FSDP")
         optimizer = build_optimizer(model, plan.optimizer, device_type=self.device.type)
-        scheduler = build_scheduler(optimizer, plan.schedule, total_steps=self.total_steps)
+        # Muon leaves some parameters to AdamW; why, when it is more than Axolotl's split, goes on record.
+        self.optimizer_split = optimizer.record() if isinstance(optimizer, MuonWithAdamW) else {}
+        if plan.model.relora is None:
+            scheduler = build_scheduler(optimizer, plan.schedule, total_steps=self.total_steps)
+        else:  # the plan's schedule with a warm-up after every restart (relora.py)
+            scheduler = build_jagged_scheduler(optimizer, plan.schedule, plan.model.relora,
+                                               total_steps=self.total_steps)
         self.adapter_only = uses_adapter(plan.model)
         if self.adapter_only:
             checkpoint.keep_only_the_adapter(acc)
+        # LISA (lisa.py) switches the layers that train; ReLoRA (relora.py) merges and restarts the adapter.
+        self.lisa = LayerSampler(plan.model, seed=plan.seed)
+        self.restarts = ReloraRestarts(plan.model, seed=plan.seed)
+        self.lisa.before_wrapping(acc, model)
+        self.restarts.before_wrapping(acc)
+        self.fp8.use_filter_for(model)  # which linear layers prepare converts to float8
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        self.restarts.attach(acc.unwrap_model(self.model), optimizer, acc)  # before resuming: it is checkpointed
 
         # Resume: weights, optimizer, schedule, every rank's RNG, and where in the data plan we were.
         self.state = checkpoint.TrainState()
@@ -225,6 +272,7 @@ class Trainer:
         # QAT's delayed start: fake quantisation off for the plan's first steps, judged from the resumed step.
         self.fake_quant = FakeQuantSchedule(plan.model.qat)
         self.fake_quant.at_step(self.model, self.state.step)
+        self.lisa.at_step(acc.unwrap_model(self.model), self.state.step)  # the layers of the resumed step's window
 
         self.cadence = Cadence.from_plan(plan.schedule, plan.checkpointing, steps_per_epoch=self.steps_per_epoch,
                                          total_steps=self.total_steps, has_eval=bool(self.eval_lengths))
@@ -240,10 +288,14 @@ class Trainer:
 
     def runtime_decisions(self) -> dict[str, Any]:
         """What this machine decided that the plan could not, for metrics.jsonl and train_summary.json."""
-        return {"device": self.device.type, "distributed_type": self.accelerator.distributed_type.value,
-                "packing_attention": self.attention.packing, "attn_implementation": self.attention.attn_implementation,
-                "attention_fallback": self.attention.fallback} | self.kernels.record() | self.sink.tracker_decisions() \
-            | self.optimizer_choice.record() | self.offloading.record() | self.loading_decisions | self.data_decisions
+        machine = {"device": self.device.type, "distributed_type": self.accelerator.distributed_type.value,
+                   "packing_attention": self.attention.packing,
+                   "attn_implementation": self.attention.attn_implementation,
+                   "attention_fallback": self.attention.fallback}
+        return (machine | self.kernels.record() | self.sink.tracker_decisions() | self.optimizer_choice.record()
+                | self.optimizer_split | self.offloading.record() | self.loading_decisions | self.data_decisions
+                | self.lisa.decisions() | self.restarts.decisions(self.optimizer_choice.name) | self.parallel.record()
+                | self.tiled_mlp.record() | self.fp8.record(self.model))
 
     def micro_batches(self, lengths: list[int], *, epoch: int) -> list[MicroBatch]:
         """This rank's micro-batches for one epoch: a pure function of (seed, epoch, rank)."""
@@ -251,8 +303,9 @@ class Trainer:
 
         data = self.plan.data
         return plan_batches(lengths, micro_batch_size=data.micro_batch_size, sequence_len=data.sequence_len,
-                            sample_packing=self.packing, seed=self.plan.seed, epoch=epoch, world_size=self.world,
-                            rank=self.rank)
+                            sample_packing=self.packing, seed=self.plan.seed, epoch=epoch,
+                            world_size=self.data_world, rank=self.data_rank, group_by_length=data.group_by_length,
+                            accumulation=self.accumulation)
 
     def collate(self, dataset: Any, micro_batch: MicroBatch, *, packed: bool | None = None) -> dict[str, torch.Tensor]:
         """``packed``: the batch's rows hold several examples (default: training's sample packing)."""
@@ -272,6 +325,9 @@ class Trainer:
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """(sum of the micro-batch's token losses, its label tokens)."""
         batch = {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        return self.parallel.forward_loss(self.model, batch, self.whole_rows_loss)
+
+    def whole_rows_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         inputs = {k: v for k, v in batch.items() if k != "labels"} | self.isolation(batch.get("position_ids"))
         if self.kernels.loss is not None:  # fused: from the final hidden states, never the whole logits
             return self.kernels.loss(self.model, inputs, batch["labels"])
@@ -283,10 +339,12 @@ class Trainer:
         acc = self.accelerator
         batches = [self.collate(self.data.train, micro_batch) for micro_batch in group]
         local_tokens = torch.stack([label_token_count(b["labels"]) for b in batches]).sum().to(self.device)
-        step_tokens = acc.reduce(local_tokens, reduction="sum").clamp(min=1)
+        # Tensor- and context-parallel ranks hold the same micro-batches: their tokens count once.
+        layout = self.parallel.layout
+        step_tokens = (acc.reduce(local_tokens, reduction="sum") / layout.batch_copies).clamp(min=1)
         # accelerator.backward divides by the accumulation steps (DeepSpeed's engine does the same) and
         # data-parallel gradients are averaged over ranks: this scale undoes both.
-        scale = self.accumulation * self.world / step_tokens
+        scale = self.accumulation * layout.gradient_ranks / step_tokens
         local_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
@@ -302,7 +360,7 @@ class Trainer:
                              + self.router_aux.term(accumulation=self.accumulation, micro_batches=len(batches)))
         input_tokens = float(sum(self.train_lengths[j] for micro_batch in group for row in micro_batch
                                  for j in row))
-        loss_all = acc.reduce(local_loss.clone(), reduction="sum")
+        loss_all = acc.reduce(local_loss.clone(), reduction="sum") / layout.loss_copies
         grad_norm = self.gradient_norm()
         if not self.deepspeed:
             self.judge(step, group, float(loss_all / step_tokens), grad_norm=grad_norm)
@@ -316,7 +374,18 @@ class Trainer:
                           grad_norm=grad_norm)
 
     def step_loss(self, local_loss: torch.Tensor, step_tokens: torch.Tensor) -> float:
-        return float(self.accelerator.reduce(local_loss.clone(), reduction="sum") / step_tokens)
+        return float(self.accelerator.reduce(local_loss.clone(), reduction="sum") / self.parallel.layout.loss_copies
+                     / step_tokens)
+
+    def evaluate(self) -> float:
+        """The evaluation loss (collective); under context parallelism each rank evaluates its slices."""
+        def batch_of(micro_batch: MicroBatch) -> dict[str, torch.Tensor]:
+            return self.collate(self.data.eval, micro_batch, packed=self.eval_packed)
+
+        if self.parallel.context_parallel:
+            return self.parallel.evaluate(self.model, self.eval_plan.micro_batches, batch_of, idle=self.eval_plan.idle)
+        return evaluate(self.model, self.accelerator, self.eval_plan.micro_batches, batch_of, self.isolation,
+                        idle=self.eval_plan.idle)
 
     def gradient_norm(self) -> float | None:
         """The global gradient norm, clipped to max_grad_norm when that is set (0: measured, not clipped)."""
@@ -361,16 +430,19 @@ class Trainer:
         for epoch, index, group in steps:
             if state.step >= total:
                 break
+            self.lisa.at_step(self.accelerator.unwrap_model(self.model), state.step)
             result = self.train_step(state.step + 1, group)
             window = [window[0] + result.loss_sum, window[1] + result.label_tokens, window[2] + result.input_tokens]
             grad_norm = result.grad_norm
             state = self.state = checkpoint.TrainState(step=state.step + 1, epoch=epoch,
                                                        micro_batch=index + len(group))
             self.fake_quant.at_step(self.model, state.step)  # the step boundary: evaluation sees the new state
+            self.restarts.after_step(state.step, total)  # before the log and the checkpoint of this step
             self.sink.advance()
             if self.cadence.log_now(state.step, total):
                 input_tokens = float(self.accelerator.reduce(torch.tensor(window[2], dtype=torch.float64,
-                                                                          device=self.device), reduction="sum"))
+                                                                          device=self.device), reduction="sum")
+                                     ) / self.parallel.layout.batch_copies
                 self.sink.log_train({
                     # Streaming: passes over the sources so far (a pass's length is unknown until it ends).
                     "step": state.step, "epoch": float(epoch) if self.plan.data.streaming else
@@ -378,12 +450,10 @@ class Trainer:
                     "loss": window[0] / max(1.0, window[1]), "lr": float(self.scheduler.get_last_lr()[0]),
                     "tokens_per_s": input_tokens / max(time.perf_counter() - window_start, 1e-9),
                     "grad_norm": grad_norm,
-                } | peak_memory(self.device))
+                } | peak_memory(self.device) | self.lisa.record() | self.restarts.record())
                 window, window_start = [0.0, 0.0, 0.0], time.perf_counter()
             if self.cadence.eval_now(state.step, total):
-                eval_loss = evaluate(self.model, self.accelerator, self.eval_plan.micro_batches,
-                                     lambda mb: self.collate(self.data.eval, mb, packed=self.eval_packed),
-                                     self.isolation, idle=self.eval_plan.idle)
+                eval_loss = self.evaluate()
                 self.sink.log_eval({"step": state.step, "eval_loss": eval_loss})
                 window_start = time.perf_counter()  # evaluation time is not training throughput
                 if self.early_stopping.should_stop(eval_loss):
@@ -413,7 +483,10 @@ class Trainer:
         acc, state = self.accelerator, self.state
         if self.plan.model.qat is not None:  # saved as the plain architecture; quantising is a later step
             strip_fake_quantization(acc.unwrap_model(self.model))
-        checkpoint.save_final_model(acc, self.model, self.tokenizer, self.output_dir)
+        if self.restarts.enabled:  # ReLoRA's output is the merged model, as Axolotl's (relora.py)
+            self.restarts.save_merged_model(acc, self.model, self.tokenizer, self.output_dir)
+        else:
+            checkpoint.save_final_model(acc, self.model, self.tokenizer, self.output_dir)
         digests = acc.gather(checkpoint.weights_digest(self.model).to(self.device)).tolist()
         # After the save (wandb may upload the final model) and after the last collective: an upload on the main
         # process must not hold the other ranks inside one.

@@ -28,7 +28,7 @@ import torch
 
 from ..schemas.run_plan import ModelPlan
 from .checkpoint import CHECKPOINT, STATE_FILE
-from .model import ModelLoadError, add_adapter, load_pretrained, match_vocabulary
+from .model import ModelLoadError, add_adapter, load_pretrained, match_vocabulary, require_loftq_machine
 from .pretrained import build_quantization_config, dequantizing, embedding_rows
 from .sharded_checkpoints import LAYOUTS_READ, CheckpointTensors, find_sharded_checkpoint
 
@@ -198,6 +198,8 @@ def attach_adapter(model: torch.nn.Module, adapter: AdapterSource, plan: ModelPl
     modules (the embeddings) whose whole weights a sharded checkpoint replaces, because training resized them."""
     from peft import PeftModel
 
+    if plan.lora is not None and plan.lora.loftq_bits is not None:
+        require_loftq_machine(plan.lora.loftq_bits)  # peft re-runs LoftQ to rebuild the base it trained against
     if adapter.layout == "adapter":
         try:
             return PeftModel.from_pretrained(model, str(adapter.directory), is_trainable=False)

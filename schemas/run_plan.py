@@ -478,6 +478,19 @@ def check_invariants(plan: RunPlan) -> None:
         raise RunPlanError("distribution: deepspeed is present exactly when strategy is deepspeed")
     if dist.world_size != dist.num_nodes * dist.processes_per_node:
         raise RunPlanError("distribution: world_size is not num_nodes × processes_per_node")
+    mesh = dist.parallelism
+    if mesh is not None:
+        sizes = (mesh.dp_replicate_size, mesh.dp_shard_size, mesh.tensor_parallel_size, mesh.context_parallel_size)
+        if not (mesh.tensor_parallel_size > 1 or mesh.context_parallel_size > 1
+                or (mesh.dp_replicate_size > 1 and mesh.dp_shard_size > 1)):
+            raise RunPlanError("distribution: parallelism is present only with tensor or context parallelism or HSDP "
+                               "(dp_replicate_size and dp_shard_size both > 1)")
+        if min(sizes) < 1 or sizes[0] * sizes[1] * sizes[2] * sizes[3] != dist.world_size:
+            raise RunPlanError("distribution.parallelism: dp_replicate_size × dp_shard_size × tensor_parallel_size × "
+                               "context_parallel_size is not world_size")
+        if dist.strategy != "fsdp" and (mesh.dp_shard_size > 1 or mesh.tensor_parallel_size > 1):
+            raise RunPlanError("distribution.parallelism: dp_shard_size and tensor_parallel_size above 1 need "
+                               "strategy fsdp")
 
 
 def _parse_dataclass(cls: type, mapping: Any, where: str) -> Any:

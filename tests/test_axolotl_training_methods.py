@@ -62,7 +62,8 @@ def test_relora_reset_prunes_nearly_everything_and_reads_false_as_zero(tmp_path:
     (LORA + "relora: true\n", "relora: ReLoRA needs jagged_restart_steps"),
     (LORA + "jagged_restart_steps: 10\n", "jagged_restart_steps: tunefile applies jagged learning-rate restarts"),
     (LORA + "relora: true\njagged_restart_steps: 10\nfsdp_config:\n  fsdp_version: 2\n",
-     "relora: ReLoRA cannot run under FSDP"),
+     "relora: ReLoRA merges into whole weights: it cannot run under FSDP or DeepSpeed"),
+    (LORA + "relora: true\njagged_restart_steps: 10\ndeepspeed: zero2\n", "it cannot run under FSDP or DeepSpeed"),
 ])
 def test_relora_misuse_is_one_located_error(text: str, expected: str) -> None:
     (line,) = problems_of(text)
@@ -81,6 +82,7 @@ def test_lisa_lands_in_the_plan(tmp_path: Path) -> None:
     (MINIMAL + "lisa_n_layers: 4\n", "lisa_n_layers: LISA needs both lisa_n_layers and lisa_step_interval; "
                                      "lisa_step_interval is missing"),
     (LORA + "lisa_n_layers: 4\nlisa_step_interval: 5\n", "lisa_n_layers: LISA trains whole decoder layers"),
+    (MINIMAL + "lisa_n_layers: 4\nlisa_step_interval: 5\ndeepspeed: zero3\n", "LISA switches requires_grad"),
 ])
 def test_lisa_misuse_is_one_located_error(text: str, expected: str) -> None:
     (line,) = problems_of(text)
@@ -240,3 +242,30 @@ def test_device_map_auto_means_nothing_more_on_one_gpu(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         compiled(tmp_path, MINIMAL + "device_map: auto\n", TargetOptions(gpu="h100-80gb", gpus_per_node=2))
     assert caught.value.problems[0].message.startswith("device_map: auto spreads one model copy over 2 processes'")
+
+
+@pytest.mark.parametrize("text, where", [
+    (MINIMAL + "optimizer: muon\ndeepspeed: zero2\n", "DeepSpeed"),
+    (MINIMAL + "optimizer: muon\nfsdp_config:\n  offload_params: false\n", "FSDP1"),
+])
+def test_muon_needs_whole_matrices(text: str, where: str) -> None:
+    (line,) = problems_of(text)
+    assert f"muon orthogonalises whole weight matrices; {where} hands the optimizer flattened 1-D shards" in line
+
+
+def test_muon_runs_under_fsdp2(tmp_path: Path) -> None:
+    text = MINIMAL + "optimizer: muon\nfsdp_config:\n  fsdp_version: 2\n"
+    plan = plan_of(tmp_path, text, TargetOptions(gpu="h100-80gb", gpus_per_node=2))
+    assert plan["optimizer"]["name"] == "muon" and plan["distribution"]["strategy"] == "fsdp"
+
+
+def test_llama4_router_is_no_lora_target() -> None:
+    (line,) = problems_of(MINIMAL + "adapter: lora\nlora_target_linear: true\nllama4_linearized_experts: true\n")
+    assert "the MoE router, an nn.Linear that returns a pair" in line
+
+
+def test_float16_full_fine_tuning_with_adamw_warns(tmp_path: Path) -> None:
+    _, warnings, _ = validate_with_notes(load_document(MINIMAL + "float16: true\noptimizer: adamw_torch\n", "c.yml"))
+    assert any(w.path == ("float16",) and "epsilon (1e-8) rounds to 0" in w.message for w in warnings)
+    _, quiet, _ = validate_with_notes(load_document(MINIMAL + "float16: true\noptimizer: adamw_bnb_8bit\n", "c.yml"))
+    assert not any(w.path == ("float16",) for w in quiet)

@@ -16,6 +16,7 @@ from helpers import require_module
 require_module("torch", "make install")
 
 import numpy as np  # noqa: E402
+import runtime_plans  # noqa: E402
 
 from tunefile.compiler.render.config_yaml import dataset_plan  # noqa: E402
 from tunefile.compiler.spec import DatasetSpec  # noqa: E402
@@ -33,11 +34,8 @@ def dataset(path: Path | str, type: str = "alpaca", **options: Any) -> DatasetPl
 
 
 def config(tmp_path: Path, **changes: Any) -> DataPlan:
-    plan = DataPlan(datasets=(dataset(tmp_path / "alpaca.jsonl"),), sequence_len=256, micro_batch_size=2,
-                    packing_attention=None, pad_to_sequence_len=False, train_on_inputs=False, val_set_size=0.0,
-                    prepared_path=str(tmp_path / "prepared"), chat_template=None, chat_template_jinja=None,
-                    chat_template_kwargs={}, eot_tokens=None, eval_packing=False, skip_prepare=False, streaming=False)
-    return replace(plan, **changes)
+    return runtime_plans.data_plan(dataset(tmp_path / "alpaca.jsonl"),
+                                   **{"prepared_path": str(tmp_path / "prepared"), **changes})
 
 
 def prepare(data: DataPlan, tokenizer: Any, *, seed: int = 42, **options: Any) -> Any:

@@ -11,7 +11,6 @@ trained on the pipeline's batches has finite gradients; the same rows fed raw do
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from helpers import require_module
 require_module("torch", "make install")
 
 import numpy as np  # noqa: E402
+import runtime_plans  # noqa: E402
 import torch  # noqa: E402
 
 from tunefile.runtime import attention  # noqa: E402
@@ -44,12 +44,8 @@ def data_plan(tmp_path: Path, path: Path, **changes: Any) -> DataPlan:
                         field=None, field_messages=None, message_field_role=None, message_field_content=None,
                         roles_to_train=None, train_on_eos=None, chat_template=None, field_thinking=None,
                         template_thinking_key=None, drop_system_message=None)
-    plan = DataPlan(datasets=(entry,), sequence_len=SEQUENCE_LEN, micro_batch_size=2,
-                    packing_attention="block_mask", pad_to_sequence_len=False, train_on_inputs=False,
-                    val_set_size=0.0, prepared_path=str(tmp_path / "prepared"), chat_template=None,
-                    chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None, eval_packing=False,
-                    skip_prepare=False, streaming=False)
-    return replace(plan, **changes)
+    return runtime_plans.data_plan(entry, **{"sequence_len": SEQUENCE_LEN, "packing_attention": "block_mask",
+                                             "prepared_path": str(tmp_path / "prepared"), **changes})
 
 
 def cached(dataset: Any) -> list[tuple[list[int], list[int]]]:
@@ -67,7 +63,8 @@ def test_leading_pad_tokens_are_stripped_with_their_labels(tmp_path: Path, tiny_
         {"input_ids": [pad, pad, pad]},  # nothing but padding: dropped
         {"input_ids": [30, pad, 31], "labels": [30, -100, 31]},  # a pad inside is harmless: kept as is
         {"input_ids": [pad, 40, 41], "labels": [pad, -100, 41]},  # labels stay aligned with their tokens
-        {"input_ids": [pad, 50], "labels": [pad, -100]},  # only the pad was trained: nothing left to train
+        {"input_ids": [pad, 50], "labels": [pad, -100]},  # one token left: shorter than Axolotl's minimum of 2
+        {"input_ids": [pad, 60, 61], "labels": [pad, -100, -100]},  # only the pad was trained: nothing left
     ]
     path = pretokenized(tmp_path / "ids.jsonl", rows)
     prepared = prepare_data(data_plan(tmp_path, path), tiny_tokenizer, seed=0, offline=True)
@@ -80,8 +77,14 @@ def test_leading_pad_tokens_are_stripped_with_their_labels(tmp_path: Path, tiny_
     assert [prepared.train.origin(i) for i in range(len(prepared.train))] == [
         (str(path), 0), (str(path), 1), (str(path), 3), (str(path), 4)]
     stats = prepared.stats
-    assert stats["leading_padding_stripped"] == 5
-    assert stats["dropped"] == {"only_padding": 1, "nothing_to_train": 1} and stats["dropped_rows"] == 2
+    assert stats["leading_padding_stripped"] == 6
+    assert stats["dropped"] == {"only_padding": 1, "too_short": 1, "nothing_to_train": 1}
+    assert stats["dropped_rows"] == 3
+    # min_sample_len counts the tokens left after the padding is stripped.
+    longer = prepare_data(data_plan(tmp_path, path, min_sample_len=3, prepared_path=str(tmp_path / "p3")),
+                          tiny_tokenizer, seed=0, offline=True)
+    assert cached(longer.train) == [([10, 11, 12], [10, 11, 12]), ([30, pad, 31], [30, -100, 31])]
+    assert longer.stats["dropped"]["too_short"] == 4
 
 
 def test_a_pad_token_that_is_the_bos_token_is_kept(tmp_path: Path, tiny_model_dir: Path) -> None:

@@ -19,6 +19,7 @@ from helpers import require_module
 require_module("torch", "make install")
 
 import numpy as np  # noqa: E402
+import runtime_plans  # noqa: E402
 import torch  # noqa: E402
 
 from runtime_bundles import compile_bundle, launch, metrics, summary, train_losses, workspace, write_config  # noqa: E402
@@ -50,12 +51,7 @@ TWO_TURNS = {"messages": [{"role": "user", "content": "Say red."}, {"role": "ass
 
 
 def data_plan(*datasets: DatasetPlan, **changes: Any) -> DataPlan:
-    plan = DataPlan(datasets=datasets, sequence_len=64, micro_batch_size=2, packing_attention=None,
-                    pad_to_sequence_len=False, train_on_inputs=False, val_set_size=0.0, prepared_path="prepared",
-                    chat_template=None, chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None,
-                    eval_packing=False,
-                    skip_prepare=False, streaming=False)
-    return replace(plan, **changes)
+    return runtime_plans.data_plan(*datasets, **{"sequence_len": 64, **changes})
 
 
 def dataset(path: Path | str, type: str, **options: Any) -> DatasetPlan:

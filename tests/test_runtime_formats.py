@@ -3,13 +3,14 @@ ones in [brackets], so a label mask that is off by one token fails here."""
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 pytest.importorskip("torch")
+
+import runtime_plans
 
 from tunefile.compiler.render.config_yaml import dataset_plan  # noqa: E402
 from tunefile.compiler.spec import DatasetSpec  # noqa: E402
@@ -25,23 +26,11 @@ def dataset(type: str, **options: Any) -> DatasetPlan:
 
 
 def data_plan(*datasets: DatasetPlan, **changes: Any) -> DataPlan:
-    plan = DataPlan(datasets=datasets, sequence_len=256, micro_batch_size=2, packing_attention=None,
-                    pad_to_sequence_len=False, train_on_inputs=False, val_set_size=0.0, prepared_path="prepared",
-                    chat_template=None, chat_template_jinja=None, chat_template_kwargs={}, eot_tokens=None,
-                    eval_packing=False, skip_prepare=False, streaming=False)
-    return replace(plan, **changes)
+    return runtime_plans.data_plan(*datasets, **changes)
 
 
 def model_plan(tokenizer: Path, **changes: Any) -> ModelPlan:
-    plan = ModelPlan(base_model=str(tokenizer), revision=None, architecture=None, parameters=None,
-                     config_overrides={}, quantization_config=None, quantize_moe_experts=False, from_scratch=False,
-                     tokenizer=str(tokenizer), tokenizer_class=None, tokenizer_backend="huggingface",
-                     pad_embeddings_to_multiple_of=None, special_tokens=None, tokens=None, trust_remote_code=False,
-                     precision="fp32", tf32=False, attn_implementation="sdpa", load_in_4bit=False,
-                     load_in_8bit=False, gradient_checkpointing=False,
-                     gradient_checkpointing_kwargs={"use_reentrant": True}, activation_offloading=False,
-                     unfrozen_parameters=None, shrink_embeddings=False, adapter=None)
-    return replace(plan, **changes)
+    return runtime_plans.model_plan(tokenizer, **changes)
 
 
 def marked(tokenizer: Any, example: Example) -> list[str]:

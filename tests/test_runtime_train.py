@@ -48,6 +48,16 @@ def test_schedules_warm_up_then_follow_their_shape() -> None:
         optim.lr_multiplier("polynomial", total_steps=1, warmup=0)
 
 
+def test_quadratic_warmup_squares_the_linear_fraction() -> None:
+    quadratic = optim.lr_multiplier("cosine", total_steps=110, warmup=10, warmup_shape="quadratic")
+    assert quadratic(0) == pytest.approx((1 / 11) ** 2) and quadratic(4) == pytest.approx((5 / 11) ** 2)
+    # After the warm-up it is the cosine itself.
+    assert quadratic(10) == pytest.approx(1.0) and quadratic(60) == pytest.approx(0.5)
+    schedule = optim.build_scheduler(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0),
+                                     schedule_plan(warmup_steps=4, warmup_shape="quadratic"), total_steps=40)
+    assert schedule.get_last_lr()[0] == pytest.approx((1 / 5) ** 2)
+
+
 def test_total_steps_from_max_steps_or_epochs() -> None:
     assert optim.total_optimizer_steps(schedule_plan(max_steps=7), steps_per_epoch=10) == 7
     assert optim.total_optimizer_steps(schedule_plan(max_steps=None, num_epochs=1.5), steps_per_epoch=10) == 15
@@ -87,7 +97,8 @@ def test_optimizer_steps_group_micro_batches_and_resume_mid_epoch() -> None:
 
 def schedule_plan(**changes: object) -> SchedulePlan:
     values = {"gradient_accumulation_steps": 1, "max_steps": 40, "num_epochs": None, "lr_scheduler": "cosine",
-              "warmup_steps": None, "warmup_ratio": None, "warmup_max_steps": None, "min_lr_ratio": 0.0,
+              "warmup_steps": None, "warmup_ratio": None, "warmup_max_steps": None, "warmup_shape": "linear",
+              "min_lr_ratio": 0.0,
               "min_lr_from": None, "logging_steps": 1, "eval_steps": None, "evals_per_epoch": None,
               "early_stopping_patience": None}
     return SchedulePlan(**(values | changes))

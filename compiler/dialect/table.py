@@ -67,14 +67,14 @@ NO_EFFECT: dict[str, str] = {
     "save_strategy": "save_steps and saves_per_epoch decide when tunefile saves",
     "eval_strategy": "eval_steps and evals_per_epoch decide when tunefile evaluates",
     "evaluation_strategy": "eval_steps and evals_per_epoch decide when tunefile evaluates",
+    "ring_attn_func": "chooses ring-flash-attn's variant, a speed option; tunefile's context parallelism gathers "
+                      "the keys and values (as the llama3 variant does) and runs SDPA over them",
+    "heads_k_stride": "a memory/speed option of ring-flash-attn's llama3 variant, which tunefile does not use",
 }
 
 REFUSED: dict[str, str] = {
     "gptq": "GPTQ-quantised base models are not supported; use adapter: qlora on the 16-bit model",
-    "tensor_parallel_size": "tensor parallelism is not supported; tunefile shards with FSDP or DeepSpeed ZeRO",
-    "context_parallel_size": "context parallelism is not supported; tunefile shards with FSDP or DeepSpeed ZeRO",
     "expert_parallel_size": "expert parallelism is not supported; tunefile shards with FSDP or DeepSpeed ZeRO",
-    "dp_replicate_size": "N-D parallelism (HSDP) is not supported; fsdp_config shards across every GPU",
     "sample_packing_sequentially": "tunefile packs shuffled samples",
     "curriculum_sampling": "tunefile shuffles the rows; it does not keep them in file order",
     "accelerator_config": "accelerate is configured by the bundle's accelerate.yaml",

@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from ..plan import BatchPlan, DistributionPlan, FsdpPlan
+from ..resolve.distribution import mesh_of
 from ..targets import Target
 
 _MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -89,6 +90,10 @@ def render_accelerate_yaml(*, target: Target, distribution: DistributionPlan, pr
         "# launch.sh passes machine rank (one per node), head address and port (one per job) on its command line.",
         f"# Batch: {batch.explanation()}.",
     ]
+    mesh = mesh_of(distribution)
+    if mesh is not None:
+        header.append(f"# N-D parallelism: {mesh.words()} (config.yaml's distribution.parallelism). Not set here: "
+                      "the runtime builds accelerate's ParallelismConfig from the plan itself.")
     if not loss_scaling:
         header.append("# mixed_precision: no: the weights themselves are float16 (float16: true), so there is no "
                       "autocast and no loss scaler.")

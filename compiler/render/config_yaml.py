@@ -27,6 +27,7 @@ from ...schemas.run_plan import (
     ModelPlan,
     OptimizerPlan,
     OtelPlan,
+    ParallelismPlan,
     QatPlan,
     ReloraPlan,
     RunPlan,
@@ -39,6 +40,7 @@ from ...schemas.run_plan import (
     plan_to_dict,
 )
 from ..plan import Plan
+from ..resolve.distribution import mesh_of
 from ..shell import one_line
 from ..spec import DatasetSpec, Spec, mlflow_on, optimizer_arguments, swanlab_on, wandb_on
 
@@ -114,6 +116,7 @@ RESOLVED_OR_COMPILER_ONLY = ("bf16", "fp16", "attn_implementation", "sample_pack
                              "eta_min", "use_wandb", "wandb_project", "wandb_entity",
                              "wandb_name", "wandb_run_id", "wandb_mode", "wandb_log_model", "mlflow_tracking_uri",
                              "mlflow_experiment_name", "mlflow_run_name", "model_quantization_config", "dp_shard_size",
+                             "dp_replicate_size", "tensor_parallel_size", "context_parallel_size",
                              "optim_args", "qat",
                              "model_quantization_config_kwargs", "tokenizer_use_mistral_common",
                              "resize_token_embeddings_to_32x", "bfloat16", "float16", "peft", "relora",
@@ -246,6 +249,7 @@ def streamed(spec: Spec) -> bool:
 def distribution_plan(plan: Plan) -> DistributionPlan:
     target, distribution = plan.target, plan.distribution
     fsdp = distribution.fsdp if distribution.strategy == "fsdp" else None
+    mesh = mesh_of(distribution)  # N-D parallelism (HSDP, tensor, context), as resolve/distribution.py filled it in
     return DistributionPlan(
         strategy=distribution.strategy, device="cpu" if target.on_cpu else "cuda", num_nodes=target.nodes,
         processes_per_node=target.gpus_per_node, world_size=target.world_size,
@@ -256,6 +260,9 @@ def distribution_plan(plan: Plan) -> DistributionPlan:
                       activation_checkpointing=fsdp.activation_checkpointing) if fsdp else None,
         deepspeed=DeepSpeedPlan(stage=int(distribution.deepspeed_stage or 0), config_file="deepspeed.json")
         if distribution.strategy == "deepspeed" else None,
+        parallelism=ParallelismPlan(dp_replicate_size=mesh.dp_replicate, dp_shard_size=mesh.dp_shard,
+                                    tensor_parallel_size=mesh.tensor_parallel,
+                                    context_parallel_size=mesh.context_parallel) if mesh else None,
     )
 
 

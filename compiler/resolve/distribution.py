@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import Problem
@@ -24,6 +24,25 @@ class DeepSpeedInput:
 
 
 def resolve_distribution(
+    spec: Spec, *, target: Target, batch: BatchPlan, precision: str, model: ModelInfo, shape: ModelShape | None,
+    quantization_bits: int | None, deepspeed_file: DeepSpeedInput | None,
+    errors: list[Problem], warnings: list[Problem],
+) -> tuple[DistributionPlan, MemoryEstimate | None, list[Decision]]:
+    """The strategy (DDP, FSDP, DeepSpeed) and, on top of it, the N-D mesh the parallel sizes ask for."""
+    plan, memory, decisions = _resolve_strategy(
+        spec, target=target, batch=batch, precision=precision, model=model, shape=shape,
+        quantization_bits=quantization_bits, deepspeed_file=deepspeed_file, errors=errors, warnings=warnings)
+    mesh = resolve_mesh(spec, target=target, strategy=plan.strategy, errors=errors)
+    if mesh is None:
+        return plan, memory, decisions
+    _check_mesh(spec, mesh, target=target, plan=plan, model=model, shape=shape, errors=errors)
+    _warn_if_mask_is_big(mesh, batch, warnings)
+    decisions.append(Decision("parallelism", mesh.words(), mesh.reason(plan.strategy)))
+    return ParallelDistributionPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, mesh=mesh), memory, \
+        decisions
+
+
+def _resolve_strategy(
     spec: Spec, *, target: Target, batch: BatchPlan, precision: str, model: ModelInfo, shape: ModelShape | None,
     quantization_bits: int | None, deepspeed_file: DeepSpeedInput | None,
     errors: list[Problem], warnings: list[Problem],
@@ -56,10 +75,6 @@ def resolve_distribution(
                                     "FSDP on one GPU shards nothing", hint="set offload_params: true or drop FSDP"))
         _warn_if_too_big(memory, ("fsdp_config",), warnings, "set fsdp_config.offload_params: true")
         why = "fsdp_config is set" if spec.fsdp_config else "strategy: fsdp"
-        if spec.dp_shard_size is not None and spec.dp_shard_size != world:
-            errors.append(Problem(("dp_shard_size",), f"dp_shard_size {spec.dp_shard_size} shards across part of the "
-                                  f"{world} GPUs; tunefile's FSDP shards across all of them",
-                                  hint=f"remove the line, or run on {spec.dp_shard_size} GPUs"))
         version, version_reason = fsdp_version(spec)
         fsdp, layer_decision = _fsdp_plan(spec, settings, model, warnings, version)
         decisions += [Decision("strategy", f"fsdp{version}", f"{why}, across {world} GPU(s); {version_reason}"),
@@ -104,6 +119,12 @@ def resolve_distribution(
 
 def _estimator(spec: Spec, target: Target, batch: BatchPlan, precision: str, model: ModelInfo,
                shape: ModelShape | None, quantization_bits: int | None) -> Callable[[str], MemoryEstimate | None]:
+    """Per-GPU memory under a strategy. With N-D sizes a GPU holds 1/context_parallel_size of each sequence, and a
+    sharded model is divided within one replica's GPUs (dp_replicate_size replicas hold copies); tensor
+    parallelism's split of the activations is left out (the estimate errs high)."""
+    replicas = spec.dp_replicate_size or 1
+    tokens_per_gpu = -(-batch.sequence_len // (spec.context_parallel_size or 1))
+
     def estimate(sharding: str) -> MemoryEstimate | None:
         if target.on_cpu or shape is None or not model.parameters or model.trainable_parameters is None:
             return None
@@ -116,11 +137,11 @@ def _estimator(spec: Spec, target: Target, batch: BatchPlan, precision: str, mod
             precision=precision,
             eight_bit_optimizer=spec.optimizer in BITSANDBYTES_OPTIMIZERS and spec.optimizer != "paged_adamw_32bit",
             micro_batch_size=batch.micro_batch_size,
-            sequence_len=batch.sequence_len,
+            sequence_len=tokens_per_gpu,
             gradient_checkpointing=spec.gradient_checkpointing
             or bool(spec.fsdp_config and spec.fsdp_config.activation_checkpointing),
             sharding=SHARDING[sharding],
-            world_size=target.world_size,
+            world_size=max(target.world_size // replicas, 1),
             gpu_memory_gib=target.gpu.memory_gib if target.gpu and target.gpu_known else None,
         )
     return estimate
@@ -217,3 +238,184 @@ def _has_auto_buckets(user: dict) -> bool:
     return isinstance(zero, dict) and any(zero.get(key) == "auto" for key in
                                           ("reduce_bucket_size", "stage3_prefetch_bucket_size",
                                            "stage3_param_persistence_threshold"))
+
+
+# --- N-D parallelism ----------------------------------------------------------------------------------------
+
+PARALLEL_KEYS = ("dp_replicate_size", "dp_shard_size", "tensor_parallel_size", "context_parallel_size")
+# Architectures whose layers mix tokens outside attention (state-space, linear attention, convolutions), or whose
+# attention context parallelism's gathered SDPA does not reproduce: the reason, as the error says it.
+CONTEXT_PARALLEL_REFUSED: dict[str, str] = {
+    **dict.fromkeys(("NemotronHForCausalLM", "FalconH1ForCausalLM", "GraniteMoeHybridForCausalLM", "JambaForCausalLM",
+                     "Zamba2ForCausalLM", "BambaForCausalLM", "Qwen3NextForCausalLM", "Lfm2ForCausalLM",
+                     "MambaForCausalLM", "Mamba2ForCausalLM"),
+                    "has layers that mix tokens outside attention (state-space, linear attention or convolution), "
+                    "which would see only their own slice of a sequence"),
+    "Gemma2ForCausalLM": "caps its attention logits and mixes sliding-window and full layers",
+    "Gemma3ForCausalLM": "mixes sliding-window and full attention layers",
+    "Gemma3ForConditionalGeneration": "mixes sliding-window and full attention layers",
+}
+
+
+@dataclass(frozen=True)
+class MeshSizes:
+    """The ranks' mesh: dp_replicate × dp_shard × context_parallel × tensor_parallel = the world size. Under DDP
+    and DeepSpeed the data-parallel ranks are replicas (dp_shard 1); only FSDP shards."""
+
+    dp_replicate: int
+    dp_shard: int
+    tensor_parallel: int
+    context_parallel: int
+
+    @property
+    def n_dimensional(self) -> bool:
+        """Anything beyond plain data parallelism: tensor or context parallelism, or HSDP."""
+        return self.tensor_parallel > 1 or self.context_parallel > 1 or (self.dp_replicate > 1 and self.dp_shard > 1)
+
+    @property
+    def data_parallel(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    def words(self) -> str:
+        return (f"dp_replicate {self.dp_replicate} × dp_shard {self.dp_shard} × context_parallel "
+                f"{self.context_parallel} × tensor_parallel {self.tensor_parallel}")
+
+    def reason(self, strategy: str) -> str:
+        parts = []
+        if self.dp_replicate > 1 and self.dp_shard > 1:
+            parts.append(f"HSDP: {self.dp_replicate} replicas of an FSDP2 group sharding over {self.dp_shard} GPUs")
+        elif self.data_parallel > 1:
+            parts.append(f"{self.data_parallel} data-parallel " + ("shards" if self.dp_shard > 1 else "replicas"))
+        if self.context_parallel > 1:
+            parts.append(f"each sequence split across {self.context_parallel} GPUs that gather each other's keys and "
+                         "values")
+        if self.tensor_parallel > 1:
+            parts.append(f"each layer split across {self.tensor_parallel} GPUs by the model's tensor-parallel plan")
+        return f"{'; '.join(parts)} (strategy {strategy}; {self.data_parallel} different micro-batches per step)"
+
+
+@dataclass(frozen=True)
+class ParallelDistributionPlan(DistributionPlan):
+    """A DistributionPlan with its N-D mesh (the Plan's DistributionPlan has no field for it)."""
+
+    mesh: MeshSizes | None = None
+
+
+def mesh_of(distribution: DistributionPlan) -> MeshSizes | None:
+    return distribution.mesh if isinstance(distribution, ParallelDistributionPlan) else None
+
+
+def _size(spec: Spec, key: str) -> int | None:
+    """A parallel size as set; 1 (Axolotl's default: no such dimension) reads as unset."""
+    value = getattr(spec, key)
+    return None if value is None or value == 1 else value
+
+
+def resolve_mesh(spec: Spec, *, target: Target, strategy: str, errors: list[Problem]) -> MeshSizes | None:
+    """The mesh the sizes ask for on this target, filled in as Axolotl fills it: the GPUs tensor and context
+    parallelism leave are data-parallel, shards under FSDP (dp_shard_size) and replicas otherwise, and a
+    dp_shard_size that leaves GPUs over makes them replicas (HSDP). None when only plain data parallelism results."""
+    if not any(_size(spec, key) for key in PARALLEL_KEYS):
+        return None
+    world, fsdp = target.world_size, strategy == "fsdp"
+    tp, cp = _size(spec, "tensor_parallel_size") or 1, _size(spec, "context_parallel_size") or 1
+    replicate, shard = _size(spec, "dp_replicate_size"), _size(spec, "dp_shard_size")
+    key = next(k for k in PARALLEL_KEYS if _size(spec, k))
+
+    def mismatch(what: str) -> None:
+        errors.append(Problem((key,), f"{what}; the target has {world} GPU(s) ({target.nodes} node(s) × "
+                              f"{target.gpus_per_node}), and dp_replicate_size × dp_shard_size × tensor_parallel_size "
+                              "× context_parallel_size must be that count",
+                              hint="change the sizes, or pass --nodes / --gpus-per-node to match them"))
+
+    if world % (tp * cp):
+        mismatch(f"tensor_parallel_size {tp} × context_parallel_size {cp} does not divide the GPUs")
+        return None
+    data = world // (tp * cp)
+    if shard is not None and not fsdp:
+        errors.append(Problem(("dp_shard_size",), f"dp_shard_size {shard} shards the model with FSDP, and this "
+                              f"config trains with {strategy}", hint="add fsdp_version: 2 and an fsdp_config (or "
+                              "strategy: fsdp), or remove dp_shard_size"))
+        return None
+    if replicate is None and shard is None:
+        replicate, shard = (1, data) if fsdp else (data, 1)
+    elif shard is None:
+        if data % replicate:
+            mismatch(f"dp_replicate_size {replicate} does not divide the {data} GPU(s) tensor and context "
+                     "parallelism leave")
+            return None
+        shard = data // replicate
+        if shard > 1 and not fsdp:
+            errors.append(Problem(("dp_replicate_size",), f"dp_replicate_size {replicate} leaves groups of {shard} "
+                                  f"GPUs, which FSDP would shard, and this config trains with {strategy}",
+                                  hint=f"add fsdp_version: 2 and an fsdp_config, or set dp_replicate_size: {data}"))
+            return None
+    elif replicate is None:
+        if data % shard:
+            mismatch(f"dp_shard_size {shard} does not divide the {data} GPU(s) tensor and context parallelism leave")
+            return None
+        replicate = data // shard
+    elif replicate * shard != data:
+        mismatch(f"dp_replicate_size {replicate} × dp_shard_size {shard} × tensor_parallel_size {tp} × "
+                 f"context_parallel_size {cp} = {replicate * shard * tp * cp} GPUs")
+        return None
+    mesh = MeshSizes(dp_replicate=replicate, dp_shard=shard, tensor_parallel=tp, context_parallel=cp)
+    return mesh if mesh.n_dimensional else None
+
+
+def _check_mesh(spec: Spec, mesh: MeshSizes, *, target: Target, plan: DistributionPlan, model: ModelInfo,
+                shape: ModelShape | None, errors: list[Problem]) -> None:
+    """What each dimension needs from the strategy, the hardware and the model (the config-only rules are in
+    rules.py)."""
+    tp_key, cp_key = ("tensor_parallel_size",), ("context_parallel_size",)
+    # FSDP1 with any N-D size is refused in rules.py (at fsdp_version).
+    fsdp2 = plan.strategy == "fsdp" and plan.fsdp is not None and plan.fsdp.version == 2
+    if mesh.tensor_parallel > 1:
+        if target.on_cpu:
+            errors.append(Problem(tp_key, "tensor parallelism runs inside FSDP2, which accelerate starts on GPUs "
+                                  "only; the target is the CPU", hint="pass a GPU target, or remove the line"))
+        elif plan.strategy != "fsdp" and not spec.deepspeed:  # DeepSpeed with TP is refused in rules.py
+            errors.append(Problem(tp_key, "tunefile runs tensor parallelism inside FSDP2 (FSDP2 shards over "
+                                  "dp_shard_size × context_parallel_size, tensor parallelism splits each layer)",
+                                  hint="add fsdp_version: 2 and an fsdp_config"))
+        elif fsdp2 and mesh.dp_shard == 1 and mesh.context_parallel == 1:
+            errors.append(Problem(tp_key, f"tensor_parallel_size {mesh.tensor_parallel} leaves FSDP2 no GPUs to "
+                                  "shard across (dp_shard_size × context_parallel_size is 1); tunefile runs tensor "
+                                  "parallelism inside FSDP2", hint="use more GPUs, or a smaller "
+                                  "tensor_parallel_size with dp_shard_size 2 or more"))
+        if shape is not None and shape.architecture not in ("unknown", ""):
+            dims = {"attention heads": shape.num_heads, "key/value heads": shape.num_kv_heads,
+                    "MLP width (intermediate_size)": shape.intermediate_size}
+            bad = [f"{value} {name}" for name, value in dims.items() if value % mesh.tensor_parallel]
+            if bad:
+                errors.append(Problem(tp_key, f"tensor_parallel_size {mesh.tensor_parallel} does not divide the "
+                                      f"model's {', '.join(bad)}", hint="choose a size that divides them"))
+            if shape.tie_embeddings:
+                errors.append(Problem(tp_key, "tensor parallelism cannot split a model whose input and output "
+                                      "embeddings are tied (tie_word_embeddings), as in Axolotl",
+                                      hint="remove tensor_parallel_size"))
+    if fsdp2 and mesh.dp_replicate > 1 and mesh.dp_shard == 1 and (mesh.tensor_parallel > 1 or
+                                                                   mesh.context_parallel > 1):
+        errors.append(Problem(("dp_replicate_size",), "accelerate composes tensor and context parallelism with "
+                              "FSDP2 shards (dp_shard_size), not with plain replicas (dp_replicate_size)",
+                              hint="use dp_shard_size instead of dp_replicate_size"))
+    if mesh.context_parallel > 1 and model.architecture in CONTEXT_PARALLEL_REFUSED:
+        errors.append(Problem(cp_key, f"context parallelism: {model.architecture} "
+                              f"{CONTEXT_PARALLEL_REFUSED[model.architecture]}",
+                              hint="remove context_parallel_size"))
+
+
+MASK_WARNING_GIB = 4.0
+
+
+def _warn_if_mask_is_big(mesh: MeshSizes, batch: BatchPlan, warnings: list[Problem]) -> None:
+    """Context parallelism's attention takes a dense mask: the last slice's queries against the whole row, one
+    boolean each, which SDPA's kernels turn into a 16-bit additive mask (3 bytes an entry in all)."""
+    if mesh.context_parallel == 1:
+        return
+    gib = batch.micro_batch_size * -(-batch.sequence_len // mesh.context_parallel) * batch.sequence_len * 3 / 2**30
+    if gib > MASK_WARNING_GIB:
+        warnings.append(Problem(("context_parallel_size",), f"context parallelism's attention mask needs ~{gib:.0f} "
+                                f"GiB per GPU at sequence_len {batch.sequence_len} (tunefile gathers keys and values "
+                                "and runs SDPA with a dense mask; it has no flash-attention ring kernel)",
+                                hint="lower sequence_len or micro_batch_size, or raise context_parallel_size"))

@@ -8,6 +8,13 @@ Packing: examples are shuffled, then binned best-fit-decreasing within windows o
 into rows of at most ``sequence_len`` tokens (windows keep each epoch's bins different; best-fit-decreasing
 within a window packs nearly as tightly as over the whole set), and the bins are shuffled again.
 
+Length grouping (without packing; Axolotl's group_by_length, which is Hugging Face's ``LengthGroupedSampler``):
+the shuffled examples are cut into megabatches of ``min(50, examples // (4 × batch)) × batch`` examples, where
+batch is the micro-batch size times the gradient accumulation steps (the batch size the Trainer gives the
+sampler), each megabatch is sorted longest first, and the longest example of all is moved to the very front,
+so a batch too large for memory fails on the first step rather than hours in. Rows of a micro-batch then have
+similar lengths, so little of it is padding; the order is still a function of (seed, epoch) alone.
+
 Evaluation is planned apart (``plan_eval_batches``): every example is evaluated exactly once whatever the
 packing and the number of ranks, so packed and padded evaluation average the same tokens.
 """
@@ -56,11 +63,26 @@ def pack(lengths: np.ndarray, order: np.ndarray, sequence_len: int) -> list[list
     return bins
 
 
+def length_grouped(order: np.ndarray, lengths: np.ndarray, batch_size: int) -> np.ndarray:
+    """``order`` (already shuffled) regrouped as Hugging Face's ``get_length_grouped_indices`` does: megabatches
+    of up to 50 batches, each sorted by decreasing length (ties keep the shuffled order), the longest example
+    of all swapped to the front."""
+    if not len(order):
+        return order
+    megabatch = max(min(len(order) // (batch_size * 4), 50), 1) * batch_size
+    groups = [order[start:start + megabatch] for start in range(0, len(order), megabatch)]
+    groups = [group[np.argsort(-lengths[group], kind="stable")] for group in groups]
+    longest = int(np.argmax([lengths[group[0]] for group in groups]))
+    groups[0][0], groups[longest][0] = groups[longest][0], groups[0][0]
+    return np.concatenate(groups)
+
+
 def plan_batches(lengths: Sequence[int] | np.ndarray, *, micro_batch_size: int, sequence_len: int,
                  sample_packing: bool, seed: int, epoch: int, world_size: int = 1,
-                 rank: int = 0) -> list[list[list[int]]]:
+                 rank: int = 0, group_by_length: bool = False, accumulation: int = 1) -> list[list[list[int]]]:
     """This rank's micro-batches for one epoch, in order: micro-batch → rows → example indices (one per row
-    without packing; a bin of several with packing).
+    without packing; a bin of several with packing). ``group_by_length`` (without packing; packing ignores it,
+    as in Axolotl) orders the rows by ``length_grouped`` over batches of micro_batch_size × ``accumulation``.
 
     Rows are dealt round-robin to ranks (rank r takes rows r, r + world, …) after dropping the last
     ``len(rows) % world_size`` rows, so every rank has as many rows, hence as many micro-batches; only a rank's
@@ -77,6 +99,8 @@ def plan_batches(lengths: Sequence[int] | np.ndarray, *, micro_batch_size: int, 
         rows = pack(lengths, order, sequence_len)
         rows = [rows[i] for i in rng.permutation(len(rows))]
     else:
+        if group_by_length:
+            order = length_grouped(order, lengths, micro_batch_size * accumulation)
         rows = [[index] for index in order.tolist()]
     per_rank = len(rows) // world_size
     mine = rows[rank:per_rank * world_size:world_size]

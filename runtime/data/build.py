@@ -23,10 +23,11 @@ from typing import Any
 import numpy as np
 
 from ...schemas.run_plan import DataPlan, DatasetPlan, plan_to_dict
-from . import chat, examples, formats
+from . import chat, dedup, examples, formats, instruction
 from .cache import COMPLETE, SHARD_ROWS, ShardWriter, SourceFiles, TokenizedDataset
+from .dedup import ExactDuplicates
 from .errors import DataError
-from .examples import Example, RowError, leading_padding_id, strip_leading_padding
+from .examples import RowError, examples_to_keep, leading_padding_id
 from .formats import make_formatter
 from .sources import Source, count_rows, fingerprint, iter_rows, resolve_source
 from .tokenizer import is_offline, tokenizer_fingerprint
@@ -37,9 +38,9 @@ CACHE_VERSION = 2
 # Run-wide options that change tokens or the split; dataset entries are hashed whole. The tokenizer (with the
 # plan's special_tokens and tokens already added) is hashed by tokenizer_fingerprint.
 TOKEN_OPTIONS = ("sequence_len", "train_on_inputs", "val_set_size", "chat_template", "chat_template_jinja",
-                 "chat_template_kwargs", "eot_tokens")
-# The modules that turn rows into tokens: a change to any of them invalidates old caches.
-TOKENISING_CODE = (examples, formats, chat)
+                 "chat_template_kwargs", "eot_tokens", "exact_deduplication", "min_sample_len")
+# The modules that turn rows into tokens and pick the examples kept: a change to any of them invalidates old caches.
+TOKENISING_CODE = (examples, formats, chat, instruction, dedup)
 MAX_PROBLEMS = 5
 TOKENISE_BATCH = 512  # rows tokenised per call: enough to keep every core busy, little memory
 
@@ -119,24 +120,6 @@ def build_in_memory(data: DataPlan, tokenizer: Any, sources: list[Source], *, se
             TokenizedDataset.from_writer(evaluation) if evaluation is not None else None)
 
 
-def _examples_to_keep(result: list[Example], *, pad_id: int | None,
-                      sequence_len: int) -> tuple[list[Example], str | None, int]:
-    """(the row's examples to store, why the whole row is dropped or None, how many examples lost leading
-    padding)."""
-    # Leading pad tokens are padding, not content, and a sample must never start with one: a pad token's
-    # embedding row is often exactly zero, which keeps that position's hidden state zero through every layer
-    # and turns RMSNorm's backward into NaN gradients (strip_leading_padding says how). Stripped before any
-    # length or training check; a row left with nothing but padding is dropped and counted.
-    stripped = [strip_leading_padding(example, pad_id) for example in result]
-    changed = sum(1 for before, after in zip(result, stripped, strict=True) if after is not before)
-    if changed and not any(example.input_ids for example in stripped):
-        return [], "only_padding", changed
-    if any(len(example.input_ids) > sequence_len for example in stripped):
-        return [], "too_long", changed
-    kept = [example for example in stripped if example.trained_tokens]
-    return kept, (None if kept else "nothing_to_train"), changed
-
-
 def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Path | None, *, seed: int,
               shard_rows: int) -> tuple[dict[str, Any], ShardWriter, ShardWriter | None]:
     """(stats, train writer, eval writer or None), closed; ``staging`` None keeps the shards in memory."""
@@ -147,9 +130,14 @@ def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Pa
     evaluation = ShardWriter(None if staging is None else staging / "eval", shard_rows=shard_rows) \
         if len(held_out) else None
     pad_id = leading_padding_id(tokenizer)
+    # One record of what was seen across every dataset and both splits: the held-out rows are picked by row
+    # number from the seed alone, so keeping only each example's first occurrence, wherever it falls, leaves
+    # what deduplicating before the split leaves: no repeat within train or eval, and no eval example that is
+    # also a training example (Axolotl deduplicates the merged rows once, before its split).
+    duplicates = ExactDuplicates() if data.exact_deduplication else None
     dropped: Counter[str] = Counter()
     problems: list[str] = []
-    rows = split_rows = split_chunks = padding_stripped = 0
+    rows = split_rows = split_chunks = padding_stripped = repeats = 0
     per_dataset = []
     files_of_sources: list[SourceFiles] = []  # per dataset: (file label, rows) for provenance
     next_held = 0  # index into held_out: rows stream in order, so one pointer walks the sorted list
@@ -172,8 +160,13 @@ def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Pa
                         continue
                     if len(result) > 1:
                         split_rows, split_chunks = split_rows + 1, split_chunks + len(result)
-                    kept, reason, changed = _examples_to_keep(result, pad_id=pad_id, sequence_len=sequence_len)
+                    kept, reason, changed = examples_to_keep(result, pad_id=pad_id, sequence_len=sequence_len,
+                                                             min_sample_len=data.min_sample_len)
                     padding_stripped += changed
+                    if reason is None and duplicates is not None:  # after the length rule, as in Axolotl
+                        unique = [example for example in kept if not duplicates.is_repeat(example)]
+                        repeats += len(kept) - len(unique)
+                        kept, reason = unique, (None if unique else "duplicate")
                     if reason is not None:
                         dropped[reason] += 1
                         continue
@@ -186,6 +179,9 @@ def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Pa
     if padding_stripped:
         log.info("stripped leading padding (token id %d) from %d example(s): a sample that starts with a pad "
                  "token makes non-finite gradients", pad_id, padding_stripped)
+    if duplicates is not None:
+        log.info("exact deduplication: dropped %d example(s) that repeat an earlier one exactly (%d row(s) "
+                 "dropped whole)", repeats, dropped["duplicate"])
     train_stats = train.close(files_of_sources)
     eval_stats = evaluation.close(files_of_sources) if evaluation is not None else None
     if not train_stats["examples"]:
@@ -194,6 +190,7 @@ def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Pa
     stats = {
         "rows": rows, "dropped_rows": sum(dropped.values()), "dropped": dict(dropped), "problems": problems,
         "split_rows": split_rows, "split_chunks": split_chunks, "leading_padding_stripped": padding_stripped,
+        "duplicate_examples": repeats,
         "tokens": train_stats["tokens"] + (eval_stats["tokens"] if eval_stats else 0),
         "trained_tokens": train_stats["trained_tokens"] + (eval_stats["trained_tokens"] if eval_stats else 0),
         "train": train_stats, "eval": eval_stats, "datasets": per_dataset, "sequence_len": sequence_len,

@@ -1,9 +1,10 @@
 """What every row format shares: the example it produces, the row error it raises, the ``Format`` base class
-that tokenises many rows per call, and the one rule applied to every example before it is stored
-(``strip_leading_padding``).
+that tokenises many rows per call, and the rules applied to every row's examples before they are stored or
+streamed (``examples_to_keep``: leading padding stripped; rows too long, or with nothing to train, dropped).
 
-``formats.py`` (alpaca, completion, pretokenized and the registry) and ``chat.py`` (chat_template) both build
-on this module and neither imports the other's internals, so there is no import cycle between them.
+``formats.py`` (completion, pretokenized and the registry), ``instruction.py`` (alpaca and its variants,
+jeopardy) and ``chat.py`` (chat_template) build on this module and none imports another's internals, so there is
+no import cycle between them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,19 @@ class RowError(Exception):
     """This row cannot be formatted (a missing field, a wrong type); it is skipped and counted."""
 
 
+def text_field(row: dict[str, Any], key: str, *, required: bool = True) -> str:
+    """The text in ``row[key]``; a missing (or null) value is "" unless ``required``, anything but text is a
+    malformed row."""
+    value = row.get(key)
+    if value is None:
+        if required:
+            raise RowError(f"missing field {key!r}")
+        return ""
+    if not isinstance(value, str):
+        raise RowError(f"field {key!r} is a {type(value).__name__}, not text")
+    return value
+
+
 def leading_padding_id(tokenizer: Any) -> int | None:
     """The token id that is padding when it starts an example: the tokenizer's pad id, unless it has none or
     its pad token is its bos token (then a leading "pad" is a real, trained beginning of sequence)."""
@@ -60,6 +74,27 @@ def strip_leading_padding(example: Example, pad_id: int | None) -> Example:
     if start == 0:
         return example
     return Example(example.input_ids[start:], example.labels[start:])
+
+
+def examples_to_keep(result: list[Example], *, pad_id: int | None, sequence_len: int,
+                     min_sample_len: int) -> tuple[list[Example], str | None, int]:
+    """(the row's examples to store, why the whole row is dropped or None, how many examples lost leading
+    padding). Examples shorter than ``min_sample_len`` tokens are left out, as Axolotl drops them."""
+    # Leading pad tokens are padding, not content, and a sample must never start with one: a pad token's
+    # embedding row is often exactly zero, which keeps that position's hidden state zero through every layer
+    # and turns RMSNorm's backward into NaN gradients (strip_leading_padding says how). Stripped before any
+    # length or training check; a row left with nothing but padding is dropped and counted.
+    stripped = [strip_leading_padding(example, pad_id) for example in result]
+    changed = sum(1 for before, after in zip(result, stripped, strict=True) if after is not before)
+    if changed and not any(example.input_ids for example in stripped):
+        return [], "only_padding", changed
+    if any(len(example.input_ids) > sequence_len for example in stripped):
+        return [], "too_long", changed
+    long_enough = [example for example in stripped if len(example.input_ids) >= min_sample_len]
+    if not long_enough:
+        return [], "too_short", changed
+    kept = [example for example in long_enough if example.trained_tokens]
+    return kept, (None if kept else "nothing_to_train"), changed
 
 
 class Format:

@@ -96,18 +96,24 @@ def _show_stream(plan: RunPlan, tokenizer: Any, *, show: int, out: TextIO) -> in
     from .streaming import open_stream
 
     data = plan.data
-    out.write(f"streaming: nothing to prepare; the {len(data.datasets)} source(s) are read, tokenised and packed "
-              f"into rows of {data.sequence_len:,} tokens as training goes (no cache, no evaluation split, "
-              f"{plan.schedule.max_steps:,} steps)\n")
+    rows = f"packed into rows of at most {data.sequence_len:,} tokens" if data.packing_attention is not None else \
+        "one example per row"
+    made = f"formatted, tokenised and {rows}" if any(d.type != "completion" for d in data.datasets) else \
+        f"tokenised and packed into rows of {data.sequence_len:,} tokens"
+    out.write(f"streaming: nothing to prepare; the {len(data.datasets)} source(s) are read, {made} as training "
+              f"goes (no cache, no evaluation split, {plan.schedule.max_steps:,} steps)\n")
     if show > 0:
         stream = open_stream(data, tokenizer, seed=plan.seed, offline=plan.offline)
         colour = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
         for i, (pieces, _) in enumerate(islice(stream.rows(), show)):
             ids = np.concatenate([piece.ids for piece in pieces])
+            labels = np.concatenate([piece.trained_labels for piece in pieces])
             origins = "; ".join(f"{label} row {row}" for label, row in
                                 (stream.files.file_row(piece.source, piece.row) for piece in pieces))
-            out.write(f"\n--- row {i} ({len(ids)} tokens, all trained; from {origins}) ---\n")
-            out.write(render_example(tokenizer, ids, ids, colour=colour) + "\n")
+            trained = int((labels != -100).sum())
+            out.write(f"\n--- row {i} ({len(ids)} tokens, {'all' if trained == len(ids) else trained} trained; "
+                      f"from {origins}) ---\n")
+            out.write(render_example(tokenizer, ids, labels, colour=colour) + "\n")
     return 0
 
 

@@ -1,8 +1,18 @@
-"""Streaming data (Axolotl's ``pretraining_dataset``): completion sources read lazily, tokenised and packed into
-rows of exactly ``sequence_len`` tokens as training goes. No cache, no evaluation split; the run lasts
-``schedule.max_steps`` steps.
+"""Streaming data: sources read lazily, tokenised and made into rows as training goes. No cache, no evaluation
+split; the run lasts ``schedule.max_steps`` steps. Two kinds of stream, told apart by the dataset types:
 
-The stream, for one rank:
+- completion text only (Axolotl's ``pretraining_dataset``): documents concatenated and cut into rows of exactly
+  ``sequence_len`` tokens, every token trained (the steps below);
+- any other type among the sources (``datasets`` with ``streaming: true``: alpaca and its variants,
+  chat_template, …): each row is formatted by the same formatter as prepared data, its examples kept whole with
+  their label masks and dropped by the same rules (too long, nothing to train, malformed), then, per window of
+  ``EXAMPLE_WINDOW`` documents of the shuffled stream, packed best-fit-decreasing into rows of at most
+  ``sequence_len`` tokens (with sample packing, as the prepared path packs) or one example per row (without).
+  Completion sources in such a stream give their sequence_len chunks as whole examples too. (Axolotl's packed
+  streaming SFT packs each buffer of rows with its multipack sampler, into one row of micro_batch_size ×
+  sequence_len tokens; ours packs micro_batch_size rows of sequence_len tokens, the same tokens per step.)
+
+The completion stream, for one rank:
 
 1. A pass reads every row of the sources in the plan's order (a dataset's files in order; a Hub dataset through
    ``datasets.load_dataset(..., streaming=True)``), then shuffles them through a buffer of ``SHUFFLE_BUFFER``
@@ -25,9 +35,14 @@ keep the same document framing (bos … eos, all trained) and the same shuffle b
 With sample packing (a packing attention in the plan) the pieces of documents in a row are isolated from each
 other, as Axolotl's ``pretrain_multipack_attn`` does; without it a row is one causal sequence.
 
-Resume is exact: ``StreamPosition`` (pass, documents of this rank's share already used up, tokens of the next
-document already emitted) is saved per rank in each checkpoint; a resumed stream reads past those documents
-without tokenising them and continues from the same token.
+Both kinds read, shuffle and share the rows the same way (step 1 above). Exact deduplication needs every row at
+once and is refused (so does Axolotl); group_by_length has no effect on a stream (Hugging Face's Trainer ignores
+it for an iterable dataset too).
+
+Resume is exact: ``StreamPosition`` (pass, documents of this rank's share already used up, then tokens of the
+next document already emitted, or rows of the next packing window already emitted) is saved per rank in each
+checkpoint; a resumed stream reads past those documents without tokenising them and continues from the same
+token, or packs the same window again and skips the rows already trained.
 """
 
 from __future__ import annotations
@@ -41,8 +56,9 @@ from typing import Any
 import numpy as np
 
 from ...schemas.run_plan import DataPlan
+from .batching import pack
 from .errors import DataError
-from .examples import Example, RowError, leading_padding_id, strip_leading_padding
+from .examples import Example, RowError, examples_to_keep, leading_padding_id, strip_leading_padding
 from .formats import make_formatter
 from .sources import Source, iter_rows
 
@@ -50,6 +66,7 @@ log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 10_000  # rows held back for shuffling (Axolotl's streaming_multipack_buffer_size default)
 TOKENISE_BATCH = 256  # documents tokenised per call
+EXAMPLE_WINDOW = 1024  # documents whose examples are packed together (streams of whole examples)
 MAX_PROBLEMS = 5  # malformed rows reported by name; the rest are counted
 
 MicroBatch = list[list[int]]  # rows of item numbers in StreamedRows
@@ -58,18 +75,22 @@ MicroBatch = list[list[int]]  # rows of item numbers in StreamedRows
 @dataclass(frozen=True)
 class StreamPosition:
     """Where one rank's stream stands between two rows: in pass ``passes``, the first ``documents`` documents
-    of this rank's share are used up and ``tokens`` tokens of the next one are already in rows."""
+    of this rank's share are used up and ``tokens`` tokens of the next one are already in rows (completion
+    streams), or ``rows`` rows of the packing window that starts there are (streams of whole examples)."""
 
     passes: int = 0
     documents: int = 0
     tokens: int = 0
+    rows: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> StreamPosition:
-        return cls(passes=int(values["passes"]), documents=int(values["documents"]), tokens=int(values["tokens"]))
+        # A position saved before streams of whole examples existed has no "rows": it was a completion stream's.
+        return cls(passes=int(values["passes"]), documents=int(values["documents"]), tokens=int(values["tokens"]),
+                   rows=int(values.get("rows", 0)))
 
 
 @dataclass(frozen=True)
@@ -81,11 +102,17 @@ class Document:
 
 @dataclass(frozen=True)
 class Piece:
-    """Consecutive tokens of one document, all of them in one row."""
+    """Consecutive tokens of one document, all of them in one row: a cut of completion text (every token
+    trained: ``labels`` None) or one whole example with its labels."""
 
     ids: np.ndarray
     source: int
     row: int
+    labels: np.ndarray | None = None
+
+    @property
+    def trained_labels(self) -> np.ndarray:
+        return self.ids if self.labels is None else self.labels
 
 
 class SourceFiles:
@@ -151,21 +178,30 @@ def shuffled(items: Iterator[Any], rng: np.random.Generator, buffer_size: int) -
 
 
 class TokenStream:
-    """One rank's rows of ``sequence_len`` tokens, without end (see the module's description)."""
+    """One rank's rows, without end (see the module's description): rows of exactly sequence_len tokens cut
+    from completion text, or rows of whole examples when any source has another type."""
 
     def __init__(self, data: DataPlan, tokenizer: Any, sources: list[Source], *, seed: int, rank: int = 0,
                  world_size: int = 1, shuffle_buffer: int = SHUFFLE_BUFFER) -> None:
-        if any(source.entry.type != "completion" for source in sources):
-            raise DataError("streaming reads completion datasets only (pretraining_dataset); recompile the config")
+        if data.exact_deduplication:
+            raise DataError("exact deduplication needs every row before training starts, and a stream never holds "
+                            "them all (Axolotl refuses it too); deduplicate the files beforehand")
         if not (world_size >= 1 and 0 <= rank < world_size):
             raise ValueError(f"rank {rank} of {world_size}")
         self.sources, self.seed, self.rank, self.world_size = sources, seed, rank, world_size
         self.sequence_len, self.micro_batch_size = data.sequence_len, data.micro_batch_size
+        self.min_sample_len = data.min_sample_len
         self.shuffle_buffer = shuffle_buffer
+        # Completion text alone is pretraining data, cut into full rows; anything else is kept in whole examples.
+        self.whole_examples = any(source.entry.type != "completion" for source in sources)
+        self.packed = data.packing_attention is not None
+        if data.group_by_length:
+            log.warning("stream: group_by_length has no effect: rows are made as the stream is read")
         self.formats = [make_formatter(source.entry, data, tokenizer) for source in sources]
         self.pad_id = leading_padding_id(tokenizer)
         self.files = SourceFiles(len(sources))
         self.malformed = 0
+        self.dropped = 0  # rows dropped by examples_to_keep (too long, nothing to train, only padding)
 
     def documents(self, pass_number: int) -> Iterator[Document]:
         """This rank's share of one pass, in the pass's shuffled order."""
@@ -173,43 +209,81 @@ class TokenStream:
         every = shuffled(read_pass(self.sources, self.files), rng, self.shuffle_buffer)
         return islice(every, self.rank, None, self.world_size)
 
-    def tokenised(self, pass_number: int, *, skip: int) -> Iterator[tuple[Document, list[int]]]:
-        """Token ids of each document of this rank's share after the first ``skip`` (read, not tokenised); a
-        malformed row gives no tokens (it is counted and named in the log) but still counts as a document."""
+    def formatted(self, pass_number: int, *, skip: int) -> Iterator[tuple[Document, list[Example] | RowError]]:
+        """Each document of this rank's share after the first ``skip`` (read, not tokenised) with what its
+        format made of it: its examples, or the reason it is malformed."""
         documents = islice(self.documents(pass_number), skip, None)
         while chunk := list(islice(documents, TOKENISE_BATCH)):
             by_source: dict[int, list[int]] = {}
             for i, document in enumerate(chunk):
                 by_source.setdefault(document.source, []).append(i)
-            ids: list[list[int]] = [[] for _ in chunk]
+            results: list[list[Example] | RowError] = [[] for _ in chunk]
             for source, members in by_source.items():
-                results = self.formats[source].batch([chunk[i].fields for i in members])
-                for i, result in zip(members, results, strict=True):
-                    if isinstance(result, RowError):
-                        self._report(chunk[i], result)
-                        continue
-                    whole = [token for example in result for token in example.input_ids]
-                    ids[i] = strip_leading_padding(Example(whole, whole), self.pad_id).input_ids
-            yield from zip(chunk, ids, strict=True)
+                for i, result in zip(members, self.formats[source].batch([chunk[i].fields for i in members]),
+                                     strict=True):
+                    results[i] = result
+            yield from zip(chunk, results, strict=True)
 
-    def _report(self, document: Document, problem: RowError) -> None:
-        self.malformed += 1
-        if self.malformed <= MAX_PROBLEMS:
+    def tokenised(self, pass_number: int, *, skip: int) -> Iterator[tuple[Document, list[int]]]:
+        """Token ids of each document (its examples back to back, leading padding stripped); a malformed row
+        gives no tokens (it is counted and named in the log) but still counts as a document."""
+        for document, result in self.formatted(pass_number, skip=skip):
+            if isinstance(result, RowError):
+                self._report(document, str(result))
+                yield document, []
+                continue
+            whole = [token for example in result for token in example.input_ids]
+            yield document, strip_leading_padding(Example(whole, whole), self.pad_id).input_ids
+
+    def kept_examples(self, pass_number: int, *, skip: int) -> Iterator[tuple[Document, list[Example]]]:
+        """Each document's examples as the prepared path stores them (``examples_to_keep``); a malformed or
+        dropped row gives none (it is counted and named in the log) but still counts as a document."""
+        for document, result in self.formatted(pass_number, skip=skip):
+            if isinstance(result, RowError):
+                self._report(document, str(result))
+                yield document, []
+                continue
+            kept, reason, _ = examples_to_keep(result, pad_id=self.pad_id, sequence_len=self.sequence_len,
+                                               min_sample_len=self.min_sample_len)
+            if reason is not None:
+                self.dropped += 1
+                self._report(document, f"dropped ({reason.replace('_', ' ')})", count=False)
+            yield document, kept
+
+    def _report(self, document: Document, problem: str, *, count: bool = True) -> None:
+        self.malformed += count
+        if self.malformed + self.dropped <= MAX_PROBLEMS:
             label, row = self.files.file_row(document.source, document.row)
             log.warning("stream: %s row %d skipped: %s", label, row, problem)
 
     def rows(self, start: StreamPosition = StreamPosition()) -> Iterator[tuple[list[Piece], StreamPosition]]:
-        """(the pieces of one row, the position after it), rows of exactly sequence_len tokens, from ``start``."""
+        """(the pieces of one row, the position after it), from ``start``."""
+        return self._example_rows(start) if self.whole_examples else self._cut_rows(start)
+
+    def _next_pass(self, pass_number: int, start: StreamPosition) -> bool:
+        """Whether ``pass_number`` is the one being resumed; logs a fresh pass after the first."""
+        resuming = pass_number == start.passes
+        if pass_number > 0 and not resuming:
+            log.info("stream: rank %d has read its whole share of the sources; pass %d reads them again",
+                     self.rank, pass_number + 1)
+        return resuming
+
+    def _empty_pass(self, read: int) -> DataError:
+        """A whole pass gave this rank nothing: reading again would loop for ever."""
+        got = f"{read} rows and nothing to train on (every row was malformed or dropped)" if read else \
+            "no rows (the sources hold fewer rows than there are processes)"
+        return DataError(f"streaming: rank {self.rank} of {self.world_size} got {got} from a whole pass over "
+                         f"{', '.join(source.label for source in self.sources)}")
+
+    def _cut_rows(self, start: StreamPosition) -> Iterator[tuple[list[Piece], StreamPosition]]:
+        """Completion text: rows of exactly sequence_len tokens, a document cut where a row ends."""
         length = self.sequence_len
         pieces: list[Piece] = []
         filled = 0
         for pass_number in count(start.passes):
-            resuming = pass_number == start.passes
+            resuming = self._next_pass(pass_number, start)
             used = start.documents if resuming else 0
             skip_tokens = start.tokens if resuming else 0
-            if pass_number > 0 and not resuming:
-                log.info("stream: rank %d has read its whole share of the sources; pass %d reads them again",
-                         self.rank, pass_number + 1)
             read = tokens_in_pass = 0
             for document, ids in self.tokenised(pass_number, skip=used):
                 read += 1
@@ -227,11 +301,43 @@ class TokenStream:
                         pieces, filled = [], 0
                 used += 1
             if not (resuming and start.documents) and not tokens_in_pass:
-                # A whole pass gave this rank nothing: reading again would loop for ever.
-                got = f"{read} rows and no tokens (every row was malformed)" if read else \
-                    "no rows (the sources hold fewer rows than there are processes)"
-                raise DataError(f"streaming: rank {self.rank} of {self.world_size} got {got} from a whole pass over "
-                                f"{', '.join(source.label for source in self.sources)}")
+                raise self._empty_pass(read)
+
+    def _example_rows(self, start: StreamPosition) -> Iterator[tuple[list[Piece], StreamPosition]]:
+        """Whole examples: per window of EXAMPLE_WINDOW documents, packed rows (or one example per row)."""
+        for pass_number in count(start.passes):
+            resuming = self._next_pass(pass_number, start)
+            used = start.documents if resuming else 0  # always the start of a window
+            skip_rows = start.rows if resuming else 0
+            read = rows_in_pass = 0
+            documents = self.kept_examples(pass_number, skip=used)
+            while window := list(islice(documents, EXAMPLE_WINDOW)):
+                read += len(window)
+                rows = self._window_rows(window, pass_number=pass_number, first=used)
+                for number in range(skip_rows, len(rows)):
+                    rows_in_pass += 1
+                    last = number + 1 == len(rows)
+                    yield rows[number], StreamPosition(pass_number, used + len(window) if last else used,
+                                                       rows=0 if last else number + 1)
+                used, skip_rows = used + len(window), 0
+            if not (resuming and start.documents) and not rows_in_pass:
+                raise self._empty_pass(read)
+
+    def _window_rows(self, window: list[tuple[Document, list[Example]]], *, pass_number: int,
+                     first: int) -> list[list[Piece]]:
+        """The rows of one window's examples, a function of the window and its place in the stream alone (a
+        resumed stream packs the same window into the same rows): with packing, best-fit-decreasing bins of at
+        most sequence_len tokens in a shuffled order, as the prepared path packs; without, one example per row
+        in the stream's order."""
+        pieces = [Piece(np.asarray(example.input_ids, dtype=np.int64), document.source, document.row,
+                        np.asarray(example.labels, dtype=np.int64))
+                  for document, examples in window for example in examples]
+        if not self.packed:
+            return [[piece] for piece in pieces]
+        lengths = np.array([len(piece.ids) for piece in pieces], dtype=np.int64)
+        bins = pack(lengths, np.arange(len(pieces)), self.sequence_len)
+        rng = np.random.default_rng([self.seed, pass_number, self.rank, first])
+        return [[pieces[i] for i in bins[b]] for b in rng.permutation(len(bins)).tolist()]
 
     def micro_batches(self, start: StreamPosition = StreamPosition()) -> Iterator[
             tuple[list[list[Piece]], StreamPosition]]:
@@ -244,13 +350,14 @@ class TokenStream:
 
 class StreamedRows:
     """The rows of the steps in flight, numbered, in the shape the trainer reads prepared data: ``rows[i]`` is
-    ``{"input_ids", "labels"}`` (every token trained), ``lengths[i]`` its token count, ``source_rows(i)`` and
-    ``file_row`` name where it came from (the watchdog's report). Packed, an item is a piece of one document
-    (isolated by the packing attention); unpacked, an item is a whole row, one causal sequence."""
+    ``{"input_ids", "labels"}`` (the pieces' labels: every token of completion text, an example's own mask),
+    ``lengths[i]`` its token count, ``source_rows(i)`` and ``file_row`` name where it came from (the watchdog's
+    report). Packed, an item is a piece of one document (isolated by the packing attention); unpacked, an item
+    is a whole row, one causal sequence."""
 
     def __init__(self, files: SourceFiles, *, packed: bool) -> None:
         self.files, self.packed = files, packed
-        self.items: dict[int, tuple[np.ndarray, list[tuple[int, int]]]] = {}
+        self.items: dict[int, tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]] = {}
         self.lengths: dict[int, int] = {}
         self.next_number = 0
 
@@ -262,7 +369,8 @@ class StreamedRows:
             numbers = []
             for group in groups:
                 ids = np.concatenate([piece.ids for piece in group])
-                self.items[self.next_number] = (ids, [(piece.source, piece.row) for piece in group])
+                labels = np.concatenate([piece.trained_labels for piece in group])
+                self.items[self.next_number] = (ids, labels, [(piece.source, piece.row) for piece in group])
                 self.lengths[self.next_number] = len(ids)
                 numbers.append(self.next_number)
                 self.next_number += 1
@@ -275,11 +383,11 @@ class StreamedRows:
         self.lengths.clear()
 
     def __getitem__(self, number: int) -> dict[str, np.ndarray]:
-        ids = self.items[number][0]
-        return {"input_ids": ids, "labels": ids}
+        ids, labels, _ = self.items[number]
+        return {"input_ids": ids, "labels": labels}
 
     def source_rows(self, number: int) -> list[tuple[int, int]]:
-        return list(self.items[number][1])
+        return list(self.items[number][2])
 
     def file_row(self, source: int, row: int) -> tuple[str, int]:
         return self.files.file_row(source, row)
@@ -351,5 +459,7 @@ def resume_position(saved: dict[str, Any] | None, *, resuming: bool,
         return StreamPosition(), (f"restarted from the beginning: the checkpoint's stream was shared by "
                                   f"{saved['world_size']} processes, this run has {world_size}")
     position = StreamPosition.from_dict(saved["stream"])
+    within = f"{position.rows} rows into the next packing window" if position.rows else \
+        f"{position.tokens} tokens into the next"
     return position, (f"resumed exactly: pass {position.passes + 1}, the first {position.documents} source rows "
-                      f"of this rank's share skipped, {position.tokens} tokens into the next")
+                      f"of this rank's share skipped, {within}")
