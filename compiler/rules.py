@@ -13,7 +13,14 @@ from collections.abc import Callable
 
 from .errors import Problem
 from .models import parse_parameter_count
-from .spec import BITSANDBYTES_OPTIMIZERS, TORCHAO_OPTIMIZERS, Spec, optimizer_arguments
+from .spec import (
+    BITSANDBYTES_OPTIMIZERS,
+    CCE_PLUGIN,
+    LIGER_PLUGIN,
+    TORCHAO_OPTIMIZERS,
+    Spec,
+    optimizer_arguments,
+)
 
 _CHAT_ONLY_KEYS = ("field_messages", "message_property_mappings", "roles_to_train", "train_on_eos",
                    "chat_template", "field_thinking", "template_thinking_key", "drop_system_message")
@@ -27,11 +34,22 @@ _LIGER_MODULE_KERNELS = ("liger_rms_norm", "liger_glu_activation", "liger_layer_
 _FUSED_LOSSES = ("liger_fused_linear_cross_entropy", "cut_cross_entropy")
 
 
+def _kernel_in_use(spec: Spec, key: str) -> tuple[str | int, ...] | None:
+    """Where a kernel switch that takes effect is set (its key, or the plugin line that turns cut-cross-entropy on
+    by default); None when it does not take effect (Axolotl's kernels need their plugin)."""
+    plugins = list(spec.plugins or ())
+    plugin = CCE_PLUGIN if key == "cut_cross_entropy" else LIGER_PLUGIN
+    if not getattr(spec, key) or plugin not in plugins:
+        return None
+    return (key,) if key in spec.model_fields_set else ("plugins", plugins.index(plugin))
+
+
 def _check_parallelism(spec: Spec, error: Callable[..., None], warn: Callable[..., None]) -> None:
     """Tensor and context parallelism with what tunefile can carry out beside them (the sizes against the GPU
     count, FSDP2 and the model's shape are checked in resolve/distribution.py)."""
     tp = (spec.tensor_parallel_size or 1) > 1
     cp = (spec.context_parallel_size or 1) > 1
+    kernels = {key: _kernel_in_use(spec, key) for key in (*_LIGER_MODULE_KERNELS, *_FUSED_LOSSES)}
     if tp:
         if spec.adapter is not None or spec.load_in_4bit or spec.load_in_8bit:
             error("tensor_parallel_size", "tensor parallelism splits full 16/32-bit weights; tunefile does not "
@@ -43,13 +61,16 @@ def _check_parallelism(spec: Spec, error: Callable[..., None], warn: Callable[..
                   "does not run; tunefile's tensor parallelism runs inside FSDP2",
                   hint="replace `deepspeed:` with fsdp_version: 2 and an fsdp_config")
         for key in _LIGER_MODULE_KERNELS + ("liger_fused_linear_cross_entropy",):
-            if getattr(spec, key):
-                error(key, "Liger's kernels read whole weights; tensor parallelism leaves each GPU a slice (Axolotl "
-                      "refuses liger_rms_norm and Liger's fused loss with it too)", hint=f"remove `{key}`")
+            if kernels[key]:
+                error(kernels[key], "Liger's kernels read whole weights; tensor parallelism leaves each GPU a slice "
+                      "(Axolotl refuses liger_rms_norm and Liger's fused loss with it too)", hint=f"remove `{key}`")
         for key in ("qat", "fp8"):
             if getattr(spec, key):
                 error(key, f"{key} swaps the linear layers for torchao's, which tensor parallelism does not split",
                       hint="remove tensor_parallel_size, or the line")
+        if spec.tiled_mlp:
+            error("tiled_mlp", "tiled MLP runs the MLP over slices of the sequence on whole weights; tunefile does "
+                  "not combine it with tensor parallelism", hint="remove tensor_parallel_size, or tiled_mlp")
         if spec.optimizer in BITSANDBYTES_OPTIMIZERS:
             error("optimizer", f"{spec.optimizer} (bitsandbytes) cannot update tensor-parallel weights, as in "
                   "Axolotl", hint="use adamw_torch or adamw_torch_fused")
@@ -57,18 +78,18 @@ def _check_parallelism(spec: Spec, error: Callable[..., None], warn: Callable[..
             error(("fsdp_config", "cpu_ram_efficient_loading"), "with tensor parallelism every GPU loads the "
                   "weights and keeps its slice; loading them on one GPU and scattering is not carried out",
                   hint="set cpu_ram_efficient_loading: false")
-        if spec.cut_cross_entropy:
-            warn("cut_cross_entropy", "no effect with tensor parallelism: the output head is split, so the plain "
-                 "loss runs (the same loss, with the whole logits)")
+        if kernels["cut_cross_entropy"]:
+            warn(kernels["cut_cross_entropy"], "cut-cross-entropy has no effect with tensor parallelism: the output "
+                 "head is split, so the plain loss runs (the same loss, with the whole logits)")
     if cp:
         if spec.attn_implementation == "eager":
             error("context_parallel_size", "context parallelism runs its own attention: SDPA over the keys and "
                   "values gathered from the group, not eager attention",
                   hint="set attn_implementation: sdpa (or flash_attention_2, as Axolotl asks for)")
         for key in _FUSED_LOSSES:
-            if getattr(spec, key) and not (tp and key == "cut_cross_entropy"):
-                warn(key, "no effect with context parallelism: each GPU's loss is its slice's against labels "
-                     "shifted before the split, and the plain loss runs (the same loss)")
+            if kernels[key] and not tp:  # with tensor parallelism: refused, or warned about above
+                warn(kernels[key], f"{key} has no effect with context parallelism: each GPU's loss is its slice's "
+                     "against labels shifted before the split, and the plain loss runs (the same loss)")
     if (tp or cp or ((spec.dp_replicate_size or 1) > 1 and (spec.dp_shard_size or 1) > 1)) \
             and spec.fsdp_config is not None and spec.fsdp_version != 2:
         error("fsdp_version" if spec.fsdp_version is not None else "fsdp_config", "N-D parallelism (HSDP, tensor or "
@@ -113,6 +134,16 @@ def _check_training_methods(spec: Spec, error: Callable[..., None], warn: Callab
                  "(eta_min) is dropped, as Axolotl does", hint="remove one of the two")
     if spec.fp8_enable_fsdp_float8_all_gather and not spec.fp8:
         error("fp8_enable_fsdp_float8_all_gather", "float8 all-gather needs fp8: true", hint="add `fp8: true`")
+    recipe = spec.fp8_config.recipe if spec.fp8_config else "tensorwise"
+    if spec.fp8_enable_fsdp_float8_all_gather and recipe != "tensorwise":
+        error("fp8_enable_fsdp_float8_all_gather", f"float8 all-gather works with the tensorwise recipe only, not "
+              f"{recipe}, as Axolotl says", hint="use fp8_config: {recipe: tensorwise}, or remove the line")
+    if spec.fp8 and spec.fsdp_config is not None and spec.fsdp_config.cpu_ram_efficient_loading:
+        error(("fsdp_config", "cpu_ram_efficient_loading"), "accelerate cannot convert a model to float8 that "
+              "rank 0 alone loaded (cpu_ram_efficient_loading) for FSDP", hint="set it to false, or remove fp8")
+    if spec.fp8 and (spec.fp16 or spec.float16 or spec.bf16 is False):
+        warn("fp8", "FP8 training runs everything outside the float8 layers in bf16, whatever fp16/bf16 say",
+             hint="set bf16: true to say so")
     if spec.fp8 and (spec.load_in_4bit or spec.load_in_8bit or spec.adapter == "qlora"):
         error("fp8", "FP8 training computes the linear layers in float8: it cannot run on a 4/8-bit base",
               hint="use a 16-bit base (adapter: lora or full fine-tuning)")

@@ -252,7 +252,7 @@ class Spec(_Strict):
         False, description="ALST tiled MLP: run each MLP over the sequence in slices, forward and backward, so long "
         "sequences need less activation memory.", group="model")
     tiled_mlp_num_shards: int | None = _field(
-        None, ge=1, description="Slices per MLP call (default: sequence length / hidden size, rounded up).",
+        None, ge=1, description="Slices per MLP call (default: sequence length / 32768, rounded up, as Axolotl).",
         group="model")
     tiled_mlp_use_original_mlp: bool = _field(
         True, description="Tile the model's own MLP module (false: a generic gated MLP on its weights).",

@@ -132,6 +132,9 @@ def check_model(config: Any) -> None:
     if getattr(text, "attn_logit_softcapping", None):
         raise ContextParallelError(f"context parallelism: {text.model_type} caps its attention logits "
                                    "(attn_logit_softcapping), which tunefile's context-parallel attention does not do")
+    if getattr(text, "attention_chunk_size", None):
+        raise ContextParallelError(f"context parallelism: {text.model_type} attends within chunks "
+                                   "(attention_chunk_size), which tunefile's context-parallel attention does not mask")
     layer_types = set(getattr(text, "layer_types", None) or ())
     if "sliding_attention" in layer_types and layer_types != {"sliding_attention"}:
         raise ContextParallelError(f"context parallelism: {text.model_type} mixes sliding-window and full attention "

@@ -211,11 +211,12 @@ def float8_layer_count(model: torch.nn.Module) -> int:
     return sum(isinstance(module, Float8Linear) for module in model.modules())
 
 
-def decide_fp8(plan: Fp8Plan | None, *, distribution: DistributionPlan,
+def decide_fp8(plan: Fp8Plan | None, *, precision: str, distribution: DistributionPlan,
                machine: tuple[str, tuple[int, int] | None] | None = None,
                torchao: str | None | bool = True) -> Fp8Choice:
-    """What this machine does with ``plan`` (checked before accelerate starts). ``machine`` and ``torchao``
-    (a problem string, None for none, True to look) stand in for this machine's in tests."""
+    """What this machine does with ``plan`` (checked before accelerate starts); ``precision``: the run's.
+    ``machine`` and ``torchao`` (a problem string, None for none, True to look) stand in for this machine's in
+    tests."""
     if plan is None:
         return Fp8Choice(None)
     check_plan(plan, distribution)
@@ -231,6 +232,8 @@ def decide_fp8(plan: Fp8Plan | None, *, distribution: DistributionPlan,
     if plan.fsdp_float8_all_gather and not fsdp2:
         notes.append("fsdp_float8_all_gather has no effect: it changes FSDP2's weight all-gather, and this run "
                      "does not use FSDP2")
+    if precision != "bf16" and distribution.deepspeed is None:
+        notes.append(f"what is not float8 computes in bf16 autocast (accelerate's fp8 mode), not {precision}")
     from accelerate.utils import AORecipeKwargs
 
     handler = AORecipeKwargs(config=float8_config(plan.recipe, all_gather=all_gather))

@@ -145,9 +145,11 @@ class Parallelism:
         self.mesh = mesh = device_mesh(distribution, accelerator)
         coordinates = mesh_coordinates(mesh)
         expected = self.layout.data_rank
-        if "dp" in mesh.mesh_dim_names and mesh["dp"].get_local_rank() != expected:  # accelerate's mesh order moved
+        shards = dict(zip(mesh.mesh_dim_names, mesh.mesh.shape, strict=True)).get("dp_shard", 1)
+        found = coordinates.get("dp_replicate", 0) * shards + coordinates.get("dp_shard", 0)
+        if found != expected:  # accelerate's mesh order is not the one layout() assumes
             raise RuntimeError(f"rank {accelerator.process_index}: accelerate's mesh puts it at data-parallel index "
-                               f"{mesh['dp'].get_local_rank()}, tunefile's layout at {expected}")
+                               f"{found}, tunefile's layout at {expected}")
         self.decisions["parallelism"] = (f"mesh {dict(zip(mesh.mesh_dim_names, mesh.mesh.shape, strict=True))}; "
                                          f"this rank {coordinates}; data share {expected} of "
                                          f"{self.layout.data_world}")
@@ -186,7 +188,9 @@ class Parallelism:
             f"slice {self._group.rank} of {self._group.size} of every row; keys and values gathered across the "
             f"group, SDPA with a causal{' packed-sample' if decision.packing else ''} mask (planned: "
             f"{decision.attn_implementation}{', packing ' + decision.packing if decision.packing else ''})")
-        return AttentionDecision(packing=decision.packing, attn_implementation=name, fallback=decision.fallback)
+        # Packed samples are kept apart by the slice's block-diagonal causal mask, whatever kernel was planned.
+        return AttentionDecision(packing="block_mask" if decision.packing else None, attn_implementation=name,
+                                 fallback=decision.fallback)
 
     def prepare_model(self, model: torch.nn.Module, *, pad_token_id: int, sliding_window: int | None) -> None:
         """After loading, before the optimizer: context parallelism refuses an attention it cannot reproduce and

@@ -136,7 +136,7 @@ class Trainer:
         plan = self.plan
         self.accumulation = plan.schedule.gradient_accumulation_steps
         # FP8 where this machine can run it, decided before accelerate starts (its mixed precision says so).
-        self.fp8 = decide_fp8(plan.model.fp8, distribution=plan.distribution)
+        self.fp8 = decide_fp8(plan.model.fp8, precision=plan.model.precision, distribution=plan.distribution)
         self.accelerator = build_accelerator(precision=plan.model.precision, accumulation=self.accumulation,
                                              half_precision_weights=plan.model.half_precision_weights,
                                              distribution=plan.distribution, fp8=self.fp8)

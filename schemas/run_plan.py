@@ -160,7 +160,7 @@ class TiledMlpPlan:
     """ALST's tiled MLP (Axolotl's tiled_mlp): each MLP runs over the sequence in num_shards slices, forward and
     backward, so its intermediate activations exist for one slice at a time (long sequences)."""
 
-    num_shards: int | None  # None: ceil(sequence length / hidden size), decided per batch as Axolotl does
+    num_shards: int | None  # None: ceil(sequence length / 32768), decided per batch as Axolotl does
     use_original_mlp: bool  # tile the model's own MLP module (false: a generic gated MLP on its weights)
 
 

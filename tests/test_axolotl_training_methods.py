@@ -196,8 +196,10 @@ def test_a_pretraining_config_with_another_error_reports_only_that_error() -> No
 # --- wave two: fp8, tiled MLP, per-layer-embedding offload, ternary QAT, quadratic warm-up, device_map ------
 
 def test_fp8_lands_in_the_plan_on_hopper_and_is_refused_before_it(tmp_path: Path) -> None:
-    text = MINIMAL + "fp8: true\nfp8_enable_fsdp_float8_all_gather: true\nfp8_config:\n  recipe: rowwise\n"
-    assert plan_of(tmp_path, text)["model"]["fp8"] == {"recipe": "rowwise", "fsdp_float8_all_gather": True}
+    text = MINIMAL + "fp8: true\nfp8_enable_fsdp_float8_all_gather: true\n"
+    assert plan_of(tmp_path, text)["model"]["fp8"] == {"recipe": "tensorwise", "fsdp_float8_all_gather": True}
+    rowwise = MINIMAL + "fp8: true\nfp8_config:\n  recipe: rowwise\n"
+    assert plan_of(tmp_path, rowwise)["model"]["fp8"] == {"recipe": "rowwise", "fsdp_float8_all_gather": False}
     with pytest.raises(ConfigError) as caught:
         compiled(tmp_path, MINIMAL + "fp8: true\n", TargetOptions(gpu="a100-80gb"))
     assert "FP8 training needs compute capability 8.9 or newer (Ada, Hopper); a100-80gb is 8.0" in \
@@ -269,3 +271,17 @@ def test_float16_full_fine_tuning_with_adamw_warns(tmp_path: Path) -> None:
     assert any(w.path == ("float16",) and "epsilon (1e-8) rounds to 0" in w.message for w in warnings)
     _, quiet, _ = validate_with_notes(load_document(MINIMAL + "float16: true\noptimizer: adamw_bnb_8bit\n", "c.yml"))
     assert not any(w.path == ("float16",) for w in quiet)
+
+
+def test_fp8_combinations_accelerate_and_torchao_refuse() -> None:
+    line, = problems_of(MINIMAL + "fp8: true\nfp8_enable_fsdp_float8_all_gather: true\n"
+                                  "fp8_config:\n  recipe: rowwise\n")
+    assert "float8 all-gather works with the tensorwise recipe only, not rowwise" in line
+    line, = problems_of(MINIMAL + "fp8: true\nfsdp_config:\n  fsdp_version: 2\n  cpu_ram_efficient_loading: true\n")
+    assert "fsdp_config.cpu_ram_efficient_loading: accelerate cannot convert a model to float8" in line
+
+
+def test_sequence_parallel_degree_is_context_parallel_size(tmp_path: Path) -> None:
+    text = MINIMAL + "sequence_parallel_degree: 2\nattn_implementation: sdpa\nfsdp_config:\n  fsdp_version: 2\n"
+    plan = plan_of(tmp_path, text, TargetOptions(gpu="h100-80gb", gpus_per_node=4))
+    assert plan["distribution"]["parallelism"]["context_parallel_size"] == 2

@@ -122,11 +122,15 @@ def test_explain_says_how_many_different_micro_batches_a_step_trains(tmp_path: P
     assert "2 different micro-batches per step" in decision.reason
 
 
-def test_fused_losses_are_a_warning_not_an_error(tmp_path: Path) -> None:
-    text = MINIMAL + FSDP2 + "tensor_parallel_size: 2\ncut_cross_entropy: true\n"
+@pytest.mark.parametrize("sizes", ["tensor_parallel_size: 2\n", "context_parallel_size: 2\n"])
+def test_a_fused_loss_is_a_warning_at_the_plugin_line(tmp_path: Path, sizes: str) -> None:
+    """Axolotl's CutCrossEntropyPlugin turns cut_cross_entropy on by default: the warning points at the plugin."""
+    text = MINIMAL + FSDP2 + sizes + "plugins:\n  - axolotl.integrations.cut_cross_entropy.CutCrossEntropyPlugin\n"
     compilation = compile_config(write(tmp_path / "c.yml", text), gpus(4))
-    assert any(w.path == ("cut_cross_entropy",) and "plain loss runs" in w.message
-               for w in compilation.plan.warnings)
+    (warning,) = [w for w in compilation.plan.warnings if "plain loss runs" in w.message]
+    assert warning.path == ("plugins", 0)
+    without = compile_config(write(tmp_path / "c.yml", MINIMAL + FSDP2 + sizes), gpus(4))
+    assert not [w for w in without.plan.warnings if "plain loss runs" in w.message]
 
 
 def test_a_huge_context_parallel_mask_is_a_warning(tmp_path: Path) -> None:
@@ -156,8 +160,11 @@ def test_a_huge_context_parallel_mask_is_a_warning(tmp_path: Path) -> None:
      "c.yml:5: tensor_parallel_size: tunefile runs tensor parallelism inside FSDP2"),
     ("tensor_parallel_size: 2\n" + FSDP2, gpus(2),
      "c.yml:5: tensor_parallel_size: tensor_parallel_size 2 leaves FSDP2 no GPUs to shard across"),
-    ("tensor_parallel_size: 2\nliger_rms_norm: true\n" + FSDP2, gpus(4),
+    ("tensor_parallel_size: 2\nliger_rms_norm: true\nplugins: [axolotl.integrations.liger.LigerPlugin]\n" + FSDP2,
+     gpus(4),
      "c.yml:6: liger_rms_norm: Liger's kernels read whole weights"),
+    ("tensor_parallel_size: 2\ntiled_mlp: true\n" + FSDP2, gpus(4),
+     "c.yml:6: tiled_mlp: tiled MLP runs the MLP over slices of the sequence on whole weights"),
     ("tensor_parallel_size: 2\noptimizer: adamw_8bit\n" + FSDP2, gpus(4),
      "c.yml:6: optimizer: adamw_8bit (bitsandbytes) cannot update tensor-parallel weights"),
     ("tensor_parallel_size: 2\nfsdp_version: 2\nfsdp_config:\n  cpu_ram_efficient_loading: true\n", gpus(4),

@@ -88,7 +88,7 @@ def reference_loss_and_gradients(model_dir: Path, batch: dict[str, torch.Tensor]
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask).logits
     loss, count = token_loss_sum(logits, batch["labels"])
     loss.backward()
-    return float(loss), int(count), {name: p.grad for name, p in model.named_parameters()}
+    return float(loss.detach()), int(count), {name: p.grad for name, p in model.named_parameters()}
 
 
 # --- context parallelism ---------------------------------------------------------------------------------------
@@ -190,7 +190,7 @@ def _tensor_parallel_worker(rank: int, world: int, build: Any, batch: dict[str, 
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
     norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
     if rank == 0:
-        torch.save({"logits": logits.detach(), "loss": float(loss), "grads": grads, "shards": shards,
+        torch.save({"logits": logits.detach(), "loss": float(loss.detach()), "grads": grads, "shards": shards,
                     "norm": float(norm)}, out)
 
 
@@ -231,7 +231,7 @@ def test_tensor_parallel_logits_and_gradients_are_the_single_process_ones(tmp_pa
     on_processes(2, _tensor_parallel_worker, build, batch, tmp_path / "tp.pt")
     result = torch.load(tmp_path / "tp.pt")
     torch.testing.assert_close(result["logits"], logits.detach(), rtol=1e-4, atol=1e-5)
-    assert result["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert result["loss"] == pytest.approx(float(loss.detach()), rel=1e-5)
     for name, param in reference.named_parameters():
         torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-4, atol=1e-5, msg=name)
     assert result["norm"] == pytest.approx(float(torch.nn.utils.clip_grad_norm_(reference.parameters(), 1e9)),
@@ -315,11 +315,11 @@ def test_fused_losses_are_switched_off_and_the_decision_says_why() -> None:
 
 # --- whole runs: compiled bundles launched on CPU processes ----------------------------------------------------
 
-def _run(root: Path, name: str, gpus: int, **overrides: Any) -> Path:
-    config = write_config(root, f"{name}.yml", output_dir=f"out-{name}", max_steps=4, sample_packing=True,
-                          micro_batch_size=2, gradient_accumulation_steps=2, val_set_size=0.1, eval_steps=2,
-                          **overrides)
-    launch(compile_bundle(config, f"bundle-{name}", gpus_per_node=gpus))
+def _run(root: Path, name: str, gpus: int, *, target: str = "cpu", **overrides: Any) -> Path:
+    values = {"max_steps": 4, "sample_packing": True, "micro_batch_size": 2, "gradient_accumulation_steps": 2,
+              "val_set_size": 0.1, "eval_steps": 2} | overrides
+    config = write_config(root, f"{name}.yml", output_dir=f"out-{name}", **values)
+    launch(compile_bundle(config, f"bundle-{name}", gpus_per_node=gpus, target=target))
     return root / f"out-{name}"
 
 
@@ -330,8 +330,9 @@ def _eval_losses(out: Path) -> list[float]:
 
 def test_context_parallel_training_is_the_single_process_training(tmp_path: Path, tiny_model: Path) -> None:
     root = workspace(tmp_path, tiny_model)
-    single = _run(root, "single", 1)
-    sliced = _run(root, "cp", 2, context_parallel_size=2)
+    # With gradient checkpointing: the backward recomputes each layer, its all-gathers included.
+    single = _run(root, "single", 1, gradient_checkpointing=True)
+    sliced = _run(root, "cp", 2, context_parallel_size=2, gradient_checkpointing=True)
     assert train_losses(sliced) == pytest.approx(train_losses(single), rel=2e-5)
     assert _eval_losses(sliced) == pytest.approx(_eval_losses(single), rel=2e-5)
     decisions = summary(sliced)["runtime_decisions"]
@@ -349,3 +350,32 @@ def test_context_times_data_parallel_training_is_data_parallel_training(tmp_path
     assert _eval_losses(mixed) == pytest.approx(_eval_losses(ddp), rel=2e-5)
     digests = summary(mixed)["rank_weight_digests"]
     assert len(set(digests)) == 1  # every rank holds the same weights afterwards
+
+
+# --- on GPUs: FSDP2 (HSDP, tensor parallelism inside it) and context parallelism over NCCL -------------------
+
+FSDP2 = {"fsdp_version": 2, "fsdp_config": {"auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                                            "transformer_layer_cls_to_wrap": "LlamaDecoderLayer"}}
+# fp32 without TF32 and without packing (the one-GPU reference would pack through a bf16 varlen kernel): a layout
+# and its reference then differ only by the order of floating-point sums.
+EXACT = {"bf16": False, "tf32": False, "sample_packing": False, "attn_implementation": "sdpa", "max_steps": 6}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gpus, keys, reference_gpus, reference_keys", [
+    (2, {"context_parallel_size": 2}, 1, {}),
+    (4, {**FSDP2, "dp_replicate_size": 2, "dp_shard_size": 2}, 4, {"strategy": "ddp"}),
+    (4, {**FSDP2, "tensor_parallel_size": 2}, 2, {"strategy": "ddp"}),
+    (4, {**FSDP2, "tensor_parallel_size": 2, "context_parallel_size": 2}, 1, {}),
+], ids=["cp2", "hsdp2x2", "tp2-fsdp2", "tp2-cp2-fsdp2"])
+def test_on_gpus_a_parallel_layout_trains_as_its_data_parallel_reference(
+        tmp_path: Path, tiny_model: Path, gpus: int, keys: dict[str, Any], reference_gpus: int,
+        reference_keys: dict[str, Any]) -> None:
+    """bench/gpu_parallelism.py runs the same comparisons for 20 steps, and with resumes."""
+    if torch.cuda.device_count() < gpus:
+        pytest.skip(f"needs {gpus} GPUs, this machine has {torch.cuda.device_count()}")
+    root = workspace(tmp_path, tiny_model)
+    reference = _run(root, "reference", reference_gpus, target="h100-80gb", **EXACT, **reference_keys)
+    layout = _run(root, "layout", gpus, target="h100-80gb", **EXACT, **keys)
+    assert train_losses(layout) == pytest.approx(train_losses(reference), abs=2e-3)
+    assert _eval_losses(layout) == pytest.approx(_eval_losses(reference), abs=2e-3)

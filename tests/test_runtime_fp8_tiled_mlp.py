@@ -3,7 +3,7 @@
 Tiled MLP: the logits and every parameter gradient with tiling equal those without it (fp32), with the model's own
 MLP and the generic gated one, under gradient checkpointing (reentrant and not), under LoRA (dropout included), in
 two-process DDP and FSDP2 runs (gloo), and through DeepSpeed's TiledMLP; the default slice count is
-ceil(sequence / hidden) per batch; mixture-of-experts blocks are left alone.
+ceil(sequence / 32768) per batch, as Axolotl; mixture-of-experts blocks are left alone.
 
 FP8: the layer filter picks the linear layers Axolotl's accelerate filter converts (not the first and last linear
 layers, not routers, only dimensions that are multiples of 16) and leaves the LoRA matrices and quantised layers
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from helpers import require_module
-from tunefile.runtime import fp8
+from tunefile.runtime import fp8, tiled_mlp
 from tunefile.runtime.tiled_mlp import TiledMlpReport, apply_tiled_mlp, default_shards
 from tunefile.schemas.run_plan import DeepSpeedPlan, DistributionPlan, Fp8Plan, FsdpPlan, TiledMlpPlan
 
@@ -103,8 +103,10 @@ def test_tiled_mlp_gives_the_untiled_logits_and_gradients(tiny_model_dir: Path, 
                                              "mlp": "the model's own" if use_original_mlp else "generic gated"}}
 
 
-def test_the_default_slice_count_is_the_sequence_over_the_hidden_size_per_batch(tiny_model_dir: Path) -> None:
-    assert [default_shards(n, 64) for n in (1, 64, 65, 150, 4096)] == [1, 1, 2, 3, 64]
+def test_the_default_slice_count_is_axolotls_per_batch(tiny_model_dir: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [default_shards(n) for n in (1, 32768, 32769, 100_000)] == [1, 1, 2, 4]
+    monkeypatch.setattr(tiled_mlp, "TOKENS_PER_SHARD", 64)  # the tiny model's sequences, in several slices
     model = load(tiny_model_dir)
     apply_tiled_mlp(model, tiled_plan(None), distribution=SINGLE)
     assert model.config.hidden_size == 64
@@ -118,7 +120,7 @@ def test_the_default_slice_count_is_the_sequence_over_the_hidden_size_per_batch(
     want = logits_and_grads(load(tiny_model_dir), ids)
     assert_same(logits_and_grads(model, ids), want)
     assert apply_tiled_mlp(load(tiny_model_dir), tiled_plan(None), distribution=SINGLE).record()["tiled_mlp"][
-        "num_shards"] == "ceil(sequence length / hidden size)"
+        "num_shards"] == "ceil(sequence length / 32768)"
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
@@ -321,6 +323,12 @@ def fp8_plan(recipe: str = "tensorwise", all_gather: bool = False) -> Fp8Plan:
     return Fp8Plan(recipe=recipe, fsdp_float8_all_gather=all_gather)
 
 
+def decide(plan: Fp8Plan | None, distribution: DistributionPlan = SINGLE, *, precision: str = "bf16",
+           machine: tuple = HOPPER, torchao: str | None = None) -> fp8.Fp8Choice:
+    """decide_fp8 as on a Hopper GPU with torchao, unless told otherwise."""
+    return fp8.decide_fp8(plan, precision=precision, distribution=distribution, machine=machine, torchao=torchao)
+
+
 def float8_names(model: torch.nn.Module) -> set[str]:
     from torchao.float8.float8_linear import Float8Linear
 
@@ -390,7 +398,7 @@ def test_accelerate_converts_the_filtered_layers_in_prepare(tiny_model_dir: Path
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    choice = fp8.decide_fp8(fp8_plan(), distribution=SINGLE, machine=HOPPER, torchao=None)
+    choice = decide(fp8_plan())
     assert choice.enabled and choice.fallback is None
     settings = choice.accelerator_settings(deepspeed=False)
     assert settings["mixed_precision"] == "fp8" and choice.accelerator_settings(deepspeed=True).keys() == {
@@ -423,13 +431,13 @@ def test_accelerate_converts_the_filtered_layers_in_prepare(tiny_model_dir: Path
 ])
 def test_a_machine_without_float8_trains_in_bf16_and_says_why(machine: tuple, problem: str | None,
                                                                reason: str) -> None:
-    choice = fp8.decide_fp8(fp8_plan(), distribution=SINGLE, machine=machine, torchao=problem)
+    choice = decide(fp8_plan(), machine=machine, torchao=problem)
     assert not choice.enabled and choice.fallback == reason
     assert choice.accelerator_settings(deepspeed=False) == {}
     choice.use_filter_for(torch.nn.Linear(16, 16))  # nothing to convert
     assert choice.record() == {"fp8": {"enabled": False, "recipe": "tensorwise", "fsdp_float8_all_gather": False,
                                        "fallback": reason}}
-    assert fp8.decide_fp8(None, distribution=SINGLE).record() == {}
+    assert fp8.decide_fp8(None, precision="bf16", distribution=SINGLE).record() == {}
 
 
 def test_an_ada_gpu_runs_float8() -> None:
@@ -438,27 +446,33 @@ def test_an_ada_gpu_runs_float8() -> None:
 
 @NEEDS_TORCHAO
 def test_the_float8_all_gather_is_fsdp2s() -> None:
-    on_fsdp2 = fp8.decide_fp8(fp8_plan(all_gather=True), distribution=FSDP2, machine=HOPPER, torchao=None)
+    on_fsdp2 = decide(fp8_plan(all_gather=True), FSDP2)
     assert on_fsdp2.all_gather and on_fsdp2.handler.config.enable_fsdp_float8_all_gather and not on_fsdp2.notes
-    on_ddp = fp8.decide_fp8(fp8_plan(all_gather=True), distribution=replace(SINGLE, strategy="ddp"),
-                            machine=HOPPER, torchao=None)
+    on_ddp = decide(fp8_plan(all_gather=True), replace(SINGLE, strategy="ddp"))
     assert not on_ddp.all_gather and not on_ddp.handler.config.enable_fsdp_float8_all_gather
     assert on_ddp.record()["fp8"]["notes"] == ["fsdp_float8_all_gather has no effect: it changes FSDP2's weight "
                                                "all-gather, and this run does not use FSDP2"]
-    rowwise = fp8.decide_fp8(fp8_plan("rowwise"), distribution=FSDP2, machine=HOPPER, torchao=None)
+    rowwise = decide(fp8_plan("rowwise"), FSDP2)
     from torchao.float8.config import ScalingGranularity
 
     assert rowwise.handler.config.cast_config_weight.scaling_granularity == ScalingGranularity.AXISWISE
 
 
 @NEEDS_TORCHAO
+def test_fp8_runs_the_rest_in_bf16_whatever_the_precision() -> None:
+    assert decide(fp8_plan(), precision="fp16").notes == [
+        "what is not float8 computes in bf16 autocast (accelerate's fp8 mode), not fp16"]
+    deepspeed = replace(SINGLE, strategy="deepspeed", deepspeed=DeepSpeedPlan(stage=2, config_file="ds.json"))
+    assert decide(fp8_plan(), deepspeed, precision="fp16").notes == []  # DeepSpeed's config holds the precision
+
+
+@NEEDS_TORCHAO
 def test_plans_fp8_cannot_run_anywhere_are_refused() -> None:
     with pytest.raises(fp8.Fp8Error, match="tensorwise only"):
-        fp8.decide_fp8(fp8_plan("rowwise_with_gw_hp", all_gather=True), distribution=FSDP2, machine=HOPPER,
-                       torchao=None)
+        decide(fp8_plan("rowwise_with_gw_hp", all_gather=True), FSDP2)
     with pytest.raises(fp8.Fp8Error, match="cpu_ram_efficient_loading: false"):
         efficient_loading = replace(FSDP2, fsdp=replace(FSDP2.fsdp, cpu_ram_efficient_loading=True))
-        fp8.decide_fp8(fp8_plan(), distribution=efficient_loading, machine=HOPPER, torchao=None)
+        decide(fp8_plan(), efficient_loading)
 
 
 if __name__ == "__main__":

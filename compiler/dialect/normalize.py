@@ -154,6 +154,13 @@ FALSE_AS_ZERO = ("jagged_restart_warmup_steps", "jagged_restart_anneal_steps")
 
 def _rewrite_spellings(reading: Reading) -> None:
     data = reading.data
+    # Axolotl's older name for context parallelism; it is used only when the new one is not set.
+    if "sequence_parallel_degree" in data:
+        degree = data.pop("sequence_parallel_degree")
+        if "context_parallel_size" not in data:
+            data["context_parallel_size"] = degree
+            reading.moved[("context_parallel_size",)] = ("sequence_parallel_degree",)
+            _note(reading, ("sequence_parallel_degree",), "read as context_parallel_size", "Axolotl's older name")
     for key in FALSE_AS_ZERO:
         if data.get(key) is False:
             data[key] = 0
