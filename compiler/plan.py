@@ -62,10 +62,16 @@ class BatchPlan:
     gradient_accumulation_steps: int
     world_size: int
     sequence_len: int
+    # GPUs that share one micro batch (tensor × context parallelism): they train one sequence together.
+    gpus_per_copy: int = 1
+
+    @property
+    def data_parallel(self) -> int:
+        return self.world_size // self.gpus_per_copy
 
     @property
     def effective_batch_size(self) -> int:
-        return self.micro_batch_size * self.gradient_accumulation_steps * self.world_size
+        return self.micro_batch_size * self.gradient_accumulation_steps * self.data_parallel
 
     @property
     def tokens_per_step(self) -> int:
@@ -73,9 +79,12 @@ class BatchPlan:
         return self.effective_batch_size * self.sequence_len
 
     def explanation(self) -> str:
+        shares = (f"{self.world_size} GPU{'s' if self.world_size != 1 else ''}" if self.gpus_per_copy == 1 else
+                  f"{self.data_parallel} data-parallel group{'s' if self.data_parallel != 1 else ''} of "
+                  f"{self.gpus_per_copy} GPUs")
         return (
             f"{self.micro_batch_size} micro batch × {self.gradient_accumulation_steps} accumulation × "
-            f"{self.world_size} GPU{'s' if self.world_size != 1 else ''} = {self.effective_batch_size} "
+            f"{shares} = {self.effective_batch_size} "
             f"sequences per optimizer step (≤ {self.tokens_per_step:,} tokens at sequence_len {self.sequence_len})"
         )
 

@@ -115,10 +115,11 @@ def model_config(arch: str, *, vocab_size: int, bos_token_id: int, eos_token_id:
     if arch == "llama4":
         # Llama 4's text MoE (Llama4ForCausalLM): every layer routes each token to one of 4 experts (as Scout
         # does) beside a shared expert; the experts are small so that the model stays about as big as the others.
-        # No chunked attention: that is for contexts far beyond a test's.
+        # Chunked attention with chunks longer than any test's context: the same as full causal attention, and
+        # every transformers version accepts it (some build chunked layers by default and need a chunk size).
         return Llama4TextConfig(**{**shape, "intermediate_size": 32}, intermediate_size_mlp=128, head_dim=16,
                                 num_local_experts=4, num_experts_per_tok=1, interleave_moe_layer_step=1,
-                                attention_chunk_size=None)
+                                attention_chunk_size=8192)
     raise ValueError(f"unknown tiny-model architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
 
 

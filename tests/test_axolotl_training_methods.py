@@ -285,3 +285,11 @@ def test_sequence_parallel_degree_is_context_parallel_size(tmp_path: Path) -> No
     text = MINIMAL + "sequence_parallel_degree: 2\nattn_implementation: sdpa\nfsdp_config:\n  fsdp_version: 2\n"
     plan = plan_of(tmp_path, text, TargetOptions(gpu="h100-80gb", gpus_per_node=4))
     assert plan["distribution"]["parallelism"]["context_parallel_size"] == 2
+
+
+def test_tensor_and_context_parallel_gpus_share_their_micro_batches(tmp_path: Path) -> None:
+    text = MINIMAL + ("attn_implementation: sdpa\ntensor_parallel_size: 2\ncontext_parallel_size: 2\n"
+                      "micro_batch_size: 3\nfsdp_config:\n  fsdp_version: 2\n")
+    files = compiled(tmp_path, text, TargetOptions(gpu="h100-80gb", gpus_per_node=8))
+    assert "3 micro batch × 1 accumulation × 2 data-parallel groups of 4 GPUs = 6 sequences per optimizer step" \
+        in files["accelerate.yaml"]

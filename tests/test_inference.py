@@ -33,7 +33,8 @@ def data_plan(dataset: dict[str, Any], **changes: Any) -> DataPlan:
         "packing_attention": None, "pad_to_sequence_len": False, "train_on_inputs": False, "val_set_size": 0.0,
         "prepared_path": "prepared", "chat_template": None, "chat_template_jinja": None, "chat_template_kwargs": {},
         "eot_tokens": None,
-        "eval_packing": False, "skip_prepare": False, "streaming": False}
+        "eval_packing": False, "skip_prepare": False, "streaming": False, "exact_deduplication": False,
+        "group_by_length": False, "min_sample_len": 2}
     return DataPlan(**{**values, **changes})
 
 

@@ -6,7 +6,7 @@ the CLI and passed in as data.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import __version__
@@ -14,7 +14,7 @@ from ..errors import ConfigError, Problem, format_path
 from ..plan import BatchPlan, Decision, Plan
 from ..spec import BITSANDBYTES_OPTIMIZERS, TORCHAO_OPTIMIZERS, Spec, mlflow_on, wandb_on
 from ..targets import Target
-from .distribution import DeepSpeedInput, resolve_distribution
+from .distribution import DeepSpeedInput, mesh_of, resolve_distribution
 from .hardware import resolve_attention, resolve_packing_attention, resolve_precision, resolve_tf32
 from .kernels import kernel_packages, resolve_kernels
 from .model import resolve_model
@@ -81,6 +81,9 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
         errors=errors, warnings=warnings,
     )
     decisions += strategy_decisions
+    mesh = mesh_of(distribution)
+    if mesh is not None:  # tensor/context-parallel GPUs share their micro batches (DeepSpeed counts every GPU)
+        batch = replace(batch, gpus_per_copy=mesh.tensor_parallel * mesh.context_parallel)
     decisions.append(Decision("batch", f"{batch.effective_batch_size} sequences per step", batch.explanation()))
     if memory is not None:
         budget = f" of {memory.available:.0f} GiB" if memory.available else " (GPU memory unknown)"
