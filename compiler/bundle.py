@@ -9,9 +9,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 from .render.manifest import MANIFEST, sha256_hex
+from .vendor import describe_archive
+
+# Files held as bytes (the vendored runtime archive): written as they are, shown to diffs as a member listing.
+BINARY_SUFFIXES = (".pyz",)
 
 _EXECUTABLE_SUFFIXES = (".sh", ".sbatch")
 
@@ -33,7 +38,7 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def write_bundle(files: dict[str, str], out_dir: Path, *, force: bool) -> None:
+def write_bundle(files: Mapping[str, str | bytes], out_dir: Path, *, force: bool) -> None:
     """Write every file into a temporary sibling directory, then rename it into place.
 
     The sibling lives in the same parent, so the rename is atomic: a reader never sees half a
@@ -49,7 +54,10 @@ def write_bundle(files: dict[str, str], out_dir: Path, *, force: bool) -> None:
         for name, text in sorted(files.items()):
             path = staging / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(text, encoding="utf-8", newline="")  # the bytes the manifest hashed
+            if isinstance(text, bytes):
+                path.write_bytes(text)
+            else:
+                path.write_text(text, encoding="utf-8", newline="")  # the bytes the manifest hashed
             path.chmod(0o755 if name.endswith(_EXECUTABLE_SUFFIXES) else 0o644)
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is shared with the cluster's users
         if out_dir.exists() or out_dir.is_symlink():
@@ -69,9 +77,11 @@ def write_bundle(files: dict[str, str], out_dir: Path, *, force: bool) -> None:
 
 
 def read_bundle(directory: Path) -> dict[str, str]:
-    """Every regular file of a bundle directory, by relative POSIX name, sorted."""
+    """Every regular file of a bundle directory, by relative POSIX name, sorted; the runtime archive as a listing
+    of its members and their hashes (so a diff of two bundles names the runtime modules that changed)."""
     directory = Path(directory)
-    return {name: (directory / name).read_text(encoding="utf-8", errors="replace")
+    return {name: describe_archive((directory / name).read_bytes()) if name.endswith(BINARY_SUFFIXES)
+            else (directory / name).read_text(encoding="utf-8", errors="replace")
             for name in bundle_file_names(directory)}
 
 

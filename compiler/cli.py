@@ -16,6 +16,12 @@ from .cli_common import print_warnings, reports_problems, target_flags, target_o
 from .errors import EXIT_DIFFERENT, EXIT_INVALID
 from .runtime_commands import RUNTIME_COMMANDS
 
+# `--offline` is `offline: true` in the config: the bundle runs offline, and compile first checks that every model
+# and dataset is a local path or in the Hugging Face cache the bundle will use (compiler/preflight.py).
+OFFLINE_FLAG = click.option("--offline", is_flag=True,
+                            help="Same as offline: true: no network at run time, every model and dataset checked "
+                            "against local paths and the Hugging Face cache now.")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show Python tracebacks.")
@@ -26,13 +32,14 @@ def cli(debug: bool) -> None:
 
 @cli.command()
 @click.argument("config", type=click.Path(path_type=Path))
+@OFFLINE_FLAG
 @target_flags
 @reports_problems
-def validate(config: Path, sources: Any, **flags: Any) -> None:
+def validate(config: Path, offline: bool, sources: Any, **flags: Any) -> None:
     """Check a config (and its target rules) without writing anything."""
     from .pipeline import compile_config
 
-    plan = compile_config(config, target_options(**flags), sources).plan
+    plan = compile_config(config, target_options(**flags), sources, offline=offline, preflight=True).plan
     print_warnings(plan, sources)
     click.echo(f"{config}: valid ({len(plan.warnings)} warning{'s' if len(plan.warnings) != 1 else ''})")
 
@@ -62,23 +69,31 @@ def explain(config: Path, sources: Any, **flags: Any) -> None:
 @click.option("-o", "--output", "output", type=click.Path(path_type=Path),
               help="Bundle directory (default: <output_dir>/bundle).")
 @click.option("--force", is_flag=True, help="Replace an existing non-empty bundle directory.")
+@click.option("--no-vendor", is_flag=True,
+              help="Leave the runtime out of the bundle: launch.sh uses the tunefile installed where it runs.")
+@click.option("--stack", metavar="FILE|detect",
+              help="Record the package versions the bundle is resolved for: a `pip freeze` of the training "
+              "environment, or `detect` for this one (default: tunefile's minimum versions).")
+@OFFLINE_FLAG
 @target_flags
 @reports_problems
-def compile_command(config: Path, output: Path | None, force: bool, sources: Any, **flags: Any) -> None:
+def compile_command(config: Path, output: Path | None, force: bool, no_vendor: bool, stack: str | None,
+                    offline: bool, sources: Any, **flags: Any) -> None:
     """Compile CONFIG into a launch bundle."""
     from .bundle import BundleExistsError, write_bundle
-    from .pipeline import compile_config
+    from .pipeline import BundleOptions, compile_config
 
-    compilation = compile_config(config, target_options(**flags), sources)
+    compilation = compile_config(config, target_options(**flags), sources,
+                                 BundleOptions(vendor=not no_vendor, stack=stack), offline=offline, preflight=True)
     print_warnings(compilation.plan, sources)
     out_dir = output or Path(compilation.plan.spec.output_dir) / "bundle"
     try:
-        write_bundle(compilation.files, out_dir, force=force)
+        write_bundle(compilation.all_files(), out_dir, force=force)
     except BundleExistsError:
         click.echo(f"tunefile: {out_dir} exists and is not empty; pass --force to replace it "
                    "(nothing was written)", err=True)
         sys.exit(EXIT_INVALID)
-    names = ", ".join(sorted(compilation.files))
+    names = ", ".join(compilation.all_files())
     click.echo(f"Wrote {out_dir}/ ({names})")
     click.echo(f"Run it: bash {out_dir}/launch.sh   or on SLURM: sbatch {out_dir}/job.sbatch")
     log_dir = compilation.plan.target.slurm.log_dir

@@ -10,6 +10,7 @@ output_dir) stay as written and are relative to the directory the job is launche
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from .render import render_bundle
 from .resolve import DeepSpeedInput, ResolveInputs, resolve
 from .resolve.deepspeed import BUILTIN_PRESETS
 from .spec import Spec
+from .stack import Stack, parse_freeze, pinned_stack, stack_packages
 from .targets import (
     TARGET_NAMES,
     UNSPECIFIED,
@@ -34,6 +36,7 @@ from .targets import (
     target_from_file_data,
 )
 from .validate import validate_with_notes
+from .vendor import runtime_archive
 
 COMMAND_LINE = "command line"  # Problem.file of mistakes in flags, which have no line to point at
 
@@ -50,10 +53,24 @@ class TargetOptions:
     fallback_target: str | None = None
 
 
+@dataclass(frozen=True)
+class BundleOptions:
+    """What the bundle carries: the runtime archive (``--no-vendor`` leaves it out) and the package versions it
+    is resolved for (``--stack``: None for tunefile's minimums, ``detect`` for this environment's, or a file)."""
+
+    vendor: bool = True
+    stack: str | None = None
+
+
 @dataclass
 class Compilation:
     plan: Plan
-    files: dict[str, str]
+    files: dict[str, str]  # the text files: what diffs, golden copies and reviewers read
+    binary_files: dict[str, bytes] = field(default_factory=dict)  # the vendored runtime archive
+
+    def all_files(self) -> dict[str, str | bytes]:
+        """Everything the bundle directory holds."""
+        return dict(sorted({**self.files, **self.binary_files}.items()))
 
 
 @dataclass
@@ -98,12 +115,23 @@ def read_config(path: Path, sources: Sources) -> tuple[Document, Spec, list[Prob
     return document, spec, warnings, notes, hashlib.sha256(text.encode()).hexdigest()
 
 
-def compile_config(path: Path, options: TargetOptions, sources: Sources | None = None) -> Compilation:
-    """Compile one config file into the bundle's files (nothing is written)."""
+def compile_config(path: Path, options: TargetOptions, sources: Sources | None = None,
+                   bundle: BundleOptions | None = None, *, offline: bool = False,
+                   preflight: bool = False) -> Compilation:
+    """Compile one config file into the bundle's files (nothing is written).
+
+    ``offline`` (`--offline`) sets the config's offline: true. ``preflight`` (compile, validate, train): when the
+    run is offline, check that every model and dataset it reads is a local path or in the Hugging Face cache the
+    bundle will use, reading this machine (the user asked for an offline run); review commands leave it off."""
+    bundle = bundle if bundle is not None else BundleOptions()
     sources = sources if sources is not None else Sources()
     _, spec, warnings, notes, config_sha = read_config(path, sources)
+    if offline:
+        spec = spec.model_copy(update={"offline": True})
     base_dir = path.parent
     target = _read_target(spec, options, base_dir, sources)
+    if preflight and spec.offline:
+        _check_offline_assets(spec, target, base_dir)
     inputs = ResolveInputs(
         config_name=path.name,
         config_sha256=config_sha,
@@ -112,7 +140,59 @@ def compile_config(path: Path, options: TargetOptions, sources: Sources | None =
         deepspeed_file=_read_deepspeed_file(spec, base_dir, sources),
     )
     plan = resolve(spec, target, inputs, spec_warnings=warnings, dialect_notes=notes)
-    return Compilation(plan=plan, files=render_bundle(plan))
+    runtime = runtime_archive(plan.tunefile_version) if bundle.vendor else None
+    stack = _read_stack(bundle.stack, plan, vendored=runtime is not None)
+    return Compilation(plan=plan, files=render_bundle(plan, runtime=runtime, stack=stack),
+                       binary_files={runtime.name: runtime.data} if runtime else {})
+
+
+def _read_stack(argument: str | None, plan: Plan, *, vendored: bool) -> Stack | None:
+    """The --stack versions: None (tunefile's minimums), ``detect`` (this environment's installed distributions,
+    read from their metadata: host state, read only when asked) or a ``pip freeze`` file."""
+    if argument is None:
+        return None
+    if argument == "detect":
+        versions = {}
+        for name in stack_packages(plan.required_packages, vendored=vendored):
+            try:
+                versions[name] = importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        source = "the compiling environment (compile --stack detect)"
+    else:
+        file = Path(argument)
+        try:
+            text = file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([Problem((), f"--stack: cannot read {argument}: {exc}", file=COMMAND_LINE,
+                                       line=1)]) from None
+        versions, problems = parse_freeze(text)
+        if problems:
+            raise ConfigError([Problem(("stack",), message, file=argument, line=line, column=1)
+                               for line, message in problems])
+        source = f"{file.name} (compile --stack)"
+    stack, missing = pinned_stack(plan.required_packages, versions, source=source, vendored=vendored,
+                                  tunefile_version=plan.tunefile_version)
+    if missing:
+        where = "is not installed here" if argument == "detect" else f"is not listed in {argument}"
+        raise ConfigError([Problem((), f"--stack {argument}: {name} {where}, and the plan needs it",
+                                   hint="install it (or list it), or compile without --stack to record tunefile's "
+                                   "minimum versions", file=COMMAND_LINE, line=1) for name in missing])
+    return stack
+
+
+def _check_offline_assets(spec: Spec, target: Target, base_dir: Path) -> None:
+    """The air-gapped preflight (compiler/preflight.py): the cache the bundle will use is the one the target's
+    env names (launch.sh exports it) over this environment's; local paths count from the config's folder or here."""
+    import os
+
+    from .preflight import check_offline_assets, offline_assets, read_offline_facts
+
+    assets = offline_assets(spec)
+    facts = read_offline_facts(assets, {**os.environ, **dict(target.env)}, (base_dir, Path.cwd()))
+    problems = check_offline_assets(assets, facts)
+    if problems:
+        raise ConfigError(problems)
 
 
 def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: Sources) -> Target:

@@ -64,6 +64,7 @@ class BatchPlan:
     sequence_len: int
     # GPUs that share one micro batch (tensor × context parallelism): they train one sequence together.
     gpus_per_copy: int = 1
+    on_cpu: bool = False  # the explanation then counts processes, not GPUs
 
     @property
     def data_parallel(self) -> int:
@@ -79,7 +80,11 @@ class BatchPlan:
         return self.effective_batch_size * self.sequence_len
 
     def explanation(self) -> str:
-        shares = (f"{self.world_size} GPU{'s' if self.world_size != 1 else ''}" if self.gpus_per_copy == 1 else
+        if self.on_cpu:
+            unit = "process" if self.world_size == 1 else "processes"
+        else:
+            unit = "GPU" if self.world_size == 1 else "GPUs"
+        shares = (f"{self.world_size} {unit}" if self.gpus_per_copy == 1 else
                   f"{self.data_parallel} data-parallel group{'s' if self.data_parallel != 1 else ''} of "
                   f"{self.gpus_per_copy} GPUs")
         return (

@@ -67,7 +67,8 @@ def _compile(config: Path, sources: Any, options: Any) -> Any:
     """The compiled bundle's files, its warnings printed (the same pipeline as `tunefile compile`)."""
     from .pipeline import compile_config
 
-    compilation = compile_config(config, options, sources)
+    # The offline preflight (offline: true) as in `tunefile compile`: a missing model stops here, located.
+    compilation = compile_config(config, options, sources, preflight=True)
     print_warnings(compilation.plan, sources)
     return compilation
 
@@ -78,7 +79,7 @@ def _compile_own_bundle(config: Path, sources: Any, options: Any) -> Path:
 
     compilation = _compile(config, sources, options)
     out_dir = Path(compilation.plan.spec.output_dir) / "bundle"
-    write_bundle(compilation.files, out_dir, force=True)
+    write_bundle(compilation.all_files(), out_dir, force=True)  # the runtime archive too: a bundle like compile's
     click.echo(f"Compiled {config} into {out_dir}/ (target {compilation.plan.target.name})", err=True)
     return out_dir
 
@@ -193,4 +194,12 @@ def tiny_model(directory: Path, arch: str) -> None:
     sys.exit(_run_runtime("tiny-model", str(directory), "--arch", arch))
 
 
-RUNTIME_COMMANDS = (train, preprocess, merge_lora, inference, tiny_model)
+@click.command()
+@click.argument("bundle", required=False, type=click.Path(path_type=Path))
+def doctor(bundle: Path | None) -> None:
+    """Check this machine for BUNDLE (Python, torch and CUDA, GPUs, bf16, packages, disk, the offline cache, the
+    runtime); without BUNDLE, for training in general. One line per check; exit 1 when something is missing."""
+    sys.exit(_run_runtime("doctor", *([str(bundle)] if bundle else [])))
+
+
+RUNTIME_COMMANDS = (train, preprocess, merge_lora, inference, tiny_model, doctor)

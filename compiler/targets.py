@@ -10,7 +10,9 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .containers import check_container_settings
 from .errors import KeyPath, Problem, did_you_mean
+from .sbatch_options import check_sbatch_settings
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,32 @@ class SlurmSettings:
     cpus_per_task: int | None = None
     mem: str | None = None
     constraint: str | None = None
-    container: str | None = None
     job_name: str | None = None
     log_dir: str | None = None
     modules: tuple[str, ...] = ()
     setup: tuple[str, ...] = ()
+    # sbatch settings beyond the basics (compiler/sbatch_options.py checks what SLURM accepts).
+    exclusive: bool | str = False  # True: --exclusive; "user" or "mcs": --exclusive=user|mcs
+    reservation: str | None = None
+    exclude: str | None = None  # a SLURM node list, e.g. node[01-03],node07
+    dependency: str | None = None
+    mail_type: tuple[str, ...] = ()
+    mail_user: str | None = None
+    gres: str | None = None
+    extra_sbatch: tuple[str, ...] = ()  # each one `--flag` or `--flag=value`, checked
+    # Containers (compiler/containers.py): the image (`container:` in a target file is the same setting),
+    # the runtime that starts it, mounts beyond the automatic ones, the working directory inside
+    # (None: the directory job.sbatch runs in), host variables that win over the image's, and $HOME.
+    container_image: str | None = None
+    container_runtime: str = "pyxis"  # pyxis | apptainer | singularity
+    container_mounts: tuple[str, ...] = ()
+    container_workdir: str | None = None
+    container_env: tuple[str, ...] = ()
+    container_mount_home: bool = True
+    # Preemption (templates/job.sbatch.j2): SIGUSR2 this many seconds before the time limit (None: sized for the
+    # model's checkpoint), and how many restarts in a row without progress the job allows itself.
+    signal_lead_s: int | None = None
+    max_restarts: int = 3
 
 
 @dataclass(frozen=True)
@@ -123,6 +146,22 @@ _TARGET_FILE_KEYS = {
     "log_dir": str,
     "modules": list,
     "setup": list,
+    "exclusive": (bool, str),
+    "reservation": str,
+    "exclude": (str, list),
+    "dependency": str,
+    "mail_type": (str, list),
+    "mail_user": str,
+    "gres": (str, list),
+    "extra_sbatch": list,
+    "container_image": str,
+    "container_runtime": str,
+    "container_mounts": list,
+    "container_workdir": str,
+    "container_env": list,
+    "container_mount_home": bool,
+    "signal_lead_s": int,
+    "max_restarts": int,
 }
 _SLURM_TIME = re.compile(r"^(\d+-)?\d{1,3}(:\d{2}){0,2}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -143,10 +182,17 @@ def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list
         expected = _TARGET_FILE_KEYS.get(key)
         if expected is None:
             bad((key,), "unknown target setting" + did_you_mean(str(key), _TARGET_FILE_KEYS), at_key=True)
+        elif key == "max_restarts" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            bad((key,), f"must be a whole number ≥ 0, got {value!r}")
+        elif key == "max_restarts":
+            pass
+        elif key == "signal_lead_s" and isinstance(value, int) and not isinstance(value, bool) and value > 65535:
+            bad((key,), f"must be at most 65535 (SLURM's limit for --signal), got {value!r}")
         elif expected is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             bad((key,), f"must be a whole number ≥ 1, got {value!r}")
         elif expected is not int and not isinstance(value, expected):
-            bad((key,), f"must be a {expected.__name__}, got {type(value).__name__}")
+            kinds = " or ".join(kind.__name__ for kind in (expected if isinstance(expected, tuple) else (expected,)))
+            bad((key,), f"must be a {kinds}, got {type(value).__name__}")
     if problems:
         return default_target(), problems
 
@@ -159,9 +205,11 @@ def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list
         if key in data and not _SBATCH_SAFE.match(data[key]):
             bad((key,), f"{data[key]!r} cannot go on an #SBATCH line",
                 hint="use letters, digits and ._:/%@+,=#- only (no spaces, quotes or $)")
-    for key in ("container",):
-        if key in data and ("\n" in data[key] or not data[key].strip()):
-            bad((key,), "must be one non-empty line")
+
+    def report(path: KeyPath, message: str, hint: str | None) -> None:
+        bad(path, message, hint=hint)
+
+    cluster = {**check_sbatch_settings(data, report), **check_container_settings(data, report)}
     if "time" in data and not _SLURM_TIME.match(data["time"]):
         bad(("time",), f"not a SLURM time limit: {data['time']!r}", hint="use D-HH:MM:SS, HH:MM:SS or minutes")
     env = data.get("env", {})
@@ -179,7 +227,9 @@ def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list
 
     slurm = SlurmSettings(
         **{key: data[key] for key in ("partition", "account", "qos", "time", "cpus_per_task", "mem",
-                                      "constraint", "container", "job_name", "log_dir") if key in data},
+                                      "constraint", "job_name", "log_dir", "signal_lead_s", "max_restarts")
+           if key in data},
+        **cluster,
         modules=tuple(data.get("modules", ())),
         setup=tuple(data.get("setup", ())),
     )

@@ -2,7 +2,9 @@
 
 Commands: train CONFIG, preprocess CONFIG [--show N], tiny-model DIR [--arch NAME],
 merge-lora CONFIG [--lora-dir DIR] [--output DIR] [--cpu],
-inference CONFIG [--lora-dir DIR | --base-only] [--prompt TEXT] [--gradio] ….
+inference CONFIG [--lora-dir DIR | --base-only] [--prompt TEXT] [--gradio] …,
+check-stack MANIFEST (train's first check, alone: installed package versions; imports none of them),
+doctor [BUNDLE] (will this machine run the bundle? one line per check).
 Each imports only what it needs, so `preprocess` never loads a model.
 """
 
@@ -51,7 +53,10 @@ def report_user_error(exc: Exception, *, debug: bool) -> int:
     import traceback
 
     code = int(getattr(exc, "exit_code", 2))
-    if os.environ.get("RANK", "0") == "0" or not getattr(exc, "same_on_every_rank", False):
+    prints = os.environ.get("RANK", "0") == "0" or not getattr(exc, "same_on_every_rank", False)
+    if getattr(exc, "once_per_node", False):  # a verdict about the node's software: its first rank says it
+        prints = os.environ.get("LOCAL_RANK", "0") == "0"
+    if prints:
         if debug:
             traceback.print_exception(exc)
         print(f"tunefile runtime: {exc}", file=sys.stderr, flush=True)
@@ -102,11 +107,24 @@ def main(argv: list[str] | None = None) -> int:
     infer.add_argument("--host", default="127.0.0.1")
     infer.add_argument("--port", type=int, default=7860)
 
+    check = commands.add_parser("check-stack", help="check installed package versions against a bundle's manifest")
+    check.add_argument("manifest")
+
+    doctor = commands.add_parser("doctor", help="check this machine for a bundle (or for training in general)")
+    doctor.add_argument("bundle", nargs="?")
+
     args = parser.parse_args(argv)
-    quiet_deepspeed_without_a_gpu()
+    # check-stack reads package metadata only, and the doctor imports torch itself (to report it missing):
+    # no torch import here, no second wasted.
+    if args.command not in ("check-stack", "doctor"):
+        quiet_deepspeed_without_a_gpu()
     from .errors import RuntimeUserError
 
     try:
+        if args.command == "train":
+            from .stack_check import check_bundle_stack
+
+            check_bundle_stack(args.config)  # the packages the bundle was resolved for, before any trains
         return run_command(args)
     except RuntimeUserError as exc:
         code = report_user_error(exc, debug=args.debug)
@@ -135,6 +153,14 @@ def run_command(args: argparse.Namespace) -> int:
         sampling = Sampling(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
         return run_inference(args.config, lora_dir=args.lora_dir, base_only=args.base_only, prompt=args.prompt,
                              sampling=sampling, cpu=args.cpu, gradio=args.gradio, host=args.host, port=args.port)
+    if args.command == "check-stack":
+        from .stack_check import check_stack
+
+        return check_stack(args.manifest)
+    if args.command == "doctor":
+        from .doctor import run_doctor
+
+        return run_doctor(args.bundle)
     from .tiny_model import build_tiny_model
 
     build_tiny_model(args.directory, arch=args.arch)

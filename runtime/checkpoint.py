@@ -32,6 +32,9 @@ from .errors import RuntimeUserError
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+# Written into a complete checkpoint by a run that a signal stopped (runtime/preemption.py): the next launch
+# resumes from it even without auto-resume, because exit status 75 promised "run again to continue".
+STOPPED_EARLY = "STOPPED_EARLY"
 STATE_FILE = "trainer_state.json"
 RANK_STATE_FILE = "rank-{rank}.json"  # what one rank alone knows, with the world size that wrote it
 CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
@@ -64,16 +67,32 @@ def complete_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 def find_resume_checkpoint(output_dir: Path, *, resume_from: str | None, auto_resume: bool) -> Path | None:
     """The explicit `resume_from_checkpoint` if given (it must be complete), else the newest
-    complete checkpoint when auto-resume is on."""
+    complete checkpoint when auto-resume is on, or when a run stopped by a signal saved it (STOPPED_EARLY)."""
     if resume_from:
         path = Path(resume_from)
         if not (path / COMPLETE).exists():
             raise CheckpointError(f"resume_from_checkpoint {path}: not a complete checkpoint (no {COMPLETE} marker)")
         return path
+    found = complete_checkpoints(output_dir)
     if auto_resume:
-        found = complete_checkpoints(output_dir)
         return found[-1][1] if found else None
+    if found and (found[-1][1] / STOPPED_EARLY).exists():
+        log.info("resuming from %s, which a run stopped by a signal saved (auto_resume_from_checkpoints is off; "
+                    "delete that checkpoint to start over)", found[-1][1])
+        return found[-1][1]
     return None
+
+
+def mark_stopped_early(path: Path, reason: str) -> None:
+    """Main process only: mark complete checkpoint PATH as the one a stopped run continues from."""
+    (path / STOPPED_EARLY).write_text(reason + "\n", encoding="utf-8")
+
+
+def clear_stopped_early(output_dir: Path) -> None:
+    """Main process only, once the run has finished: nothing is left to continue, so a later launch follows
+    auto_resume_from_checkpoints again."""
+    for _, path in complete_checkpoints(output_dir):
+        (path / STOPPED_EARLY).unlink(missing_ok=True)
 
 
 def _trainable_names(model: torch.nn.Module) -> set[str]:

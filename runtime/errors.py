@@ -9,6 +9,9 @@ from __future__ import annotations
 
 EXIT_USER_ERROR = 2
 EXIT_WATCHDOG = 3  # the loss or gradient went non-finite (or stayed above loss_watchdog_threshold)
+# Not errors, listed here so every status launch.sh can exit with is in one place: a run stopped by a signal
+# after saving a complete checkpoint exits 75 (EX_TEMPFAIL, preemption.py: run again to continue), and a node
+# that cannot reach the head node's rendezvous exits 69 (EX_UNAVAILABLE, launch.sh).
 
 
 class RuntimeUserError(Exception):

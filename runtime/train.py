@@ -43,6 +43,7 @@ from .model import load_model, uses_adapter
 from .offload import decide_activation_offloading
 from .optim import MuonWithAdamW, build_optimizer, build_scheduler, decide_optimizer, total_optimizer_steps
 from .parallelism import Parallelism, accelerate_config, adapt_accelerator
+from .preemption import EXIT_STOPPED_EARLY, StopRequest, process_exit_code, write_exit_status
 from .qat import FakeQuantSchedule, check_qat, strip_fake_quantization
 from .relora import ReloraRestarts, build_jagged_scheduler
 from .router_loss import RouterAuxLoss
@@ -124,6 +125,8 @@ class Trainer:
         self.plan = plan
         self.after_step = after_step
         self.sink: MetricsSink | NullSink = NullSink()  # the real one from setup(); run_training may close either
+        # SIGUSR2 (SLURM, ahead of a time limit), SIGTERM, Ctrl-C: finish the step, save, exit 75 (preemption.py).
+        self.stop_request = StopRequest()
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
@@ -256,8 +259,10 @@ class Trainer:
         resume_path = checkpoint.find_resume_checkpoint(self.output_dir,
                                                         resume_from=plan.checkpointing.resume_from_checkpoint,
                                                         auto_resume=plan.checkpointing.auto_resume)
+        self.saved: tuple[int, Path] | None = None  # (step, checkpoint) of the newest state on disk, if any
         if resume_path is not None:
             self.state = checkpoint.load_checkpoint(acc, resume_path, adapter_only=self.adapter_only)
+            self.saved = (self.state.step, resume_path)
             log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_path, self.state.step,
                      self.state.epoch, self.state.micro_batch)
         if plan.data.streaming:  # where this rank's stream starts: exactly where the checkpoint left it, if it can
@@ -427,6 +432,9 @@ class Trainer:
             steps = optimizer_steps(lambda epoch: self.first_plan if epoch == 0 else
                                     self.micro_batches(self.train_lengths, epoch=epoch),
                                     epoch=state.epoch, micro_batch=state.micro_batch, accumulation=self.accumulation)
+        # A stop asked for during set-up ends the run here, before a step it would have to abandon.
+        if state.step < total and self.stop_request.agreed(self.accelerator):
+            return self.stop_on_signal(state)
         for epoch, index, group in steps:
             if state.step >= total:
                 break
@@ -462,18 +470,46 @@ class Trainer:
                              "at step %d", self.early_stopping.patience, state.step)
                     break
             if self.cadence.save_now(state.step, total):
-                checkpoint.save_checkpoint(self.accelerator, self.output_dir, state,
-                                           save_total_limit=self.plan.checkpointing.save_total_limit,
-                                           adapter_only=self.adapter_only,
-                                           rank_state={"stream": self.steps_source.position.as_dict()}
-                                           if self.plan.data.streaming else None)
+                saved = checkpoint.save_checkpoint(self.accelerator, self.output_dir, state,
+                                                   save_total_limit=self.plan.checkpointing.save_total_limit,
+                                                   adapter_only=self.adapter_only,
+                                                   rank_state={"stream": self.steps_source.position.as_dict()}
+                                                   if self.plan.data.streaming else None)
+                self.saved = state.step, saved
                 window_start = time.perf_counter()
             if self.after_step is not None:
                 self.after_step(state.step)
             if state.step >= total:  # before asking for another step: a stream would read and tokenise it
                 break
+            # The step boundary: if any rank was asked to stop, every rank saves this step and leaves.
+            if self.stop_request.agreed(self.accelerator):
+                return self.stop_on_signal(state)
         self.teardown()
         return 0
+
+    def stop_on_signal(self, state: checkpoint.TrainState) -> int:
+        """A signal asked the run to stop (preemption.py): save where it is, unless that step is saved already,
+        mark the checkpoint for the next launch, and exit EXIT_STOPPED_EARLY on every rank."""
+        from .teardown import finish_distributed
+
+        acc, reason = self.accelerator, self.stop_request.signal_name or "a signal"
+        # Decided from what this run did, the same on every rank (a look at the disk might differ between nodes).
+        saved = self.saved[1] if self.saved is not None and self.saved[0] == state.step else None
+        if saved is None and state.step > 0:
+            saved = checkpoint.save_checkpoint(acc, self.output_dir, state,
+                                               save_total_limit=self.plan.checkpointing.save_total_limit,
+                                               adapter_only=self.adapter_only,
+                                               rank_state={"stream": self.steps_source.position.as_dict()}
+                                               if self.plan.data.streaming else None)
+        if saved is not None and self.main:
+            checkpoint.mark_stopped_early(saved, f"stopped by {reason} after step {state.step}")
+        self.sink.close()
+        where = f"checkpoint {saved} saved" if saved is not None else "no step had finished, nothing to save"
+        log.info("stopped by %s after step %d of %d: %s; run again to continue (exit %d)", reason, state.step,
+                 self.total_steps, where, EXIT_STOPPED_EARLY)
+        finish_distributed(acc)  # every rank has the checkpoint on disk before any exits
+        write_exit_status(EXIT_STOPPED_EARLY)
+        return process_exit_code()
 
     # --- teardown -------------------------------------------------------------------------------------------
 
@@ -500,6 +536,7 @@ class Trainer:
             (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
                                                         encoding="utf-8")
             log.info("done after %d steps; model saved in %s", state.step, self.output_dir)
+            checkpoint.clear_stopped_early(self.output_dir)  # finished: nothing left to continue
         finish_distributed(acc)
 
 
@@ -507,6 +544,7 @@ def run_training(plan: RunPlan, *, after_step: Callable[[int], None] | None = No
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)  # one line per saved file is noise
     trainer = Trainer(plan, after_step=after_step)
+    trainer.stop_request.install()
     try:
         return trainer.run()
     except BaseException:

@@ -95,7 +95,7 @@ def make_plan(variant: str = "single", *, spec: dict[str, Any] | None = None, **
     on_cpu = target.on_cpu
     batch = BatchPlan(micro_batch_size=spec_model.micro_batch_size,
                       gradient_accumulation_steps=spec_model.gradient_accumulation_steps,
-                      world_size=target.world_size, sequence_len=spec_model.sequence_len)
+                      world_size=target.world_size, sequence_len=spec_model.sequence_len, on_cpu=on_cpu)
     precision = "fp32" if on_cpu else "bf16"
     plan = Plan(
         spec=spec_model,

@@ -39,7 +39,8 @@ def test_scripts_pass_shellcheck(variant: str, script: str, tmp_path: Path) -> N
     shellcheck = require_tool("shellcheck")  # a skip on a laptop without it; a failure under CI=true
     plan = make_plan(variant, spec={"offline": True})
     plan = replace(plan, target=replace(plan.target, env=(("ODD", AWKWARD), *plan.target.env),
-                                        slurm=replace(plan.target.slurm, container="nvcr.io/nvidia/pytorch:24.05-py3")))
+                                        slurm=replace(plan.target.slurm,
+                                                      container_image="nvcr.io/nvidia/pytorch:24.05-py3")))
     path = write(tmp_path / script, render_bundle(plan)[script])
     result = subprocess.run([shellcheck, "--shell=bash", "--severity=style", str(path)],
                             capture_output=True, text=True)
@@ -59,7 +60,9 @@ def test_launch_sh_header_and_command() -> None:
     assert "relative paths in config.yaml" in text.lower()
     assert "export TOKENIZERS_PARALLELISM=false" in lines and "TF32 matmuls: off" in text
     assert "HF_HUB_OFFLINE" not in text
-    launch_line = text[text.index("\naccelerate launch") + 1:text.index(" || status=$?")]
+    # In the background, in a session of its own, with SIGUSR2 ignored (launch.sh's traps ask the ranks to stop).
+    assert "( trap '' USR2; exec setsid accelerate launch \\" in lines
+    launch_line = text[text.index("exec setsid accelerate launch") + len("exec setsid "):text.index(" ) &")]
     command = shlex.split(launch_line.replace("\\\n", " "))
     assert command == ["accelerate", "launch", "--quiet", "--config_file", "$BUNDLE_DIR/accelerate.yaml",
                        "--num_machines", "1", "--num_processes", "2", "--machine_rank", "$NODE_RANK",
@@ -67,14 +70,16 @@ def test_launch_sh_header_and_command() -> None:
                        "--deepspeed_config_file", "$BUNDLE_DIR/deepspeed.json",
                        "--deepspeed_multinode_launcher", "standard",
                        "-m", "tunefile.runtime", "train", "$BUNDLE_DIR/config.yaml"]
-    assert "deepspeed" not in render("single")["launch.sh"].split("\naccelerate launch")[1]
-    # accelerate reports a failed rank as 1: the runtime's own status (2, 3) comes back through a file.
-    assert 'exit "$status"' in lines and 'trap \'rm -f "$TUNEFILE_EXIT_STATUS_FILE"\' EXIT' in lines
+    assert "deepspeed" not in render("single")["launch.sh"].split("exec setsid accelerate launch")[1]
+    # accelerate reports a failed rank as 1: the runtime's own status (2, 3, 75) comes back through a file.
+    assert 'exit "$status"' in lines
+    assert 'trap \'rm -f "$TUNEFILE_EXIT_STATUS_FILE" "$TUNEFILE_STOP_FILE"\' EXIT' in lines
+    assert "trap 'request_stop USR2' USR2" in lines and "trap 'request_stop INT' INT" in lines
 
 
 def test_offline_exports_come_before_any_python() -> None:
     text = render("single", spec={"offline": True})["launch.sh"]
-    assert text.index("HF_HUB_OFFLINE=1") < text.index("\naccelerate launch")
+    assert text.index("HF_HUB_OFFLINE=1") < text.index("exec setsid accelerate launch")
     assert "HF_DATASETS_OFFLINE=1" in text and "TRANSFORMERS_OFFLINE=1" in text
 
 
@@ -118,7 +123,8 @@ def test_sbatch_lines_of_a_cluster_target() -> None:
         "#SBATCH --job-name=llama8b-full", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=8", "#SBATCH --cpus-per-task=96", "#SBATCH --partition=gpu",
         "#SBATCH --account=ml-research", "#SBATCH --qos=high", "#SBATCH --constraint=h100", "#SBATCH --mem=0",
-        "#SBATCH --time=2-00:00:00", "#SBATCH --output=logs/%x-%j.out", "#SBATCH --error=logs/%x-%j.err",
+        "#SBATCH --time=2-00:00:00", "#SBATCH --requeue", "#SBATCH --signal=B:USR2@300",
+        "#SBATCH --open-mode=append", "#SBATCH --output=logs/%x-%j.out", "#SBATCH --error=logs/%x-%j.err",
     ]
     assert "SLURM does not create logs/" in render("slurm")["job.sbatch"]
 
@@ -128,6 +134,7 @@ def test_sbatch_defaults_without_cluster_settings() -> None:
     assert sbatch_lines(gpu) == [
         "#SBATCH --job-name=tunefile-ddp", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus-per-node=4", "#SBATCH --cpus-per-task=32", "#SBATCH --time=24:00:00",
+        "#SBATCH --requeue", "#SBATCH --signal=B:USR2@300", "#SBATCH --open-mode=append",
         "#SBATCH --output=%x-%j.out", "#SBATCH --error=%x-%j.err",
     ]
     assert "8 CPUs per GPU" in gpu
@@ -147,17 +154,19 @@ def test_unsafe_sbatch_values_are_rejected(setting: dict[str, str]) -> None:
 
 
 def test_job_sbatch_body() -> None:
-    text = render_bundle(slurm_plan(container="nvcr.io/nvidia/pytorch:24.05 py3"))["job.sbatch"]
+    text = render_bundle(slurm_plan(container_image="nvcr.io/nvidia/pytorch:24.05 py3"))["job.sbatch"]
     lines = text.splitlines()
     assert lines[0] == "#!/usr/bin/env bash" and "set -euo pipefail" in lines
     assert "module load cuda/12.4" in lines and 'source "$HOME/venvs/tunefile/bin/activate"' in lines
     assert "TUNEFILE_BUNDLE_DIR" in text and "scontrol show job" in text
-    assert 'MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"' in lines
+    assert 'head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)"' in lines
+    assert 'MASTER_ADDR="${TUNEFILE_MASTER_ADDR:-${head_addr:-$head_node}}"' in lines
     assert "MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))" in lines and "export MASTER_ADDR MASTER_PORT" in lines
-    srun = text[text.index("\nsrun ") + 1:].replace("\\\n", " ")
+    srun = text[text.index("\nsrun ") + 1:text.index(" &\nstep_pid=$!")].replace("\\\n", " ")
     assert shlex.split(srun) == [
         "srun", "--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
-        "--container-image=nvcr.io/nvidia/pytorch:24.05 py3",
+        "--container-image=nvcr.io/nvidia/pytorch:24.05 py3", "--container-mounts=$CONTAINER_MOUNTS",
+        "--container-workdir=$PWD",
         "bash", "-c", 'NODE_RANK="$SLURM_NODEID" exec bash "$1"', "bash", "$BUNDLE_DIR/launch.sh"]
     assert "# shellcheck disable=SC2016" in text and "pdsh" not in text
 
@@ -192,7 +201,7 @@ def run_script(command: list[str], tmp_path: Path, env: dict[str, str] | None = 
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
                             env={**clean, **(env or {}), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    return json.loads(result.stdout.splitlines()[-1])  # job.sbatch marks the attempt on stdout first
 
 
 def test_launch_sh_runs_accelerate_with_the_bundle(tmp_path: Path) -> None:

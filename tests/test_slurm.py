@@ -202,7 +202,12 @@ def test_job_sbatch_launches_one_rank_per_node(slurm: None, bundle: Path, tmp_pa
         f"the nodes disagree on MASTER_ADDR: {addresses}" + context
     assert len(ports) == 1, f"the nodes disagree on MASTER_PORT: {ports}" + context
     head = next(launch["env"]["SLURMD_NODENAME"] for launch in launches if launch["env"]["NODE_RANK"] == "0")
-    assert addresses == {head}, f"MASTER_ADDR {addresses} is not the node of rank 0 ({head})" + context
+    # The head's address as SLURM knows it (NodeAddr), which the other nodes reach even where names do not resolve.
+    node = subprocess.run(["scontrol", "show", "node", head], capture_output=True, text=True, timeout=30,
+                          env=_clean_env()).stdout
+    head_addr = re.search(r"NodeAddr=(\S+)", node)
+    assert head_addr and addresses == {head_addr.group(1)}, \
+        f"MASTER_ADDR {addresses} is not the NodeAddr of rank 0's node ({head}): {node}" + context
     port = ports.pop()
     assert port == str(20000 + job_id % 20000), \
         f"MASTER_PORT {port!r} is not 20000 + job id ({job_id}) % 20000 = {20000 + job_id % 20000}" + context

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from ..errors import Problem, format_path
 from ..plan import BatchPlan, Decision, MemoryEstimate
 from ..spec import Spec
+from ..stack import Stack
 from ..targets import Target
+from ..vendor import RuntimeArchive
 
 
 def _cell(text: str) -> str:
@@ -41,9 +43,32 @@ def _warning_line(warning: Problem) -> str:
     return f"- `{format_path(warning.path)}`: {warning.message}" + (f" ({warning.hint})" if warning.hint else "")
 
 
+def _software(runtime: RuntimeArchive | None, stack: Stack) -> list[str]:
+    """Where the runtime comes from, and the package versions launch.sh checks before training."""
+    if runtime is not None:
+        where = (f"- runtime: `{runtime.name}` (tunefile {runtime.version}, sha256 `{runtime.sha256}`), carried in "
+                 "this bundle; launch.sh puts it first on PYTHONPATH, so tunefile need not be installed where it runs")
+    else:
+        where = "- runtime: the tunefile installed where the bundle runs (compiled with `--no-vendor`)"
+    return [
+        "## Software",
+        "",
+        where,
+        f"- resolved for: {stack.source}",
+        "- launch.sh checks these versions before training and stops with one line on a mismatch "
+        "(`TUNEFILE_SKIP_STACK_CHECK=1` runs anyway):",
+        "",
+        "| package | needs | resolved for |",
+        "| --- | --- | --- |",
+        *[f"| `{pin.name}` | {_cell(pin.requires)} | {_cell(pin.resolved_for or '-')} |" for pin in stack.packages],
+        "",
+    ]
+
+
 def render_readme(*, spec: Spec, config_name: str, version: str, target: Target, load_in_4bit: bool,
                   batch: BatchPlan, memory: MemoryEstimate | None, decisions: Sequence[Decision],
-                  warnings: Sequence[Problem], required_packages: Sequence[str], file_names: Sequence[str]) -> str:
+                  warnings: Sequence[Problem], file_names: Sequence[str],
+                  runtime: RuntimeArchive | None, stack: Stack) -> str:
     training = "full fine-tune" if spec.adapter is None else ("QLoRA" if load_in_4bit else "LoRA")
     lines = [
         f"# Bundle for {config_name}",
@@ -88,8 +113,7 @@ def render_readme(*, spec: Spec, config_name: str, version: str, target: Target,
         "sbatch path/to/bundle/job.sbatch     # SLURM: one task per node",
         "```",
         "",
-        "Needs: " + ", ".join(f"`{name}`" for name in sorted(required_packages)) + ".",
-        "",
+        *_software(runtime, stack),
         "## Files",
         "",
         *[f"- `{name}`" for name in sorted(file_names)],

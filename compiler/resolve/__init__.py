@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import __version__
+from ..containers import config_path_problems
 from ..errors import ConfigError, Problem, format_path
 from ..plan import BatchPlan, Decision, Plan
 from ..spec import BITSANDBYTES_OPTIMIZERS, TORCHAO_OPTIMIZERS, Spec, mlflow_on, wandb_on
@@ -68,13 +69,14 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
     _check_qat_hardware(spec, target, errors, warnings)
     _check_fp8_hardware(spec, target, errors, warnings)
     _check_device_map(spec, target, errors, decisions)
+    errors += config_path_problems(spec, has_container=target.slurm.container_image is not None)
     decisions.append(Decision("training", _training_words(spec, quantization_bits), _training_reason(spec)))
 
     model, shape, decision = resolve_model(spec, inputs.local_model_config)
     decisions.append(decision)
 
     batch = BatchPlan(spec.micro_batch_size, spec.gradient_accumulation_steps, target.world_size,
-                      spec.sequence_len)
+                      spec.sequence_len, on_cpu=target.on_cpu)
     distribution, memory, strategy_decisions = resolve_distribution(
         spec, target=target, batch=batch, precision=precision, model=model, shape=shape,
         quantization_bits=quantization_bits, deepspeed_file=inputs.deepspeed_file,

@@ -3,7 +3,7 @@
 #
 # LoRA (r=8, alpha=16) on models/tiny-llama
 # on 1 node(s) × 2 CPU process(es), strategy ddp, precision fp32, attention sdpa.
-# Batch: 2 micro batch × 1 accumulation × 2 GPUs = 4 sequences per optimizer step (≤ 1,024 tokens at sequence_len 256).
+# Batch: 2 micro batch × 1 accumulation × 2 processes = 4 sequences per optimizer step (≤ 1,024 tokens at sequence_len 256).
 #
 # One node:      bash path/to/bundle/launch.sh
 # Several nodes: job.sbatch runs this on every node with NODE_RANK, MASTER_ADDR and MASTER_PORT set.
@@ -12,6 +12,10 @@
 set -euo pipefail
 
 BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# The tunefile runtime this bundle was compiled with (tunefile 0.1.0) travels in it as a zip archive, first
+# on PYTHONPATH: it wins over an installed tunefile, and the bundle runs where tunefile is not installed.
+export PYTHONPATH="$BUNDLE_DIR"/tunefile-runtime-0.1.0.pyz"${PYTHONPATH:+:$PYTHONPATH}"
 
 # Rendezvous: node 0 hosts it; the defaults suit a single node.
 NODE_RANK="${NODE_RANK:-0}"
@@ -23,15 +27,50 @@ export TOKENIZERS_PARALLELISM=false
 
 # accelerate launch reports any failed rank as exit status 1. The runtime writes its own status to this file
 # (2: a problem to fix in the config or data, 3: the watchdog stopped a run whose loss or gradient went
-# non-finite), and this script exits with it. (--quiet: a failed single-process or DeepSpeed launch exits 1 instead
-# of printing the launcher's own traceback under the runtime's one-line message.)
+# non-finite, 75: stopped early by a signal after saving a complete checkpoint, run again to continue), and this
+# script exits with it.
+# (--quiet: a failed single-process or DeepSpeed launch exits 1 instead of printing the launcher's own traceback
+# under the runtime's one-line message.)
 TUNEFILE_EXIT_STATUS_FILE="$(mktemp)"
 export TUNEFILE_EXIT_STATUS_FILE
-trap 'rm -f "$TUNEFILE_EXIT_STATUS_FILE"' EXIT
+# Stopping early without losing work: SIGUSR2 (job.sbatch forwards it ahead of a time limit or on preemption),
+# SIGTERM, Ctrl-C or a closed terminal makes this script create TUNEFILE_STOP_FILE; every rank of this node looks
+# for it at each step boundary, the ranks agree, finish the step in flight, save a checkpoint and exit 75. A file,
+# not a signal, because torch elastic starts each rank in a session of its own, out of reach of a process group.
+TUNEFILE_STOP_FILE="$TUNEFILE_EXIT_STATUS_FILE.stop"
+export TUNEFILE_STOP_FILE
+trap 'rm -f "$TUNEFILE_EXIT_STATUS_FILE" "$TUNEFILE_STOP_FILE"' EXIT
+# shellcheck disable=SC2317  # called by the traps below, which shellcheck does not follow
+request_stop() {
+    if [ ! -e "$TUNEFILE_STOP_FILE" ]; then
+        echo "launch.sh: SIG$1: asking the ranks to finish the step in flight, save a checkpoint and exit 75" >&2
+        : > "$TUNEFILE_STOP_FILE"
+    fi
+}
+trap 'request_stop USR2' USR2
+trap 'request_stop TERM' TERM
+trap 'request_stop INT' INT
+trap 'request_stop HUP' HUP
+
+# Before training, the runtime checks on every node that the Python accelerate runs it in has the torch,
+# transformers, peft, accelerate (and extras) this bundle was resolved for (manifest.json's "stack"), and stops
+# with one line naming the package, the version found and the one required. TUNEFILE_SKIP_STACK_CHECK=1 runs
+# anyway. (Checked in the ranks' own Python, not by a `python3` here, which may be another one.)
+
+# CPU threads per process (accelerate exports them as OMP_NUM_THREADS): this node's CPUs shared by its
+# 2 processes. Under SLURM that is the job's cpus-per-task, else every CPU this shell may use;
+# an OMP_NUM_THREADS already set (the target's env) wins. Passed explicitly, accelerate does not guess from the
+# physical core count and warn about it on every node.
+CPU_THREADS="${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_PER_TASK:-$(nproc)} / 2 ))}"
+if [ "$CPU_THREADS" -lt 1 ]; then CPU_THREADS=1; fi
 
 # 1 node(s) × 2 process(es) = 2 in total; accelerate starts this node's share.
+# In the background, so that the traps above run while it trains (bash runs a trap only between commands), and
+# in a session of its own (setsid), out of reach of the terminal's Ctrl-C: torch elastic would forward that to
+# the ranks and kill them 30 s later, saved or not. SIGUSR2 is ignored by the launcher (it would end it); the
+# ranks handle it themselves when SLURM signals every process of the job step.
 status=0
-accelerate launch \
+( trap '' USR2; exec setsid accelerate launch \
     --quiet \
     --config_file "$BUNDLE_DIR/accelerate.yaml" \
     --num_machines 1 \
@@ -39,8 +78,17 @@ accelerate launch \
     --machine_rank "$NODE_RANK" \
     --main_process_ip "$MASTER_ADDR" \
     --main_process_port "$MASTER_PORT" \
-    -m tunefile.runtime train "$BUNDLE_DIR/config.yaml" || status=$?
-if [ "$status" -ne 0 ] && [ -s "$TUNEFILE_EXIT_STATUS_FILE" ]; then
+    --num_cpu_threads_per_process "$CPU_THREADS" \
+    -m tunefile.runtime train "$BUNDLE_DIR/config.yaml" ) &
+launcher=$!
+# (2>/dev/null: bash's own "Killed" notice when the rendezvous watch ends the launcher.)
+wait "$launcher" 2>/dev/null || status=$?
+while kill -0 "$launcher" 2>/dev/null; do  # a trapped signal interrupted `wait`; the launcher still runs
+    status=0
+    wait "$launcher" 2>/dev/null || status=$?
+done
+# Read even after a 0: ranks stopped by a signal exit 0 under torch elastic, and leave 75 here (preemption.py).
+if [ -s "$TUNEFILE_EXIT_STATUS_FILE" ]; then
     status="$(cat "$TUNEFILE_EXIT_STATUS_FILE")"
 fi
 exit "$status"

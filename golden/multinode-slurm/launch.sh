@@ -13,10 +13,26 @@ set -euo pipefail
 
 BUNDLE_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
+# The tunefile runtime this bundle was compiled with (tunefile 0.1.0) travels in it as a zip archive, first
+# on PYTHONPATH: it wins over an installed tunefile, and the bundle runs where tunefile is not installed.
+export PYTHONPATH="$BUNDLE_DIR"/tunefile-runtime-0.1.0.pyz"${PYTHONPATH:+:$PYTHONPATH}"
+
 # Rendezvous: node 0 hosts it; the defaults suit a single node.
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+
+# A rendezvous that cannot hang: the head checks that MASTER_ADDR is its own (a listening socket binds to it;
+# the others could never reach it at an address it lacks); the other nodes watch its port (below); and the
+# head's own rendezvous gives up too (--rdzv_conf below).
+RDZV_TIMEOUT_S="${TUNEFILE_RDZV_TIMEOUT_S:-90}"
+# shellcheck disable=SC2016
+if [ "$NODE_RANK" = 0 ] && ! python3 -c 'import socket as s, sys; a = sys.argv[1]
+s.create_server((a, 0), family=s.getaddrinfo(a, 0)[0][0]).close()' "$MASTER_ADDR" 2>/dev/null; then
+    echo "launch.sh: rendezvous: $MASTER_ADDR is not an address of the head node ($(hostname)), so no node can" \
+        "reach the rendezvous at $MASTER_ADDR:$MASTER_PORT; set MASTER_ADDR (job.sbatch: TUNEFILE_MASTER_ADDR)" >&2
+    exit 69
+fi
 
 # Environment from the target; values are single-quoted, so $ and ` in them stay literal.
 export HF_HOME=/scratch/hf-cache
@@ -29,15 +45,44 @@ export TOKENIZERS_PARALLELISM=false
 
 # accelerate launch reports any failed rank as exit status 1. The runtime writes its own status to this file
 # (2: a problem to fix in the config or data, 3: the watchdog stopped a run whose loss or gradient went
-# non-finite), and this script exits with it. (--quiet: a failed single-process or DeepSpeed launch exits 1 instead
-# of printing the launcher's own traceback under the runtime's one-line message.)
+# non-finite, 75: stopped early by a signal after saving a complete checkpoint, run again to continue), and this
+# script exits with it.
+# 69: the head node's rendezvous address is not reachable (the checks above and below).
+# (--quiet: a failed single-process or DeepSpeed launch exits 1 instead of printing the launcher's own traceback
+# under the runtime's one-line message.)
 TUNEFILE_EXIT_STATUS_FILE="$(mktemp)"
 export TUNEFILE_EXIT_STATUS_FILE
-trap 'rm -f "$TUNEFILE_EXIT_STATUS_FILE"' EXIT
+# Stopping early without losing work: SIGUSR2 (job.sbatch forwards it ahead of a time limit or on preemption),
+# SIGTERM, Ctrl-C or a closed terminal makes this script create TUNEFILE_STOP_FILE; every rank of this node looks
+# for it at each step boundary, the ranks agree, finish the step in flight, save a checkpoint and exit 75. A file,
+# not a signal, because torch elastic starts each rank in a session of its own, out of reach of a process group.
+TUNEFILE_STOP_FILE="$TUNEFILE_EXIT_STATUS_FILE.stop"
+export TUNEFILE_STOP_FILE
+trap 'rm -f "$TUNEFILE_EXIT_STATUS_FILE" "$TUNEFILE_STOP_FILE"' EXIT
+# shellcheck disable=SC2317  # called by the traps below, which shellcheck does not follow
+request_stop() {
+    if [ ! -e "$TUNEFILE_STOP_FILE" ]; then
+        echo "launch.sh: SIG$1: asking the ranks to finish the step in flight, save a checkpoint and exit 75" >&2
+        : > "$TUNEFILE_STOP_FILE"
+    fi
+}
+trap 'request_stop USR2' USR2
+trap 'request_stop TERM' TERM
+trap 'request_stop INT' INT
+trap 'request_stop HUP' HUP
+
+# Before training, the runtime checks on every node that the Python accelerate runs it in has the torch,
+# transformers, peft, accelerate (and extras) this bundle was resolved for (manifest.json's "stack"), and stops
+# with one line naming the package, the version found and the one required. TUNEFILE_SKIP_STACK_CHECK=1 runs
+# anyway. (Checked in the ranks' own Python, not by a `python3` here, which may be another one.)
 
 # 2 node(s) × 8 process(es) = 16 in total; accelerate starts this node's share.
+# In the background, so that the traps above run while it trains (bash runs a trap only between commands), and
+# in a session of its own (setsid), out of reach of the terminal's Ctrl-C: torch elastic would forward that to
+# the ranks and kill them 30 s later, saved or not. SIGUSR2 is ignored by the launcher (it would end it); the
+# ranks handle it themselves when SLURM signals every process of the job step.
 status=0
-accelerate launch \
+( trap '' USR2; exec setsid accelerate launch \
     --quiet \
     --config_file "$BUNDLE_DIR/accelerate.yaml" \
     --num_machines 2 \
@@ -45,8 +90,46 @@ accelerate launch \
     --machine_rank "$NODE_RANK" \
     --main_process_ip "$MASTER_ADDR" \
     --main_process_port "$MASTER_PORT" \
-    -m tunefile.runtime train "$BUNDLE_DIR/config.yaml" || status=$?
-if [ "$status" -ne 0 ] && [ -s "$TUNEFILE_EXIT_STATUS_FILE" ]; then
+    --rdzv_conf "timeout=$((RDZV_TIMEOUT_S + 30))" \
+    -m tunefile.runtime train "$BUNDLE_DIR/config.yaml" ) &
+launcher=$!
+
+# A rendezvous that cannot hang. While the launcher starts, the other nodes watch the head's port: if it does not
+# answer within TUNEFILE_RDZV_TIMEOUT_S seconds (default 90), one line names the address, the launcher (nothing has
+# trained yet) is killed and this script exits 69, instead of c10d retrying until the time limit. The head's own
+# rendezvous gives up 30 s later (--rdzv_conf above), so the line that names the address comes first.
+RDZV_FAILED="$TUNEFILE_EXIT_STATUS_FILE.rendezvous"
+watcher=
+if [ "$NODE_RANK" != 0 ]; then
+    (
+        rdzv_deadline=$((SECONDS + RDZV_TIMEOUT_S))
+        # shellcheck disable=SC2016
+        until timeout 5 bash -c 'exec 3<>"/dev/tcp/$1/$2"' bash "$MASTER_ADDR" "$MASTER_PORT" 2>/dev/null; do
+            if [ "$SECONDS" -ge "$rdzv_deadline" ]; then
+                echo "launch.sh: rendezvous: node $NODE_RANK ($(hostname)) cannot reach the head node at" \
+                    "$MASTER_ADDR:$MASTER_PORT within ${RDZV_TIMEOUT_S}s; is that address reachable from here?" >&2
+                : > "$RDZV_FAILED"
+                kill -KILL -- "-$launcher" 2>/dev/null || true
+                exit 0
+            fi
+            sleep 1
+        done
+    ) &
+    watcher=$!
+fi
+# (2>/dev/null: bash's own "Killed" notice when the rendezvous watch ends the launcher.)
+wait "$launcher" 2>/dev/null || status=$?
+while kill -0 "$launcher" 2>/dev/null; do  # a trapped signal interrupted `wait`; the launcher still runs
+    status=0
+    wait "$launcher" 2>/dev/null || status=$?
+done
+if [ -n "$watcher" ]; then kill "$watcher" 2>/dev/null || true; fi
+if [ -e "$RDZV_FAILED" ]; then
+    rm -f "$RDZV_FAILED"
+    exit 69
+fi
+# Read even after a 0: ranks stopped by a signal exit 0 under torch elastic, and leave 75 here (preemption.py).
+if [ -s "$TUNEFILE_EXIT_STATUS_FILE" ]; then
     status="$(cat "$TUNEFILE_EXIT_STATUS_FILE")"
 fi
 exit "$status"

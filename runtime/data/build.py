@@ -64,7 +64,9 @@ def cache_key(data: DataPlan, tokenizer: Any, sources: list[Source], *, seed: in
     caches)."""
     code = hashlib.sha256()
     for module in TOKENISING_CODE:
-        code.update(Path(module.__file__).read_bytes())
+        # Through the module's loader, not open(__file__): inside the bundle's runtime archive (zipimport)
+        # __file__ names a member of the zip, not a file. The bytes, and so the key, are the same either way.
+        code.update(module.__spec__.loader.get_data(module.__file__))
     material = {
         "version": CACHE_VERSION,
         "datasets": [{"entry": plan_to_dict(source.entry), "data": fingerprint(source)} for source in sources],
