@@ -60,13 +60,9 @@ def report_user_error(exc: Exception, *, debug: bool) -> int:
         if debug:
             traceback.print_exception(exc)
         print(f"tunefile runtime: {exc}", file=sys.stderr, flush=True)
-    status_file = os.environ.get("TUNEFILE_EXIT_STATUS_FILE")
-    if status_file:
-        try:
-            with open(status_file, "w", encoding="utf-8") as out:
-                out.write(f"{code}\n")
-        except OSError:
-            pass  # the status file is a courtesy to launch.sh; the exit code below still tells
+    from .preemption import write_exit_status
+
+    write_exit_status(code)  # for launch.sh: accelerate launch reports any failed rank as 1
     return code
 
 

@@ -97,4 +97,4 @@ def write_exit_status(code: int) -> None:
             with open(status_file, "w", encoding="utf-8") as out:
                 out.write(f"{code}\n")
         except OSError:
-            pass  # a courtesy to launch.sh; the exit code itself still says 75
+            pass  # a courtesy to launch.sh; the process's own exit code still tells

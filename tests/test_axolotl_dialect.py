@@ -12,10 +12,10 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
+from compile_helpers import compiled, plan_of, problems_of
 
 from helpers import MINIMAL, run_cli, write
 from tunefile.compiler.dialect.normalize import axolotl_catalogue
@@ -23,28 +23,9 @@ from tunefile.compiler.dialect.stock_deepspeed import STOCK_DEEPSPEED
 from tunefile.compiler.dialect.table import NO_EFFECT, REFUSED
 from tunefile.compiler.errors import ConfigError
 from tunefile.compiler.loader import load_document
-from tunefile.compiler.pipeline import Sources, TargetOptions, compile_config
+from tunefile.compiler.pipeline import TargetOptions, compile_config
 from tunefile.compiler.spec import Spec
 from tunefile.compiler.validate import validate_document, validate_with_notes
-
-H100 = TargetOptions(gpu="h100-80gb")
-
-
-def compiled(tmp_path: Path, text: str, options: TargetOptions = H100, name: str = "cfg.yml") -> dict[str, str]:
-    return compile_config(write(tmp_path / name, text), options).files
-
-
-def plan_of(tmp_path: Path, text: str, options: TargetOptions = H100) -> dict[str, Any]:
-    return yaml.safe_load(compiled(tmp_path, text, options)["config.yaml"])
-
-
-def problems_of(text: str) -> list[str]:
-    document = load_document(text, "c.yml")
-    with pytest.raises(ConfigError) as caught:
-        validate_document(document)
-    sources = Sources(documents={"c.yml": document}, main="c.yml")
-    return [sources.format(problem) for problem in caught.value.problems]
-
 
 # --- empty means default ------------------------------------------------------------------------------------
 

@@ -7,35 +7,18 @@ The runtime's half (what each plan field does while training) is tested in tests
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
+from compile_helpers import compiled, plan_of, problems_of
 
-from helpers import MINIMAL, write
+from helpers import MINIMAL
 from tunefile.compiler.errors import ConfigError
 from tunefile.compiler.loader import load_document
-from tunefile.compiler.pipeline import Sources, TargetOptions, compile_config
-from tunefile.compiler.validate import validate_document, validate_with_notes
+from tunefile.compiler.pipeline import TargetOptions
+from tunefile.compiler.validate import validate_with_notes
 
-H100 = TargetOptions(gpu="h100-80gb")
 LORA = MINIMAL + "adapter: lora\n"
-
-
-def compiled(tmp_path: Path, text: str, options: TargetOptions = H100) -> dict[str, str]:
-    return compile_config(write(tmp_path / "cfg.yml", text), options).files
-
-
-def plan_of(tmp_path: Path, text: str, options: TargetOptions = H100) -> dict[str, Any]:
-    return yaml.safe_load(compiled(tmp_path, text, options)["config.yaml"])
-
-
-def problems_of(text: str) -> list[str]:
-    document = load_document(text, "c.yml")
-    with pytest.raises(ConfigError) as caught:
-        validate_document(document)
-    sources = Sources(documents={"c.yml": document}, main="c.yml")
-    return [sources.format(problem) for problem in caught.value.problems]
 
 
 # --- ReLoRA -------------------------------------------------------------------------------------------------

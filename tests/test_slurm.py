@@ -13,23 +13,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from slurm_helpers import NODES, PARTITION, TERMINAL_STATES, clean_env, require_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "tests" / "golden_configs" / "multinode-slurm.yml"
 STUB = REPO / "tests" / "slurm_fixtures" / "accelerate"
-PARTITION = "debug"
-NODES = 2
 JOB_TIMEOUT_S = 120  # generous: the job itself takes a couple of seconds
-CLUSTER_WAIT_S = 30  # nodes still completing an earlier job come back idle within seconds
-TERMINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-                   "BOOT_FAIL", "DEADLINE"}
 
 TARGET = f"""\
 # A CPU target for the two-node SLURM cluster that .ci/slurm-up.sh starts.
@@ -42,42 +37,9 @@ cpus_per_task: 1
 """
 
 
-def _unavailable(message: str) -> None:
-    """Skip on a laptop; fail in CI (CI=true), where a skipped SLURM test would hide a broken job.sbatch."""
-    message += " (run `.ci/slurm-up.sh` as root to start a two-node SLURM on this host)"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def _clean_env() -> dict[str, str]:
-    """The caller's environment without SLURM's job variables (pytest may itself run inside a job) or
-    tunefile's own (TUNEFILE_BUNDLE_DIR would override where job.sbatch looks for its bundle)."""
-    return {key: value for key, value in os.environ.items()
-            if not key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_", "TUNEFILE_"))}
-
-
-def _idle_nodes() -> list[str]:
-    result = subprocess.run(["sinfo", "-h", "-N", "-p", PARTITION, "-o", "%N %t"], capture_output=True,
-                            text=True, timeout=30, env=_clean_env())
-    if result.returncode != 0:
-        return []
-    return sorted({line.split()[0] for line in result.stdout.splitlines()
-                   if len(line.split()) == 2 and line.split()[1] == "idle"})
-
-
 @pytest.fixture(scope="module")
 def slurm() -> None:
-    for tool in ("sbatch", "sinfo", "scontrol", "scancel"):
-        if shutil.which(tool) is None:
-            _unavailable(f"SLURM's `{tool}` is not on PATH")
-    deadline = time.monotonic() + CLUSTER_WAIT_S
-    while len(idle := _idle_nodes()) < NODES:
-        if time.monotonic() > deadline:
-            info = subprocess.run(["sinfo", "-N", "-l"], capture_output=True, text=True, timeout=30)
-            _unavailable(f"SLURM partition {PARTITION!r} does not have {NODES} idle nodes (idle: {idle}):\n"
-                         f"{info.stdout}{info.stderr}")
-        time.sleep(0.5)
+    require_cluster()
 
 
 def _tunefile() -> list[str]:
@@ -101,7 +63,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = root / "bundle"
     command = [*_tunefile(), "compile", str(config), "--output", str(out), "--target", str(target),
                "--nodes", str(NODES), "--gpus-per-node", "1"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=_clean_env())
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=clean_env())
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr}"
     assert (out / "job.sbatch").is_file(), f"no job.sbatch in the bundle: {sorted(p.name for p in out.iterdir())}"
     return out
@@ -109,7 +71,7 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _job_fields(job_id: int) -> dict[str, str]:
     result = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                            timeout=30, env=_clean_env())
+                            timeout=30, env=clean_env())
     if result.returncode != 0:
         return {}
     # One line of Key=Value pairs; values have no spaces except in a few fields we do not read.
@@ -158,7 +120,7 @@ def test_job_sbatch_launches_one_rank_per_node(slurm: None, bundle: Path, tmp_pa
     stub.write_text(f"#!{sys.executable}\n" + stub_text.split("\n", 1)[1], encoding="utf-8")
     stub.chmod(0o755)
 
-    env = _clean_env()
+    env = clean_env()
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     env["TUNEFILE_TEST_RECORDS"] = str(records)
     if submit_from == "bundle-dir":
@@ -204,7 +166,7 @@ def test_job_sbatch_launches_one_rank_per_node(slurm: None, bundle: Path, tmp_pa
     head = next(launch["env"]["SLURMD_NODENAME"] for launch in launches if launch["env"]["NODE_RANK"] == "0")
     # The head's address as SLURM knows it (NodeAddr), which the other nodes reach even where names do not resolve.
     node = subprocess.run(["scontrol", "show", "node", head], capture_output=True, text=True, timeout=30,
-                          env=_clean_env()).stdout
+                          env=clean_env()).stdout
     head_addr = re.search(r"NodeAddr=(\S+)", node)
     assert head_addr and addresses == {head_addr.group(1)}, \
         f"MASTER_ADDR {addresses} is not the NodeAddr of rank 0's node ({head}): {node}" + context
