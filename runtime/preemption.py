@@ -81,8 +81,8 @@ class StopRequest:
 
 def process_exit_code() -> int:
     """What a stopped rank's process exits with: 75, except under torch elastic (multi-process launches) when
-    launch.sh is listening. There a non-zero exit makes the launcher print a ChildFailedError report with a
-    traceback under the one line that matters, so the rank exits 0 and launch.sh takes 75 from
+    launch.sh is listening. There the rank exits 0: the agent sees every rank end cleanly (a non-zero exit would
+    make it stop the other ranks during their teardown and report a failure), and launch.sh takes 75 from
     TUNEFILE_EXIT_STATUS_FILE (written by write_exit_status), as it reads every status the runtime writes."""
     if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("TUNEFILE_EXIT_STATUS_FILE"):
         return 0

@@ -214,9 +214,6 @@ def test_runtime_reports_an_uncached_model_and_dataset_in_one_line(tmp_path: Pat
         assert expected[name] in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="torch elastic's agent (accelerate launch with two or more processes) raises "
-                   "ChildFailedError with a traceback after the runtime's one line; --quiet covers only the single-"
-                   "process and pdsh launchers. The fix belongs in launch.sh (see issue 12's report)")
 def test_runtime_error_with_two_processes_has_no_launcher_traceback(tmp_path: Path) -> None:
     from runtime_bundles import build_tiny_model, compile_bundle, launch, workspace, write_config
 
@@ -226,3 +223,17 @@ def test_runtime_error_with_two_processes_has_no_launcher_traceback(tmp_path: Pa
     assert result.returncode == 2, result.stderr[-3000:]
     assert "offline and not in the Hugging Face cache" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
+
+
+def test_a_crashed_rank_with_two_processes_gets_one_launcher_line(tmp_path: Path) -> None:
+    """A crash that is no user error: the rank's own output stands, the launcher adds one line, not a traceback."""
+    from runtime_bundles import build_tiny_model, compile_bundle, launch, workspace, write_config
+
+    work = workspace(tmp_path / "work", build_tiny_model(tmp_path / "tiny-model-src"))
+    bundle = compile_bundle(write_config(work, "crash.yml", max_steps=4, save_steps=1), gpus_per_node=2)
+    result = launch(bundle, env={"TUNEFILE_FAULT_AFTER_STEP": "2"}, check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    launcher_lines = [line for line in result.stderr.splitlines() if line.startswith("tunefile launcher:")]
+    assert len(launcher_lines) == 1, result.stderr[-3000:]
+    assert "exited with code 17" in launcher_lines[0] and "local rank" in launcher_lines[0]
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr, result.stderr[-3000:]

@@ -7,6 +7,7 @@ import json
 import os
 import shlex
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -60,17 +61,19 @@ def test_launch_sh_header_and_command() -> None:
     assert "relative paths in config.yaml" in text.lower()
     assert "export TOKENIZERS_PARALLELISM=false" in lines and "TF32 matmuls: off" in text
     assert "HF_HUB_OFFLINE" not in text
-    # In the background, in a session of its own, with SIGUSR2 ignored (launch.sh's traps ask the ranks to stop).
-    assert "( trap '' USR2; exec setsid accelerate launch \\" in lines
-    launch_line = text[text.index("exec setsid accelerate launch") + len("exec setsid "):text.index(" ) &")]
+    # In the background, in a session of its own, with SIGUSR2 ignored (launch.sh's traps ask the ranks to stop);
+    # accelerate's launch through tunefile.runtime.launcher, in accelerate's own Python.
+    assert '( trap \'\' USR2; exec setsid "$LAUNCH_PYTHON" -m tunefile.runtime.launcher \\' in lines
+    launch_line = text[text.index('exec setsid "$LAUNCH_PYTHON"') + len("exec setsid "):text.index(" ) &")]
     command = shlex.split(launch_line.replace("\\\n", " "))
-    assert command == ["accelerate", "launch", "--quiet", "--config_file", "$BUNDLE_DIR/accelerate.yaml",
+    assert command == ["$LAUNCH_PYTHON", "-m", "tunefile.runtime.launcher",
+                       "--config_file", "$BUNDLE_DIR/accelerate.yaml",
                        "--num_machines", "1", "--num_processes", "2", "--machine_rank", "$NODE_RANK",
                        "--main_process_ip", "$MASTER_ADDR", "--main_process_port", "$MASTER_PORT",
                        "--deepspeed_config_file", "$BUNDLE_DIR/deepspeed.json",
                        "--deepspeed_multinode_launcher", "standard",
                        "-m", "tunefile.runtime", "train", "$BUNDLE_DIR/config.yaml"]
-    assert "deepspeed" not in render("single")["launch.sh"].split("exec setsid accelerate launch")[1]
+    assert "deepspeed" not in render("single")["launch.sh"].split("-m tunefile.runtime.launcher")[1]
     # accelerate reports a failed rank as 1: the runtime's own status (2, 3, 75) comes back through a file.
     assert 'exit "$status"' in lines
     assert 'trap \'rm -f "$TUNEFILE_EXIT_STATUS_FILE" "$TUNEFILE_STOP_FILE"\' EXIT' in lines
@@ -79,7 +82,7 @@ def test_launch_sh_header_and_command() -> None:
 
 def test_offline_exports_come_before_any_python() -> None:
     text = render("single", spec={"offline": True})["launch.sh"]
-    assert text.index("HF_HUB_OFFLINE=1") < text.index("exec setsid accelerate launch")
+    assert text.index("HF_HUB_OFFLINE=1") < text.index("-m tunefile.runtime.launcher")
     assert "HF_DATASETS_OFFLINE=1" in text and "TRANSFORMERS_OFFLINE=1" in text
 
 
@@ -189,15 +192,18 @@ def stub(bin_dir: Path, name: str, text: str) -> None:
     write(bin_dir / name, text).chmod(0o755)
 
 
-RECORD_ACCELERATE = ("#!/usr/bin/env python3\nimport json, os, sys\n"
-                     "json.dump({'argv': sys.argv[1:], 'env': dict(os.environ)}, sys.stdout)\n")
+# A stand-in for the Python that `accelerate` runs in: launch.sh finds it on the #! line of the `accelerate` stub and
+# starts tunefile.runtime.launcher in it; it prints its arguments and environment instead.
+RECORD_PYTHON = (f"#!{sys.executable}\nimport json, os, sys\n"
+                 "json.dump({'argv': sys.argv[1:], 'env': dict(os.environ)}, sys.stdout)\n")
 
 
 def run_script(command: list[str], tmp_path: Path, env: dict[str, str] | None = None) -> dict:
     bin_dir = tmp_path / "bin"
-    stub(bin_dir, "accelerate", RECORD_ACCELERATE)
+    stub(bin_dir, "python", RECORD_PYTHON)
+    stub(bin_dir, "accelerate", f"#!{bin_dir / 'python'}\n")
     clean = {key: value for key, value in os.environ.items()
-             if key not in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TUNEFILE_BUNDLE_DIR")}
+             if key not in ("NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "TUNEFILE_BUNDLE_DIR", "TUNEFILE_PYTHON")}
     result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path,
                             env={**clean, **(env or {}), "PATH": f"{bin_dir}:{os.environ['PATH']}"})
     assert result.returncode == 0, result.stderr
@@ -211,7 +217,7 @@ def test_launch_sh_runs_accelerate_with_the_bundle(tmp_path: Path) -> None:
                  force=False)
     record = run_script(["bash", str(bundle / "launch.sh")], tmp_path)
     argv, env = record["argv"], record["env"]
-    assert argv[:4] == ["launch", "--quiet", "--config_file", f"{bundle}/accelerate.yaml"]
+    assert argv[:4] == ["-m", "tunefile.runtime.launcher", "--config_file", f"{bundle}/accelerate.yaml"]
     assert argv[argv.index("--num_processes") + 1] == "2" and argv[argv.index("--machine_rank") + 1] == "0"
     assert argv[argv.index("--main_process_ip") + 1] == "127.0.0.1"
     assert argv[argv.index("--deepspeed_config_file") + 1] == f"{bundle}/deepspeed.json"

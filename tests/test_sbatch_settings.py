@@ -188,9 +188,10 @@ def test_cpu_launch_passes_the_thread_count(env: dict[str, str], threads: str, t
     for name, text in render("cpu").items():
         write(bundle / name, text)
     bin_dir = tmp_path / "bin"
-    write(bin_dir / "accelerate", RECORD).chmod(0o755)
+    write(bin_dir / "python", RECORD).chmod(0o755)  # accelerate's Python, where launch.sh starts the launcher
+    write(bin_dir / "accelerate", f"#!{bin_dir / 'python'}\n").chmod(0o755)
     write(bin_dir / "setsid", '#!/bin/sh\nexec "$@"\n').chmod(0o755)
-    write(bin_dir / "python3", "#!/bin/sh\nexit 0\n").chmod(0o755)  # launch.sh's stack check: not tested here
+    write(bin_dir / "python3", "#!/bin/sh\nexit 0\n").chmod(0o755)  # launch.sh's head-address check: not tested here
     clean = {key: value for key, value in os.environ.items()
              if not key.startswith(("SLURM_", "TUNEFILE_", "OMP_", "NODE_RANK", "MASTER_"))}
     result = subprocess.run(["bash", str(bundle / "launch.sh")], capture_output=True, text=True, timeout=60,

@@ -1,9 +1,10 @@
 """The generated job.sbatch under a real two-node SLURM.
 
 `.ci/slurm-up.sh` starts a SLURM cluster of two nodes (two slurmd) on one host, partition `debug`.
-This test compiles tests/golden_configs/multinode-slurm.yml for 2 CPU nodes, puts a stand-in
-`accelerate` first on PATH (tests/slurm_fixtures/accelerate: it records its argv and environment, then
-exits 0), submits the bundle's job.sbatch with sbatch and checks what each node launched.
+This test compiles tests/golden_configs/multinode-slurm.yml for 2 CPU nodes, puts a stand-in for
+accelerate's Python first on PATH (tests/slurm_fixtures/python, named on the #! line of an `accelerate`
+beside it, as pip writes it: it records its argv and environment, then exits 0), submits the bundle's
+job.sbatch with sbatch and checks what each node launched.
 
 Without SLURM the test skips; in CI (CI=true) it fails instead, so it is never silently skipped there.
 """
@@ -23,7 +24,7 @@ from slurm_helpers import NODES, PARTITION, TERMINAL_STATES, clean_env, require_
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "tests" / "golden_configs" / "multinode-slurm.yml"
-STUB = REPO / "tests" / "slurm_fixtures" / "accelerate"
+STUB = REPO / "tests" / "slurm_fixtures" / "python"
 JOB_TIMEOUT_S = 120  # generous: the job itself takes a couple of seconds
 
 TARGET = f"""\
@@ -115,10 +116,12 @@ def test_job_sbatch_launches_one_rank_per_node(slurm: None, bundle: Path, tmp_pa
     # slurmd (root here) runs the job as the submitting user; keep everything it touches readable.
     for directory in (tmp_path, bin_dir, records, work):
         directory.chmod(0o777)
-    stub = bin_dir / "accelerate"
+    stub = bin_dir / "python"
     stub_text = STUB.read_text(encoding="utf-8").replace("@RECORDS@", str(records))
     stub.write_text(f"#!{sys.executable}\n" + stub_text.split("\n", 1)[1], encoding="utf-8")
     stub.chmod(0o755)
+    (bin_dir / "accelerate").write_text(f"#!{stub}\n", encoding="utf-8")
+    (bin_dir / "accelerate").chmod(0o755)
 
     env = clean_env()
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
@@ -178,7 +181,8 @@ def test_job_sbatch_launches_one_rank_per_node(slurm: None, bundle: Path, tmp_pa
     for launch in launches:
         argv, rank = launch["argv"], launch["env"]["NODE_RANK"]
         where = f" (rank {rank} on {launch['env']['SLURMD_NODENAME']}: {argv})" + context
-        assert argv and argv[0] == "launch", "accelerate was not called as `accelerate launch`" + where
+        assert argv[:2] == ["-m", "tunefile.runtime.launcher"], \
+            "accelerate's launch was not started as `python -m tunefile.runtime.launcher`" + where
         assert launch["env"]["SLURM_NODEID"] == rank, "NODE_RANK is not the task's SLURM_NODEID" + where
         assert _option(argv, "--num_machines") == str(NODES), f"not --num_machines {NODES}" + where
         assert _option(argv, "--machine_rank") == rank, f"not --machine_rank {rank}" + where

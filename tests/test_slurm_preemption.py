@@ -6,7 +6,8 @@ Each job trains the tiny model for real on two nodes (one CPU rank each, gloo). 
 - `scancel --signal=USR2` and `scontrol requeue` mid-run lose at most the step in flight;
 - every attempt's log is kept (one file per stream, each attempt marked);
 - node names that do not resolve, with NodeAddr set: the job completes (the uninterrupted run itself runs so);
-- an unreachable head: the job fails within two minutes with one line naming host and port.
+- an unreachable head: the job fails within two minutes with one line naming host and port;
+- max_restarts: a job requeued again and again before any step finishes stops training after that many restarts.
 
 Two liberties with the cluster, both outside what the bundle does: a requeued job is started at once
 (`scontrol update StartTime=now`) instead of after SLURM's two-minute credential hold, and the time limit of a
@@ -232,3 +233,38 @@ def test_an_unreachable_head_fails_within_two_minutes_in_one_line(cluster: None,
     lines = [line for line in read(fields["StdErr"]).splitlines() if "rendezvous" in line]
     assert len(lines) == 1 and f"{blackhole}:{port}" in lines[0], logs(fields)
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_max_restarts_stops_a_job_that_makes_no_progress(cluster: None, tiny: Path, tmp_path: Path) -> None:
+    """Every attempt is requeued (`scontrol requeue`, as a node failure or preemption does) before its first step
+    finishes, so each starts from step 0 again. With max_restarts 2 the fourth attempt refuses to train: one line,
+    the job FAILED, every attempt in the log."""
+    bundle = make_bundle(tmp_path, tiny)
+    job_id = submit(bundle / "job.sbatch", cwd=tmp_path, env=job_env())
+    attempts_file = tmp_path / "out" / f".slurm-job-{job_id}-attempts"
+
+    def recorded_attempts() -> int:
+        return len(attempts_file.read_text().split()) if attempts_file.is_file() else 0
+
+    for restarts in range(3):
+        # This attempt has recorded where it starts (job.sbatch's first lines), and is still setting up: requeue it.
+        wait_for(job_id, lambda f, n=restarts: f.get("JobState") == "RUNNING" and recorded_attempts() > n,
+                 timeout=RUN_TIMEOUT_S, what=f"running attempt {restarts + 1}",
+                 context=lambda: logs(job_fields(job_id)))
+        scontrol("requeue", str(job_id))
+        release_requeued(job_id, timeout=RUN_TIMEOUT_S, context=lambda: logs(job_fields(job_id)))
+        wait_for(job_id, lambda f, n=restarts: int(f.get("Restarts", "0")) > n and f.get("JobState") != "PENDING",
+                 timeout=RUN_TIMEOUT_S, what=f"started again after restart {restarts + 1}",
+                 context=lambda: logs(job_fields(job_id)))
+    fields = finish(job_id)
+    assert fields.get("JobState") == "FAILED" and int(fields.get("Restarts", "0")) == 3, logs(fields)
+    assert trained_steps(tmp_path) == [], "an attempt trained a step: the premise (no progress) does not hold"
+    assert attempts_file.read_text().split() == ["0", "0", "0", "0"]
+    err = read(fields["StdErr"])
+    refusal = [line for line in err.splitlines() if "max_restarts" in line]
+    assert refusal == [f"job.sbatch: attempt 4 would start from step 0, as the 3 before it did: no progress in 2 "
+                       f"restarts (max_restarts); not training again. Read the earlier attempts in this log; "
+                       f"`scancel {job_id}` ends the job."], logs(fields)
+    out = read(fields["StdOut"])
+    for attempt in range(1, 5):
+        assert f"job.sbatch: job {job_id} attempt {attempt} (SLURM_RESTART_COUNT={attempt - 1})" in out, logs(fields)

@@ -114,7 +114,7 @@ def test_the_bundle_carries_the_archive_with_its_hash_in_manifest_and_readme(tmp
     script = (bundle / "launch.sh").read_text()
     assert f'export PYTHONPATH="$BUNDLE_DIR"/{ARCHIVE}"${{PYTHONPATH:+:$PYTHONPATH}}"' in script
     assert script.index("export PYTHONPATH") < script.index("TUNEFILE_SKIP_STACK_CHECK=1") \
-        < script.rindex("accelerate launch")
+        < script.rindex("-m tunefile.runtime.launcher")
     assert run_cli("verify", str(bundle))[0] == 0
     (bundle / ARCHIVE).write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one bit
     assert "changed: " + ARCHIVE in run_cli("verify", str(bundle))[2]
