@@ -31,8 +31,6 @@ export TOKENIZERS_PARALLELISM=false
 # (2: a problem to fix in the config or data, 3: the watchdog stopped a run whose loss or gradient went
 # non-finite, 75: stopped early by a signal after saving a complete checkpoint, run again to continue), and this
 # script exits with it.
-# (--quiet: a failed single-process or DeepSpeed launch exits 1 instead of printing the launcher's own traceback
-# under the runtime's one-line message.)
 TUNEFILE_EXIT_STATUS_FILE="$(mktemp)"
 export TUNEFILE_EXIT_STATUS_FILE
 # Stopping early without losing work: SIGUSR2 (job.sbatch forwards it ahead of a time limit or on preemption),
@@ -59,14 +57,27 @@ trap 'request_stop HUP' HUP
 # with one line naming the package, the version found and the one required. TUNEFILE_SKIP_STACK_CHECK=1 runs
 # anyway. (Checked in the ranks' own Python, not by a `python3` here, which may be another one.)
 
+# The launch is accelerate's own (`accelerate launch`), started through tunefile.runtime.launcher, which turns the
+# launcher's traceback after a failed rank into one line. It runs in the Python the `accelerate` command runs in
+# (the interpreter on its #! line; the ranks run in the launcher's Python), else python3; TUNEFILE_PYTHON overrides.
+accelerate_python() {
+    local script first
+    script="$(command -v accelerate)" || return 0
+    IFS= read -r first < "$script" || return 0
+    case "$first" in
+        '#!/'*python*) if [ "${first#* }" = "$first" ] && [ -x "${first#"#!"}" ]; then echo "${first#"#!"}"; fi ;;
+    esac
+}
+LAUNCH_PYTHON="${TUNEFILE_PYTHON:-$(accelerate_python)}"
+LAUNCH_PYTHON="${LAUNCH_PYTHON:-python3}"
+
 # 1 node(s) × 1 process(es) = 1 in total; accelerate starts this node's share.
 # In the background, so that the traps above run while it trains (bash runs a trap only between commands), and
 # in a session of its own (setsid), out of reach of the terminal's Ctrl-C: torch elastic would forward that to
 # the ranks and kill them 30 s later, saved or not. SIGUSR2 is ignored by the launcher (it would end it); the
 # ranks handle it themselves when SLURM signals every process of the job step.
 status=0
-( trap '' USR2; exec setsid accelerate launch \
-    --quiet \
+( trap '' USR2; exec setsid "$LAUNCH_PYTHON" -m tunefile.runtime.launcher \
     --config_file "$BUNDLE_DIR/accelerate.yaml" \
     --num_machines 1 \
     --num_processes 1 \
