@@ -228,6 +228,9 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
     if spec.activation_offloading and not spec.gradient_checkpointing:
         error("activation_offloading", "activation_offloading needs gradient_checkpointing, as in Axolotl",
               hint="add `gradient_checkpointing: true`")
+    if spec.gradient_checkpointing_every_n_layers > 1 and not spec.gradient_checkpointing:
+        warn("gradient_checkpointing_every_n_layers", "no effect without gradient_checkpointing",
+             hint="add `gradient_checkpointing: true`, or remove the line")
     if spec.unfrozen_parameters and spec.fsdp_config is not None and any(
             pattern.rstrip().endswith("]") and "[" in pattern for pattern in spec.unfrozen_parameters):
         error("unfrozen_parameters", "row ranges (name[start:end]) cannot be trained under FSDP: FSDP replaces "

@@ -477,6 +477,11 @@ class Spec(_Strict):
         False, description="Recompute activations in backward to save memory; offload also keeps the "
         "checkpointed layer inputs in CPU memory.", group="precision"
     )
+    gradient_checkpointing_every_n_layers: int = _field(
+        1, ge=1, le=1024, description="With gradient_checkpointing: checkpoint only every n-th decoder layer (the "
+        "first, the (n+1)-th, …); the others keep their activations. Trades memory back for speed where full "
+        "checkpointing frees more than the run needs (1: every layer; tunefile's own key).", group="precision"
+    )
     gradient_checkpointing_kwargs: dict[str, Any] | None = _field(
         None, description="Passed to transformers' gradient_checkpointing_enable, e.g. {use_reentrant: false} "
         "(default: {use_reentrant: true}, as Axolotl).", group="precision"

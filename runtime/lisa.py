@@ -101,7 +101,8 @@ class LayerSampler:
             if self.model_plan.gradient_checkpointing and kwargs.get("use_reentrant") is not False:
                 from .model import enable_gradient_checkpointing
 
-                enable_gradient_checkpointing(model, {**kwargs, "use_reentrant": False}, frozen_inputs=False)
+                enable_gradient_checkpointing(model, {**kwargs, "use_reentrant": False}, frozen_inputs=False,
+                                              every_n_layers=self.model_plan.gradient_checkpointing_every_n_layers)
                 self.checkpointing_change = ("use_reentrant: false: under DDP, LISA's frozen layers need DDP's "
                                              "unused-parameter search, which reentrant checkpointing breaks")
                 log.warning("lisa: gradient checkpointing %s", self.checkpointing_change)

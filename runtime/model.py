@@ -339,18 +339,39 @@ def add_adapter(module: torch.nn.Module, lora: LoraPlan) -> torch.nn.Module:
     return get_peft_model(module, lora_config(lora))
 
 
-def enable_gradient_checkpointing(module: torch.nn.Module, kwargs: dict[str, Any], *, frozen_inputs: bool) -> None:
-    """Checkpoint every decoder layer with ``kwargs`` (torch.utils.checkpoint's, e.g. use_reentrant).
-    ``frozen_inputs``: the input embeddings do not train (an adapter, or unfrozen_parameters without them)."""
+def enable_gradient_checkpointing(module: torch.nn.Module, kwargs: dict[str, Any], *, frozen_inputs: bool,
+                                  every_n_layers: int = 1) -> None:
+    """Checkpoint decoder layers 0, n, 2n, … (every one for n = 1) with ``kwargs`` (torch.utils.checkpoint's,
+    e.g. use_reentrant). ``frozen_inputs``: the input embeddings do not train (an adapter, or
+    unfrozen_parameters without them)."""
     if hasattr(module, "activation_checkpointing_enable"):  # transformers 5 renamed it; the old name warns
         module.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(kwargs))
     else:
         module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(kwargs))
+    checkpoint_every_nth_layer(module, every_n_layers)
     if frozen_inputs:
         # Reentrant checkpointing computes no gradient for a layer whose input does not require one, and frozen
         # embeddings produce such an input: every layer would silently stop training. A hook that marks the
         # embeddings' output as requiring grad fixes that (and costs nothing without reentrancy).
         module.enable_input_require_grads()
+
+
+def checkpoint_every_nth_layer(module: torch.nn.Module, every_n: int) -> None:
+    """Keep checkpointing on for decoder layers 0, n, 2n, … and turn it off for the others, which then keep their
+    activations: full checkpointing recomputes every layer's forward (about a third more compute), and where it
+    frees more memory than the run needs, recomputing fewer layers buys the speed back. Each layer checks its own
+    ``gradient_checkpointing`` flag at every call (transformers' GradientCheckpointingLayer)."""
+    if every_n <= 1:
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [layer for layer in module.modules()
+              if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing]
+    for index, layer in enumerate(layers):
+        if index % every_n:
+            layer.gradient_checkpointing = False
+    log.info("gradient checkpointing: %d of %d decoder layers (every %d-th, from the first)",
+             -(-len(layers) // every_n), len(layers), every_n)
 
 
 def input_embeddings_train(module: torch.nn.Module) -> bool:
@@ -415,9 +436,12 @@ def load_model(model: ModelPlan, *, attn_implementation: str, vocab_size: int,
             module = prepare_model_for_kbit_training(
                 module, use_gradient_checkpointing=model.gradient_checkpointing,
                 gradient_checkpointing_kwargs=dict(model.gradient_checkpointing_kwargs))
+        if model.gradient_checkpointing:
+            checkpoint_every_nth_layer(module, model.gradient_checkpointing_every_n_layers)
     elif model.gradient_checkpointing:
         enable_gradient_checkpointing(module, model.gradient_checkpointing_kwargs,
-                                      frozen_inputs=uses_adapter(model) or not input_embeddings_train(module))
+                                      frozen_inputs=uses_adapter(model) or not input_embeddings_train(module),
+                                      every_n_layers=model.gradient_checkpointing_every_n_layers)
     if model.lora is not None:
         module = add_adapter(module, model.lora)
     if model.ple_cpu_offload:  # DDP leaves the parameters kept in host memory alone (ple_offload.py)

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RUN_PLAN_VERSION = 3
+RUN_PLAN_VERSION = 4
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Strategy = Literal["single", "ddp", "fsdp", "deepspeed"]
@@ -209,6 +209,8 @@ class ModelPlan:
     load_in_8bit: bool
     gradient_checkpointing: bool
     gradient_checkpointing_kwargs: dict[str, Any]  # passed to transformers' gradient_checkpointing_enable
+    # Checkpoint decoder layers 0, n, 2n, …; the others keep their activations (1: every layer).
+    gradient_checkpointing_every_n_layers: int
     # Keep the activations saved for backward in pinned CPU memory (Axolotl's activation_offloading, and
     # gradient_checkpointing: offload, which offloads the checkpointed layer inputs).
     activation_offloading: bool

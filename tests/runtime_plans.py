@@ -28,7 +28,8 @@ def model_plan(model_dir: Path | str, **changes: Any) -> ModelPlan:
                      pad_embeddings_to_multiple_of=None, special_tokens=None, tokens=None, trust_remote_code=False,
                      precision="fp32", tf32=False, attn_implementation="sdpa", load_in_4bit=False,
                      load_in_8bit=False, gradient_checkpointing=False,
-                     gradient_checkpointing_kwargs={"use_reentrant": True}, activation_offloading=False,
+                     gradient_checkpointing_kwargs={"use_reentrant": True}, gradient_checkpointing_every_n_layers=1,
+                     activation_offloading=False,
                      half_precision_weights=False, llama4_linearized_experts=False, ple_cpu_offload=False,
                      unfrozen_parameters=None, shrink_embeddings=False, adapter=None)
     return replace(plan, **changes)

@@ -73,6 +73,7 @@ PLAN_LOCATION: dict[str, str] = {
     "load_in_4bit": "model.load_in_4bit", "load_in_8bit": "model.load_in_8bit", "tf32": "model.tf32",
     "gradient_checkpointing": "model.gradient_checkpointing",
     "gradient_checkpointing_kwargs": "model.gradient_checkpointing_kwargs",
+    "gradient_checkpointing_every_n_layers": "model.gradient_checkpointing_every_n_layers",
     "activation_offloading": "model.activation_offloading", "unfrozen_parameters": "model.unfrozen_parameters",
     "lora_target_parameters": "model.lora.target_parameters", "lora_fan_in_fan_out": "model.lora.fan_in_fan_out",
     "peft_use_rslora": "model.lora.use_rslora", "eot_tokens": "data.eot_tokens",
@@ -323,6 +324,7 @@ def build_run_plan(plan: Plan) -> RunPlan:
             # FSDP's own activation checkpointing replaces transformers' (a warning says so).
             gradient_checkpointing=bool(spec.gradient_checkpointing) and not fsdp_checkpoints(plan),
             gradient_checkpointing_kwargs=dict(spec.gradient_checkpointing_kwargs or GRADIENT_CHECKPOINTING_KWARGS),
+            gradient_checkpointing_every_n_layers=spec.gradient_checkpointing_every_n_layers,
             activation_offloading=bool(spec.activation_offloading) or spec.gradient_checkpointing == "offload",
             half_precision_weights=spec.bfloat16 or spec.float16,
             llama4_linearized_experts=spec.llama4_linearized_experts, ple_cpu_offload=spec.ple_cpu_offload,

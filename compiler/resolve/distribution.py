@@ -140,6 +140,8 @@ def _estimator(spec: Spec, target: Target, batch: BatchPlan, precision: str, mod
             sequence_len=tokens_per_gpu,
             gradient_checkpointing=spec.gradient_checkpointing
             or bool(spec.fsdp_config and spec.fsdp_config.activation_checkpointing),
+            checkpoint_every_n_layers=spec.gradient_checkpointing_every_n_layers
+            if spec.gradient_checkpointing else 1,
             sharding=SHARDING[sharding],
             world_size=max(target.world_size // replicas, 1),
             gpu_memory_gib=target.gpu.memory_gib if target.gpu and target.gpu_known else None,

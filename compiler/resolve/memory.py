@@ -6,7 +6,8 @@ offload) and warns before a job is queued for hours only to run out of memory. F
   frozen 16-bit base; 1 for 8-bit; 0.55 for NF4 with double quantisation;
 - trainable params: 4 bytes of gradient and 8 of AdamW state (2 for 8-bit optimizers);
 - activations per layer: 34·h bytes per token without checkpointing (Korthikanti et al., with
-  fused attention so no s² term), 2·h with it plus one layer recomputed; logits 10 bytes per
+  fused attention so no s² term), 2·h with it plus one layer recomputed (with every n-th layer checkpointed,
+  the rest keep 34·h); logits 10 bytes per
   token per vocabulary entry (16-bit logits, fp32 upcast and its gradient);
 - 1.5 GiB for the CUDA context and allocator.
 """
@@ -58,6 +59,7 @@ def estimate_memory(
     micro_batch_size: int,
     sequence_len: int,
     gradient_checkpointing: bool,
+    checkpoint_every_n_layers: int = 1,
     sharding: Sharding,
     world_size: int,
     gpu_memory_gib: float | None,
@@ -87,8 +89,11 @@ def estimate_memory(
     tokens = micro_batch_size * sequence_len
     activation_scale = 2 if precision == "fp32" else 1
     if gradient_checkpointing:
-        per_layer = 2 * shape.hidden_size * tokens
-        activations = shape.num_layers * per_layer + 34 * shape.hidden_size * tokens
+        # Layers 0, n, 2n, … keep only their input (2·h per token) plus one layer recomputed at a time; the
+        # others keep everything (34·h).
+        checkpointed = -(-shape.num_layers // checkpoint_every_n_layers)
+        kept = shape.num_layers - checkpointed
+        activations = (checkpointed * 2 + kept * 34) * shape.hidden_size * tokens + 34 * shape.hidden_size * tokens
     else:
         activations = shape.num_layers * 34 * shape.hidden_size * tokens
     activations = activations * activation_scale + 10 * tokens * shape.vocab_size
