@@ -37,6 +37,7 @@ from .fp8 import Fp8Choice, decide_fp8
 from .freeze import check_row_ranges_supported
 from .kernels import apply_kernels
 from .lisa import LayerSampler
+from .lora_dropout import recompute_lora_dropout
 from .losses import label_token_count, token_loss_sum
 from .metrics import MetricsSink, NullSink, metrics_sink
 from .model import load_model, uses_adapter
@@ -214,6 +215,9 @@ class Trainer:
         model = load_model(plan.model, attn_implementation=self.attention.attn_implementation,
                            vocab_size=len(self.tokenizer), device_index=acc.local_process_index,
                            decisions=self.loading_decisions)
+        lora = plan.model.lora
+        if lora is not None and lora.recompute_dropout and lora.dropout > 0:  # masks redrawn, not stored
+            self.loading_decisions.update(recompute_lora_dropout(model, strategy=plan.distribution.strategy))
         self.router_aux = RouterAuxLoss(model)  # a MoE router's aux loss joins the loss (router_loss.py)
         # Liger / cut-cross-entropy where this machine has them (each fallback logged and recorded).
         self.kernels = apply_kernels(model, self.parallel.kernels(plan.kernels), device_type=self.device.type,

@@ -116,6 +116,9 @@ class LoraPlan:
     # LoftQ: initialise the adapter so that base + adapter approximates the 16-bit weights quantised to this
     # many bits (Axolotl's peft.loftq_config.loftq_bits); None: peft's default initialisation.
     loftq_bits: int | None
+    # Draw each dropout mask again in the backward from a seed instead of keeping the dropped input and the mask
+    # (tunefile's lora_dropout_recompute; runtime/lora_dropout.py); false: peft's own dropout.
+    recompute_dropout: bool
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,7 @@ PLAN_LOCATION: dict[str, str] = {
     "tokenizer_type": "model.tokenizer_class", "special_tokens": "model.special_tokens", "tokens": "model.tokens",
     "shrink_embeddings": "model.shrink_embeddings", "adapter": "model.adapter",
     "lora_r": "model.lora.r", "lora_alpha": "model.lora.alpha", "lora_dropout": "model.lora.dropout",
+    "lora_dropout_recompute": "model.lora.recompute_dropout",
     "lora_target_linear": "model.lora.target_linear", "lora_target_modules": "model.lora.target_modules",
     "lora_modules_to_save": "model.lora.modules_to_save", "lora_model_dir": "model.lora.model_dir",
     "load_in_4bit": "model.load_in_4bit", "load_in_8bit": "model.load_in_8bit", "tf32": "model.tf32",
@@ -168,7 +169,8 @@ def lora_plan(spec: Spec) -> LoraPlan:
                     fan_in_fan_out=spec.lora_fan_in_fan_out, use_rslora=spec.peft_use_rslora,
                     modules_to_save=tuple(spec.lora_modules_to_save) if spec.lora_modules_to_save else None,
                     model_dir=spec.lora_model_dir,
-                    loftq_bits=spec.peft.loftq_config.loftq_bits if spec.peft and spec.peft.loftq_config else None)
+                    loftq_bits=spec.peft.loftq_config.loftq_bits if spec.peft and spec.peft.loftq_config else None,
+                    recompute_dropout=spec.lora_dropout_recompute)
 
 
 def lisa_plan(spec: Spec) -> LisaPlan | None:

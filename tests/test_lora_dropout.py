@@ -1,0 +1,143 @@
+"""LoRA dropout with redrawn masks (runtime/lora_dropout.py): the function and gradients of peft's dropout, less
+activation memory, and the same masks when gradient checkpointing recomputes a layer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional
+
+from tunefile.runtime.lora_dropout import (
+    SeededDropoutLinear,
+    _DroppedInputLinear,
+    dropout_scale,
+    recompute_lora_dropout,
+)
+
+
+def test_the_same_seed_draws_the_same_mask_at_the_rate_asked() -> None:
+    x = torch.ones(64, 512)
+    first, again, other = dropout_scale(x, 0.25, 7), dropout_scale(x, 0.25, 7), dropout_scale(x, 0.25, 8)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    assert first.unique().tolist() == [0.0, pytest.approx(1 / 0.75)]
+    assert (first == 0).float().mean().item() == pytest.approx(0.25, abs=0.01)
+
+
+def test_gradients_are_exact_in_double_precision() -> None:
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, w: _DroppedInputLinear.apply(a, w, 0.3, 1234), (x, weight))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_forward_and_backward_equal_linear_on_the_dropped_input(autocast: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 16, requires_grad=True)
+    weight = torch.randn(8, 16, requires_grad=True)
+    grad = torch.randn(2, 6, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = _DroppedInputLinear.apply(x, weight, 0.1, 99)
+    out.backward(grad)
+    got = (out.detach(), x.grad.clone(), weight.grad.clone())
+    x.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        expected_out = functional.linear(x * dropout_scale(x, 0.1, 99), weight)
+    expected_out.backward(grad)
+    tolerance = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-6, "atol": 1e-6}
+    assert got[0].dtype == expected_out.dtype
+    for a, b in zip(got, (expected_out.detach(), x.grad, weight.grad), strict=True):
+        torch.testing.assert_close(a.float(), b.float(), **tolerance)
+
+
+# --- on a LoRA model ------------------------------------------------------------------------------------------
+
+
+def lora_model(dropout: float, *, checkpointing: bool = False) -> torch.nn.Module:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    base = LlamaForCausalLM(config)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
+                                            init_lora_weights=False))  # B not zero: A's gradient is not zero
+    return model.train()
+
+
+def lora_gradients(model: torch.nn.Module, ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+IDS = torch.randint(0, 101, (2, 24), generator=torch.Generator().manual_seed(3))
+
+
+def test_every_vanilla_adapter_is_patched_and_the_state_dict_is_unchanged() -> None:
+    model = lora_model(0.1)
+    keys = list(model.state_dict())
+    decision = recompute_lora_dropout(model, strategy="single")
+    adapters = [m for m in model.modules() if isinstance(m, SeededDropoutLinear)]
+    assert decision == {"lora_dropout_recompute": 2 * 7} and len(adapters) == 14  # 2 layers × q k v o gate up down
+    assert all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in model.modules()
+               if hasattr(m, "lora_dropout"))
+    assert list(model.state_dict()) == keys
+
+
+def test_evaluation_and_no_dropout_give_peft_outputs_exactly() -> None:
+    plain, patched = lora_model(0.1), lora_model(0.1)
+    recompute_lora_dropout(patched, strategy="ddp")
+    plain.eval()
+    patched.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(patched(input_ids=IDS).logits, plain(input_ids=IDS).logits, rtol=0, atol=0)
+    assert recompute_lora_dropout(lora_model(0.0), strategy="single") == {"lora_dropout_recompute": 0}
+
+
+def test_fsdp_and_deepspeed_keep_peft_dropout_with_the_reason() -> None:
+    for strategy in ("fsdp", "deepspeed"):
+        model = lora_model(0.1)
+        decision = recompute_lora_dropout(model, strategy=strategy)
+        assert decision["lora_dropout_recompute"] is False
+        assert strategy in decision["lora_dropout_recompute_fallback"]
+        assert not any(isinstance(m, SeededDropoutLinear) for m in model.modules())
+
+
+def saved_bytes(model: torch.nn.Module) -> int:
+    """Bytes autograd keeps for the backward pass of one forward (each tensor's storage counted once)."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(input_ids=IDS, labels=IDS).loss.backward()
+    return sum(storages.values())
+
+
+def test_it_keeps_less_for_the_backward_pass() -> None:
+    plain, patched = lora_model(0.1), lora_model(0.1)
+    recompute_lora_dropout(patched, strategy="single")
+    before, after = saved_bytes(plain), saved_bytes(patched)
+    assert after < 0.8 * before, (before, after)
+
+
+def test_gradient_checkpointing_recomputes_the_same_masks() -> None:
+    """A checkpointed layer's forward runs twice; the second must draw the masks of the first, or the gradients
+    would belong to another dropout than the loss."""
+    plain = lora_model(0.2)
+    recompute_lora_dropout(plain, strategy="single")
+    checkpointed = lora_model(0.2, checkpointing=True)
+    recompute_lora_dropout(checkpointed, strategy="single")
+    expected, got = lora_gradients(plain, IDS, seed=5), lora_gradients(checkpointed, IDS, seed=5)
+    assert got.keys() == expected.keys() and any("lora_A" in name for name in got)
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+    # and the masks are drawn afresh at every step: another seed, other gradients
+    assert not torch.equal(lora_gradients(plain, IDS, seed=6)[name], expected[name])
