@@ -595,7 +595,8 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[Workload], list[TunefileRu
     runs = []
     for workload in workloads:
         if workload.name in args.workloads:
-            runs.append(TunefileRun(f"tf-{workload.name}-mb{workload.micro_batch}", workload))
+            if not args.skip_base:
+                runs.append(TunefileRun(f"tf-{workload.name}-mb{workload.micro_batch}", workload))
             runs += [TunefileRun(f"tf-{workload.name}-{name}", workload, extra) for scope, name, extra in args.variants
                      if scope in (None, workload.name)]
     if "Z" in args.workloads and not args.smoke:
@@ -621,6 +622,8 @@ def parse_arguments() -> argparse.Namespace:
                         help="config keys for every tunefile run")
     parser.add_argument("--tunefile-variant", action="append", default=[], metavar="[A:|B:]NAME=MAPPING|@FILE",
                         help="one more tunefile run: the workload's config plus these keys")
+    parser.add_argument("--skip-base", action="store_true",
+                        help="run only the --tunefile-variant runs, not tunefile's defaults (saves device time)")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, a few steps")
     parser.add_argument("--hf-worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--ceiling-worker", type=Path, help=argparse.SUPPRESS)

@@ -1,17 +1,18 @@
-"""LoRA dropout that stores nothing for the backward pass: the mask is regenerated from a seed.
+"""LoRA dropout that stores nothing for the backward pass: the mask is drawn again from the same random state.
 
-peft computes an adapter as ``lora_B(lora_A(dropout(x))) * scaling``. The dropout makes a new tensor the size of
-the layer's input, and autograd keeps it (for lora_A's weight gradient) together with the dropout's mask. q, k
-and v read the same input and each keeps its own copy, and down_proj's input is 3.5 times wider than the others:
-on a Llama-3-8B layer at 4096 tokens that is about 0.45 GB per layer, some 14 GB over 32 layers, a third of the
-activation memory of a LoRA run.
+peft computes an adapter as ``lora_B(lora_A(dropout(x))) * scaling``, after casting x to the adapter's dtype
+(fp32 under bf16 autocast). The dropout makes a new tensor the size of the layer's input, and autograd keeps it
+(for lora_A's weight gradient) together with the dropout's mask. q, k and v read the same input and each keeps
+its own copy, and down_proj's input is 3.5 times wider than the others: on a Llama-3-8B layer at 4096 tokens that
+is about 0.45 GB per layer, some 14 GB over 32 layers.
 
-Here the adapter's first matmul takes the undropped input (the same tensor object for q, k and v, so autograd keeps
-it once) and a seed drawn from torch's CPU generator; the mask is drawn from that seed in the forward and drawn
-again, identically, in the backward. The computed function and its gradients are those of peft's vanilla LoRA;
-the masks are drawn from another random stream, so individual masks differ from peft's (their distribution does
-not). Gradient checkpointing recomputes a layer's forward with the CPU generator's state restored
-(torch.utils.checkpoint's preserve_rng_state), so the recomputed masks are the original ones.
+Here lora_A takes the undropped input, uncast (the same tensor object for q, k and v, so autograd keeps it
+once; autocast casts it for the matmul, as it casts the dropped copy under peft), and the state of the random
+generator the dropout draws from. The backward sets that state again, draws the same mask with the same kernel
+(torch.native_dropout, as nn.Dropout), and puts the generator back where it was. The masks are peft's own, in
+the same order from the same stream, so the run computes what peft computes. Gradient checkpointing recomputes
+a layer's forward with the generator's state restored (torch.utils.checkpoint's preserve_rng_state): the
+recomputed masks are the original ones too.
 
 Applied to single-process and DDP runs, whose weights are ordinary tensors during the step. Under FSDP and
 DeepSpeed the weights are gathered and released by hooks around each module, and a weight kept by a custom
@@ -32,40 +33,57 @@ log = logging.getLogger(__name__)
 SUPPORTED_STRATEGIES = frozenset({"single", "ddp"})
 
 
-def dropout_scale(like: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """0 or 1/(1-p) for each element of LIKE, drawn from SEED alone (the same seed, the same mask)."""
-    generator = torch.Generator(device=like.device)
-    generator.manual_seed(seed)
-    keep = torch.empty_like(like).bernoulli_(1.0 - p, generator=generator)
-    return keep.mul_(1.0 / (1.0 - p))
+def generator_of(device: torch.device) -> torch.Generator:
+    """The default generator native_dropout draws from on DEVICE."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None
+                                             else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def replay_dropout(x: torch.Tensor, p: float, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """native_dropout(x) with the generator set to STATE, which is then put back: the dropped tensor and the mask
+    that the draw from STATE gave."""
+    generator = generator_of(x.device)
+    now = generator.get_state()
+    generator.set_state(state)
+    try:
+        return torch.native_dropout(x, p, True)
+    finally:
+        generator.set_state(now)
 
 
 class _DroppedInputLinear(torch.autograd.Function):
-    """``linear(x · mask, weight)`` that keeps x (not the dropped copy) and the seed, and redraws the mask."""
+    """``linear(dropout(x), weight)`` that keeps x and the generator's state, not the dropped copy and its mask."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
         device_type = x.device.type
         ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type), device_type)
-        ctx.p, ctx.seed = p, seed
+        ctx.p = p
+        ctx.rng_state = generator_of(x.device).get_state()
+        dropped, _mask = torch.native_dropout(x, p, True)
         ctx.save_for_backward(x, weight)
-        return functional.linear(x * dropout_scale(x, p, seed), weight)
+        if not ctx.autocast[0] and dropped.dtype != weight.dtype:  # peft would have cast x; autocast does not
+            dropped = dropped.to(weight.dtype)
+        return functional.linear(dropped, weight)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None]:
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight = ctx.saved_tensors
+        dropped, mask = replay_dropout(x, ctx.p, ctx.rng_state)
         enabled, dtype, device_type = ctx.autocast
+        grad_x = grad_w = None
         # The forward's matmul ran under autocast (or not): the backward's do the same.
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            scale = dropout_scale(x, ctx.p, ctx.seed)
-            grad_x = grad_w = None
             if ctx.needs_input_grad[0]:
-                grad_x = (grad_output @ weight.to(grad_output.dtype)).mul_(scale).to(x.dtype)
+                grad_dropped = grad_output @ weight.to(grad_output.dtype)
+                grad_x = torch.ops.aten.native_dropout_backward(grad_dropped, mask, 1.0 / (1.0 - ctx.p)).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
-                dropped = (x * scale).reshape(-1, x.shape[-1]).to(flat_grad.dtype)
-                grad_w = (flat_grad.t() @ dropped).to(weight.dtype)
-        return grad_x, grad_w, None, None
+                flat_dropped = dropped.reshape(-1, dropped.shape[-1]).to(flat_grad.dtype)
+                grad_w = (flat_grad.t() @ flat_dropped).to(weight.dtype)
+        return grad_x, grad_w, None
 
 
 class SeededDropoutLinear(torch.nn.Linear):
@@ -76,9 +94,9 @@ class SeededDropoutLinear(torch.nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not torch.is_grad_enabled():
-            return functional.linear(x, self.weight, self.bias)  # evaluation: no dropout, as nn.Dropout
-        seed = int(torch.randint(0, 2**62, (1,)).item())  # the CPU generator: no device synchronisation
-        out = _DroppedInputLinear.apply(x, self.weight, self.dropout_p, seed)
+            return functional.linear(x.to(self.weight.dtype) if not torch.is_autocast_enabled(x.device.type)
+                                     else x, self.weight, self.bias)  # evaluation: no dropout, as nn.Dropout
+        out = _DroppedInputLinear.apply(x, self.weight, self.dropout_p)
         return out if self.bias is None else out + self.bias
 
 
@@ -105,6 +123,8 @@ def recompute_lora_dropout(model: torch.nn.Module, *, strategy: str) -> dict[str
             first.__class__ = SeededDropoutLinear
             first.dropout_p = float(dropout.p)
             dropouts[name] = torch.nn.Identity()
+            # x reaches lora_A uncast, shared by the layers that read it: autocast casts it for the matmul.
+            module.cast_input_dtype_enabled = False
             patched += 1
-    log.info("lora dropout: %d adapters draw their masks again in the backward instead of storing them", patched)
+    log.info("lora dropout: %d adapters draw their masks again in the backward instead of keeping them", patched)
     return {"lora_dropout_recompute": patched}
