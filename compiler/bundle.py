@@ -1,15 +1,26 @@
 """Bundles on disk: written atomically, read back, verified against their manifest.
 
 The only module of the compiler besides the CLI that touches the file system.
+
+Replacing a bundle never leaves its path empty: the new bundle is written into a hidden sibling
+(``.NAME.new-XXXXXXXX``), which is then exchanged with the old one in a single rename (Linux renameat2
+with RENAME_EXCHANGE), and only then is the old one, now under the hidden name, removed. A process killed
+at any instant leaves the old or the new bundle at the path, and at most one hidden sibling that the next
+write removes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
 from .render.manifest import MANIFEST, sha256_hex
@@ -20,60 +31,299 @@ BINARY_SUFFIXES = (".pyz",)
 
 _EXECUTABLE_SUFFIXES = (".sh", ".sbatch")
 
+# Kernel file systems: writable-looking to root, but no place for files (mkdir fails there, or worse, succeeds).
+_KERNEL_FILE_SYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
+_NAME_MAX = 255  # when the file system does not say (pathconf); Linux's and macOS's usual limit
+_PATH_MAX = 4096
+# The hidden siblings are named ".STEM.new-" + 8 characters of tempfile's alphabet: STEM is the bundle's name
+# cut to this many bytes, so the sibling's name stays under the file-name limit whatever the bundle's is.
+_STEM_BYTES = 200
+_TEMP_SUFFIX = r"(?:new|old)-[a-z0-9_]{8}"  # `old-`: the name earlier versions moved the old bundle to
+
 
 class BundleExistsError(Exception):
     """The output directory exists, is not empty, and --force was not given."""
 
 
-def _is_occupied(path: Path) -> bool:
+class BundleLocationError(Exception):
+    """The output path cannot hold a bundle (it is `.`, lies under a file or under /proc, is too long...).
+    Raised before anything is written; the message is a sentence that starts with the path."""
+
+
+def is_occupied(path: Path) -> bool:
+    """Something is at PATH: a file, a symlink, or a directory that is not empty."""
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         return True
     return path.is_dir() and any(path.iterdir())
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
+def is_tunefile_bundle(path: Path) -> bool:
+    """PATH is a directory whose manifest.json is a tunefile manifest (a JSON object with a ``files`` mapping)."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and isinstance(manifest.get("files"), dict)
+
+
+def check_location(out_dir: Path, file_names: Collection[str] = ()) -> None:
+    """Raise BundleLocationError when OUT_DIR cannot hold a bundle of FILE_NAMES; reads, never writes."""
+    out_dir = Path(out_dir)
+    shown = _shorten(str(out_dir))
+    if out_dir.name in ("", ".", ".."):
+        raise BundleLocationError(f"{shown} is a directory named by '.', '..' or '/'; give the bundle a "
+                                  f"directory of its own, such as {os.path.join(out_dir, 'bundle')}")
+    real = out_dir.parent.resolve() / out_dir.name  # a symlink at OUT_DIR itself is replaced, not followed
+    cwd = Path.cwd()
+    if real == cwd or real in cwd.parents:
+        raise BundleLocationError(f"{shown} is the current directory or contains it; give the bundle a "
+                                  f"directory of its own, such as {os.path.join(out_dir, 'bundle')}")
+    for kernel in _KERNEL_FILE_SYSTEMS:
+        if real == kernel or kernel in real.parents:
+            raise BundleLocationError(f"{shown} is under {kernel}, a kernel file system, not a place for files")
+    existing = real.parent
+    # The nearest ancestor that exists must be a directory; walked as the user wrote the path, to name it so.
+    for ancestor in (out_dir.parent, *out_dir.parent.parents):
+        try:
+            mode = os.stat(ancestor).st_mode
+        except OSError as exc:
+            if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # missing, or said further up
+                continue
+            raise BundleLocationError(f"{shown}: cannot reach {_shorten(str(ancestor))}: {exc.strerror}") from None
+        if not stat.S_ISDIR(mode):
+            raise BundleLocationError(f"{shown}: {_shorten(str(ancestor))} is a file, not a directory")
+        existing = ancestor
+        break
+    name_max = _limit(existing, "PC_NAME_MAX", _NAME_MAX)
+    for part in real.parts[1:]:
+        if len(os.fsencode(part)) > name_max:
+            raise BundleLocationError(f"{shown}: the name {_shorten(part)} is {len(os.fsencode(part))} bytes long; "
+                                      f"file names here are at most {name_max} bytes")
+    longest = max((len(os.fsencode(name)) for name in file_names), default=0)
+    path_bytes = len(os.fsencode(str(real))) + 1 + longest + len(".new-XXXXXXXX")
+    path_max = _limit(existing, "PC_PATH_MAX", _PATH_MAX)
+    if path_bytes >= path_max:
+        raise BundleLocationError(f"{shown}: the bundle's file paths would be {path_bytes} bytes long; "
+                                  f"paths here are shorter than {path_max} bytes")
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    """TEXT, its middle elided when it is longer than WIDTH: a 4,000-byte path stays a one-line message (and
+    one with a newline or another control character is shown escaped)."""
+    text = text if text.isprintable() else ascii(text)
+    return text if len(text) <= width else f"{text[:width // 2]}...{text[-(width // 2 - 3):]}"
+
+
+def _limit(directory: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(directory, name)
+    except (OSError, ValueError):
+        return default
 
 
 def write_bundle(files: Mapping[str, str | bytes], out_dir: Path, *, force: bool) -> None:
-    """Write every file into a temporary sibling directory, then rename it into place.
+    """Write every file into a hidden sibling directory, then exchange it with OUT_DIR in one rename.
 
-    The sibling lives in the same parent, so the rename is atomic: a reader never sees half a
-    bundle, and a failure leaves the old bundle (or nothing) behind, with no temporary directory.
-    """
+    At every instant OUT_DIR holds the old bundle or the new one; a failure leaves the old bundle (or nothing)
+    and no hidden sibling; a kill leaves at most one hidden sibling, which the next write to OUT_DIR removes.
+    Raises BundleLocationError (before writing anything) when OUT_DIR cannot hold a bundle, BundleExistsError
+    when it holds something and FORCE is not set, OSError when a write fails (a full disk)."""
     out_dir = Path(out_dir)
-    if _is_occupied(out_dir) and not force:
+    check_location(out_dir, files)
+    if is_occupied(out_dir) and not force:
         raise BundleExistsError(f"{out_dir} exists and is not empty; use --force to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.new-", dir=out_dir.parent))
-    old: Path | None = None
+    remove_leftovers(out_dir)
+    created = _make_parents(out_dir)
     try:
-        for name, text in sorted(files.items()):
-            path = staging / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if isinstance(text, bytes):
-                path.write_bytes(text)
-            else:
-                path.write_text(text, encoding="utf-8", newline="")  # the bytes the manifest hashed
-            path.chmod(0o755 if name.endswith(_EXECUTABLE_SUFFIXES) else 0o644)
+        staging = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir) + "new-", dir=out_dir.parent))
+    except OSError as exc:
+        _remove_created(created)
+        raise BundleLocationError(f"{_shorten(str(out_dir))}: cannot create a directory in its parent: "
+                                  f"{exc.strerror}") from None
+    lock = _lock(staging)  # tells a concurrent write's remove_leftovers that this sibling is in use
+    holds_old = False
+    try:
+        _write_files(files, staging)
         staging.chmod(0o755)  # mkdtemp makes it private; a bundle is shared with the cluster's users
         if out_dir.exists() or out_dir.is_symlink():
-            # Move the old bundle aside under a fresh name rather than deleting it first, so that a
-            # failed rename below can put it back.
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.rmdir(old)
-            os.rename(out_dir, old)
-        os.rename(staging, out_dir)
+            staging = _exchange(staging, out_dir)
+            holds_old = True
+        else:
+            os.rename(staging, out_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old is not None and not (out_dir.exists() or out_dir.is_symlink()):
-            os.rename(old, out_dir)  # put the previous bundle back
+        _remove_tree(staging)
+        _remove_created(created)
         raise
-    if old is not None:
-        _remove(old)
+    finally:
+        if lock is not None:
+            os.close(lock)
+    if holds_old:
+        _remove_tree(staging)
+
+
+def _write_files(files: Mapping[str, str | bytes], directory: Path) -> None:
+    # The manifest first: a hidden sibling that a kill left behind is then empty or holds a manifest, which is
+    # what remove_leftovers asks before it deletes a directory (nothing of the user's looks like that).
+    for name, text in sorted(files.items(), key=lambda item: (item[0] != MANIFEST, item[0])):
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(text, bytes):
+            path.write_bytes(text)
+        else:
+            path.write_text(text, encoding="utf-8", newline="")  # the bytes the manifest hashed
+        path.chmod(0o755 if name.endswith(_EXECUTABLE_SUFFIXES) else 0o644)
+
+
+def _temp_prefix(out_dir: Path) -> str:
+    return f".{os.fsdecode(os.fsencode(out_dir.name)[:_STEM_BYTES])}."
+
+
+def _make_parents(out_dir: Path) -> list[Path]:
+    """Create OUT_DIR's missing parents; the ones created, outermost first, so a failure can take them back."""
+    missing = [parent for parent in (out_dir.parent, *out_dir.parent.parents) if not parent.exists()][::-1]
+    created: list[Path] = []
+    for parent in missing:
+        try:
+            parent.mkdir()
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            _remove_created(created)
+            raise BundleLocationError(f"{_shorten(str(out_dir))}: cannot create {_shorten(str(parent))}: "
+                                      f"{exc.strerror}") from None
+        created.append(parent)
+    return created
+
+
+def _remove_created(created: list[Path]) -> None:
+    for parent in reversed(created):
+        with contextlib.suppress(OSError):
+            parent.rmdir()
+
+
+def _lock(directory: Path) -> int | None:
+    """An exclusive flock on DIRECTORY, held until the descriptor is closed (or the process dies)."""
+    import fcntl
+
+    try:
+        descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(descriptor)
+        raise
+    except OSError:  # a file system without locks (some NFS mounts): go on unlocked
+        pass
+    return descriptor
+
+
+def remove_leftovers(out_dir: Path) -> list[str]:
+    """Remove the hidden siblings that an interrupted write to OUT_DIR left: only directories named exactly as
+    write_bundle names them, that are empty or hold a manifest.json, and that no live write has locked.
+    Returns their names."""
+    out_dir = Path(out_dir)
+    pattern = re.compile(re.escape(_temp_prefix(out_dir)) + _TEMP_SUFFIX)
+    try:
+        entries = [entry for entry in os.scandir(out_dir.parent) if pattern.fullmatch(entry.name)]
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        path = Path(entry.path)
+        if not entry.is_dir(follow_symlinks=False) or not _is_own_leftover(path):
+            continue
+        try:
+            lock = _lock(path)
+        except BlockingIOError:
+            continue  # a write in progress
+        try:
+            _remove_tree(path)
+        finally:
+            if lock is not None:
+                os.close(lock)
+        removed.append(entry.name)
+    return removed
+
+
+def _is_own_leftover(path: Path) -> bool:
+    """PATH holds a manifest.json (a regular file) or nothing at all."""
+    try:
+        return not any(path.iterdir()) or stat.S_ISREG(os.lstat(path / MANIFEST).st_mode)
+    except OSError:
+        return False
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a bundle directory, its manifest last: a removal cut short leaves a directory that holds its
+    manifest, or an empty one, which remove_leftovers recognises."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+        return
+    try:
+        children = [child for child in path.iterdir() if child.name != MANIFEST]
+    except FileNotFoundError:
+        return
+    for child in children:
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                child.unlink()
+    with contextlib.suppress(OSError):
+        if not any(child.name != MANIFEST for child in path.iterdir()):
+            (path / MANIFEST).unlink(missing_ok=True)
+            path.rmdir()
+
+
+# --- exchanging two paths in one rename --------------------------------------------------------------
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2  # linux/fs.h
+# Errors that mean "this kernel or file system cannot exchange", not "this exchange failed".
+_NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _find_renameat2() -> Callable[..., int] | None:
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+, musl 1.2.5+
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2 = _find_renameat2()
+
+
+def _exchange(new: Path, current: Path) -> Path:
+    """Put NEW at CURRENT's path; returns the path that now holds what CURRENT held (to be removed).
+
+    renameat2(RENAME_EXCHANGE) swaps the two names in one step, so CURRENT's path is never empty. Where the
+    kernel or file system cannot (not Linux, an old kernel, some network file systems), two renames: the old
+    bundle moves aside, the new one moves in, and for the microseconds between them the path is empty; a kill
+    there leaves the old bundle under a hidden name, which the next write removes."""
+    if _renameat2 is not None:
+        if _renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(current), _RENAME_EXCHANGE) == 0:
+            return new
+        code = ctypes.get_errno()
+        if code not in _NO_EXCHANGE:
+            raise OSError(code, os.strerror(code), str(current))
+    return _swap_by_two_renames(new, current)
+
+
+def _swap_by_two_renames(new: Path, current: Path) -> Path:
+    aside = Path(tempfile.mkdtemp(prefix=_temp_prefix(current) + "old-", dir=current.parent))
+    os.rmdir(aside)
+    os.rename(current, aside)
+    try:
+        os.rename(new, current)
+    except BaseException:
+        os.rename(aside, current)  # put the previous bundle back
+        raise
+    return aside
 
 
 def read_bundle(directory: Path) -> dict[str, str]:

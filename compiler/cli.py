@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from .cli_common import print_warnings, reports_problems, target_flags, target_options
+from .cli_common import output_problem, print_warnings, reports_problems, target_flags, target_options
 from .errors import EXIT_DIFFERENT, EXIT_INVALID
 from .runtime_commands import RUNTIME_COMMANDS
 
@@ -80,7 +80,8 @@ def explain(config: Path, sources: Any, **flags: Any) -> None:
 def compile_command(config: Path, output: Path | None, force: bool, no_vendor: bool, stack: str | None,
                     offline: bool, sources: Any, **flags: Any) -> None:
     """Compile CONFIG into a launch bundle."""
-    from .bundle import BundleExistsError, write_bundle
+    from .bundle import BundleExistsError, BundleLocationError, write_bundle
+    from .errors import ConfigError
     from .pipeline import BundleOptions, compile_config
 
     compilation = compile_config(config, target_options(**flags), sources,
@@ -93,6 +94,8 @@ def compile_command(config: Path, output: Path | None, force: bool, no_vendor: b
         click.echo(f"tunefile: {out_dir} exists and is not empty; pass --force to replace it "
                    "(nothing was written)", err=True)
         sys.exit(EXIT_INVALID)
+    except (BundleLocationError, OSError) as exc:  # `-o .`, `-o afile/sub`, a full disk: located, exit 2
+        raise ConfigError([output_problem(exc, flag="-o" if output else None)]) from None
     names = ", ".join(compilation.all_files())
     click.echo(f"Wrote {out_dir}/ ({names})")
     click.echo(f"Run it: bash {out_dir}/launch.sh   or on SLURM: sbatch {out_dir}/job.sbatch")

@@ -7,9 +7,11 @@ the runtime) both import it and neither imports the other: cli.py registers the 
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from functools import wraps
+from pathlib import Path
 from typing import Any
 
 import click
@@ -17,6 +19,7 @@ import click
 from .errors import EXIT_INVALID, ConfigError
 
 EXIT_INTERNAL_ERROR = 3
+CONFIG_ARGUMENTS = ("config", "a", "b")  # the arguments that name a config (`diff A B` takes two)
 
 
 def target_flags(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -49,6 +52,12 @@ def reports_problems(command: Callable[..., Any]) -> Callable[..., Any]:
         context = click.get_current_context()
         debug = bool(context.find_root().params.get("debug"))
         sources = Sources()
+        refused = _names_not_utf8(kwargs)
+        if refused:
+            for line in refused:
+                click.echo(line, err=True)
+            click.echo(f"{len(refused)} error{'s' if len(refused) != 1 else ''}; nothing was written.", err=True)
+            sys.exit(EXIT_INVALID)
         try:
             return command(*args, sources=sources, **kwargs)
         except ConfigError as exc:
@@ -74,6 +83,38 @@ def reports_problems(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+def _names_not_utf8(arguments: dict[str, Any]) -> list[str]:
+    """An error line for each config argument whose name is not valid UTF-8 (Python holds the undecodable bytes as
+    lone surrogates, and the config's name is recorded in the bundle's UTF-8 files): the name is shown with its
+    bytes escaped. Output paths are left alone: nothing records their names."""
+    lines = []
+    for parameter in CONFIG_ARGUMENTS:
+        value = arguments.get(parameter)
+        if not isinstance(value, Path):
+            continue
+        try:
+            str(value).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(value).decode("utf-8", errors="backslashreplace")
+            lines.append(f"{shown}:1:1: error: (top level): the file name is not valid UTF-8; rename it (tunefile "
+                         "records the config's name in the bundle's UTF-8 files)")
+    return lines
+
+
 def print_warnings(plan: Any, sources: Any) -> None:
     for warning in plan.warnings:
         click.echo(sources.format(warning, severity="warning"), err=True)
+
+
+def output_problem(error: Exception, *, flag: str | None) -> Any:
+    """A located Problem for a bundle that cannot be written where it was asked to go: BundleLocationError (the
+    path cannot hold a bundle) or OSError (a write failed, such as a full disk). FLAG names the command-line flag
+    that gave the path; None when it is the config's output_dir."""
+    from .errors import Problem
+    from .pipeline import COMMAND_LINE
+
+    message = str(error) if not isinstance(error, OSError) else (
+        f"cannot write the bundle: {error.strerror or error}" + (f": {error.filename}" if error.filename else ""))
+    if flag:
+        return Problem((), f"{flag}: {message}", file=COMMAND_LINE, line=1)
+    return Problem(("output_dir",), message)

@@ -8,6 +8,7 @@ does a path become ``config.yml:12:3``; that keeps the stages free of file handl
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -43,13 +44,15 @@ class ConfigError(Exception):
 
 
 def format_path(path: KeyPath) -> str:
-    """``("datasets", 0, "type")`` → ``datasets[0].type``."""
+    """``("datasets", 0, "type")`` → ``datasets[0].type``. A key holding a newline or another unprintable
+    character is shown quoted with escapes, so one problem stays one line."""
     text = ""
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            text += f".{part}" if text else str(part)
+            shown = str(part) if str(part).isprintable() else json.dumps(str(part), ensure_ascii=False)
+            text += f".{shown}" if text else shown
     return text or "(top level)"
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from .cli_common import print_warnings, reports_problems, target_flags, target_options
+from .cli_common import output_problem, print_warnings, reports_problems, target_flags, target_options
 from .errors import EXIT_INVALID
 
 
@@ -74,12 +74,21 @@ def _compile(config: Path, sources: Any, options: Any) -> Any:
 
 
 def _compile_own_bundle(config: Path, sources: Any, options: Any) -> Path:
-    """Compile into <output_dir>/bundle, replacing the bundle a previous `train` left there."""
-    from .bundle import write_bundle
+    """Compile into <output_dir>/bundle, replacing the bundle a previous `train` left there, and nothing else:
+    with `output_dir: .` that path is ./bundle, which may well be the user's own folder."""
+    from .bundle import BundleLocationError, is_occupied, is_tunefile_bundle, write_bundle
+    from .errors import ConfigError, Problem
 
     compilation = _compile(config, sources, options)
     out_dir = Path(compilation.plan.spec.output_dir) / "bundle"
-    write_bundle(compilation.all_files(), out_dir, force=True)  # the runtime archive too: a bundle like compile's
+    if is_occupied(out_dir) and not is_tunefile_bundle(out_dir):
+        raise ConfigError([Problem(("output_dir",), f"{out_dir} exists and is not a tunefile bundle (it has no "
+                                   "tunefile manifest.json); train writes its bundle there: move it away or choose "
+                                   "another output_dir")])
+    try:
+        write_bundle(compilation.all_files(), out_dir, force=True)  # the runtime archive too: a bundle like compile's
+    except (BundleLocationError, OSError) as exc:
+        raise ConfigError([output_problem(exc, flag=None)]) from None
     click.echo(f"Compiled {config} into {out_dir}/ (target {compilation.plan.target.name})", err=True)
     return out_dir
 

@@ -49,6 +49,8 @@ def _field(default: Any = ..., description: str = "", group: str = "", **kwargs:
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
+DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's choice for Llama-style attention when none is named
+
 class _Strict(BaseModel):
     """Unknown keys are errors at every nesting level; values are never coerced across types."""
 

@@ -42,7 +42,7 @@ from ...schemas.run_plan import (
 from ..plan import Plan
 from ..resolve.distribution import mesh_of
 from ..shell import one_line
-from ..spec import DatasetSpec, Spec, mlflow_on, optimizer_arguments, swanlab_on, wandb_on
+from ..spec import DEFAULT_LORA_TARGETS, DatasetSpec, Spec, mlflow_on, optimizer_arguments, swanlab_on, wandb_on
 
 # What each type reads when the entry leaves it unset (Axolotl's defaults).
 COMPLETION_FIELD = "text"
@@ -55,7 +55,6 @@ GRADIENT_CHECKPOINTING_KWARGS = {"use_reentrant": True}
 MLFLOW_DEFAULT_EXPERIMENT = "tunefile"
 AXOLOTL_WARMUP_RATIO, AXOLOTL_WARMUP_CAP = 0.03, 100
 MLFLOW_OFFLINE_URI = "file:./mlruns"  # relative to the launch directory, like output_dir
-DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's choice for Llama-style attention when none is named
 # Axolotl's ReLoRA defaults (its jagged scheduler and optimizer-state pruning).
 RELORA_WARMUP_STEPS, RELORA_ANNEAL_STEPS, RELORA_MIN_LR_SCALE = 10, 1, 0.001
 RELORA_PRUNE_RATIO, RELORA_RESET_PRUNE_RATIO = 0.9, 0.999

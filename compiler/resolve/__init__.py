@@ -80,7 +80,7 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
     distribution, memory, strategy_decisions = resolve_distribution(
         spec, target=target, batch=batch, precision=precision, model=model, shape=shape,
         quantization_bits=quantization_bits, deepspeed_file=inputs.deepspeed_file,
-        errors=errors, warnings=warnings,
+        errors=errors, warnings=warnings, kernels=kernels,
     )
     decisions += strategy_decisions
     mesh = mesh_of(distribution)

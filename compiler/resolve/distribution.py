@@ -9,10 +9,10 @@ from typing import Any
 from ..errors import Problem
 from ..models import ModelShape, layer_class_for
 from ..plan import BatchPlan, Decision, DistributionPlan, FsdpPlan, MemoryEstimate, ModelInfo
-from ..spec import BITSANDBYTES_OPTIMIZERS, FsdpConfig, Spec
+from ..spec import BITSANDBYTES_OPTIMIZERS, DEFAULT_LORA_TARGETS, FsdpConfig, Spec
 from ..targets import Target
 from . import deepspeed as ds
-from .memory import SHARDING, estimate_memory
+from .memory import SHARDING, estimate_memory, liger_bytes_saved, lora_input_bytes
 
 
 @dataclass(frozen=True)
@@ -26,12 +26,14 @@ class DeepSpeedInput:
 def resolve_distribution(
     spec: Spec, *, target: Target, batch: BatchPlan, precision: str, model: ModelInfo, shape: ModelShape | None,
     quantization_bits: int | None, deepspeed_file: DeepSpeedInput | None,
-    errors: list[Problem], warnings: list[Problem],
+    errors: list[Problem], warnings: list[Problem], kernels: dict[str, bool] | None = None,
 ) -> tuple[DistributionPlan, MemoryEstimate | None, list[Decision]]:
-    """The strategy (DDP, FSDP, DeepSpeed) and, on top of it, the N-D mesh the parallel sizes ask for."""
+    """The strategy (DDP, FSDP, DeepSpeed) and, on top of it, the N-D mesh the parallel sizes ask for.
+    ``kernels``: the fused kernels the run patches in (they change what the activations take)."""
     plan, memory, decisions = _resolve_strategy(
         spec, target=target, batch=batch, precision=precision, model=model, shape=shape,
-        quantization_bits=quantization_bits, deepspeed_file=deepspeed_file, errors=errors, warnings=warnings)
+        quantization_bits=quantization_bits, deepspeed_file=deepspeed_file, errors=errors, warnings=warnings,
+        kernels=kernels or {})
     mesh = resolve_mesh(spec, target=target, strategy=plan.strategy, errors=errors)
     if mesh is None:
         return plan, memory, decisions
@@ -45,10 +47,10 @@ def resolve_distribution(
 def _resolve_strategy(
     spec: Spec, *, target: Target, batch: BatchPlan, precision: str, model: ModelInfo, shape: ModelShape | None,
     quantization_bits: int | None, deepspeed_file: DeepSpeedInput | None,
-    errors: list[Problem], warnings: list[Problem],
+    errors: list[Problem], warnings: list[Problem], kernels: dict[str, bool],
 ) -> tuple[DistributionPlan, MemoryEstimate | None, list[Decision]]:
     world = target.world_size
-    estimate_for = _estimator(spec, target, batch, precision, model, shape, quantization_bits)
+    estimate_for = _estimator(spec, target, batch, precision, model, shape, quantization_bits, kernels)
     decisions: list[Decision] = []
 
     if spec.deepspeed:
@@ -118,7 +120,8 @@ def _resolve_strategy(
 
 
 def _estimator(spec: Spec, target: Target, batch: BatchPlan, precision: str, model: ModelInfo,
-               shape: ModelShape | None, quantization_bits: int | None) -> Callable[[str], MemoryEstimate | None]:
+               shape: ModelShape | None, quantization_bits: int | None,
+               kernels: dict[str, bool]) -> Callable[[str], MemoryEstimate | None]:
     """Per-GPU memory under a strategy. With N-D sizes a GPU holds 1/context_parallel_size of each sequence, and a
     sharded model is divided within one replica's GPUs (dp_replicate_size replicas hold copies); tensor
     parallelism's split of the activations is left out (the estimate errs high)."""
@@ -142,11 +145,24 @@ def _estimator(spec: Spec, target: Target, batch: BatchPlan, precision: str, mod
             or bool(spec.fsdp_config and spec.fsdp_config.activation_checkpointing),
             checkpoint_every_n_layers=spec.gradient_checkpointing_every_n_layers
             if spec.gradient_checkpointing else 1,
+            adapter_bytes_per_token=0.0 if spec.adapter is None else lora_input_bytes(
+                shape, targets=None if spec.lora_target_linear else _lora_targets(spec), dropout=spec.lora_dropout,
+                replayed=spec.lora_dropout_recompute and sharding in ("single", "ddp"), precision=precision),
+            fused_loss=bool(kernels.get("cut_cross_entropy") or kernels.get("liger_fused_linear_cross_entropy")),
+            liger_saved_per_token=liger_bytes_saved(shape, kernels),
             sharding=SHARDING[sharding],
             world_size=max(target.world_size // replicas, 1),
             gpu_memory_gib=target.gpu.memory_gib if target.gpu and target.gpu_known else None,
         )
     return estimate
+
+
+def _lora_targets(spec: Spec) -> tuple[str, ...] | None:
+    """The module names LoRA adapts, as far as the estimate can tell (None: every linear layer, or a regular
+    expression it does not evaluate: the estimate then errs high)."""
+    if isinstance(spec.lora_target_modules, str):
+        return None
+    return tuple(spec.lora_target_modules or DEFAULT_LORA_TARGETS)
 
 
 def _warn_if_too_big(memory: MemoryEstimate | None, path: tuple, warnings: list[Problem], fix: str) -> None:
