@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     doctor.add_argument("bundle", nargs="?")
 
     args = parser.parse_args(argv)
-    # check-stack reads package metadata only, and the doctor imports torch itself (to report it missing):
-    # no torch import here, no second wasted.
-    if args.command not in ("check-stack", "doctor"):
+    # check-stack reads package metadata only, the doctor imports torch itself (to report it missing) and
+    # preprocess tokenises without torch (and DeepSpeed): no torch import here, no second wasted.
+    if args.command not in ("check-stack", "doctor", "preprocess"):
         quiet_deepspeed_without_a_gpu()
     from .errors import RuntimeUserError
 

@@ -13,9 +13,12 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
-from collections import Counter
+from array import array
+from collections import Counter, deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -27,8 +30,9 @@ from . import chat, dedup, examples, formats, instruction
 from .cache import COMPLETE, SHARD_ROWS, ShardWriter, SourceFiles, TokenizedDataset
 from .dedup import ExactDuplicates
 from .errors import DataError
-from .examples import RowError, examples_to_keep, leading_padding_id
-from .formats import make_formatter
+from .examples import Example, RowError, examples_to_keep, leading_padding_id
+from .fast_tokenizer import EngineSelector
+from .formats import Format, make_formatter
 from .sources import Source, count_rows, fingerprint, iter_rows, resolve_source
 from .tokenizer import is_offline, tokenizer_fingerprint
 
@@ -43,11 +47,131 @@ TOKEN_OPTIONS = ("sequence_len", "train_on_inputs", "val_set_size", "chat_templa
 TOKENISING_CODE = (examples, formats, chat, instruction, dedup)
 MAX_PROBLEMS = 5
 TOKENISE_BATCH = 512  # rows tokenised per call: enough to keep every core busy, little memory
+WORKER_BATCH = 2048  # rows per task of a worker process: large enough that passing them costs little
+WORKER_TASKS_AHEAD = 2  # tasks queued per worker: workers never wait, and few rows sit in memory
+ENGINE_SAMPLE_ROWS = 1000  # rows of each dataset whose ids tiktoken must reproduce before it is used
 
 
 def _chunks(rows: Iterator[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
     while chunk := list(islice(rows, size)):
         yield chunk
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity, which a SLURM allocation or taskset narrows)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class KeepRules:
+    """What ``examples_to_keep`` needs besides the examples."""
+
+    pad_id: int | None
+    sequence_len: int
+    min_sample_len: int
+
+
+@dataclass
+class RowsDone:
+    """What the format and the keep rules made of a batch of rows, in a compact form that crosses a process
+    boundary cheaply: per row (malformed message or None, examples formatted, examples that lost leading
+    padding, drop reason or None, examples kept), and the kept examples' tokens back to back (example k is
+    ``bounds[k]:bounds[k + 1]``)."""
+
+    outcomes: list[tuple[str | None, int, int, str | None, int]]
+    ids: np.ndarray
+    labels: np.ndarray
+    bounds: np.ndarray
+
+
+def format_rows(fmt: Format, rows: list[dict[str, Any]], rules: KeepRules) -> RowsDone:
+    """Format, tokenise and apply the keep rules to ``rows``: everything about a row that does not depend on
+    the rows before it (the held-out split and deduplication do, and stay with the caller)."""
+    outcomes: list[tuple[str | None, int, int, str | None, int]] = []
+    ids, labels, bounds = array("i"), array("i"), array("q", [0])
+    for result in fmt.batch(rows):
+        if isinstance(result, RowError):
+            outcomes.append((str(result), 0, 0, None, 0))
+            continue
+        kept, reason, changed = examples_to_keep(result, pad_id=rules.pad_id, sequence_len=rules.sequence_len,
+                                                 min_sample_len=rules.min_sample_len)
+        for example in kept:
+            ids.extend(example.input_ids)
+            labels.extend(example.labels)
+            bounds.append(len(ids))
+        outcomes.append((None, len(result), changed, reason, len(kept)))
+    return RowsDone(outcomes, np.frombuffer(ids, dtype=np.int32), np.frombuffer(labels, dtype=np.int32),
+                    np.frombuffer(bounds, dtype=np.int64))
+
+
+_worker_job: tuple[Format, KeepRules] | None = None  # set in each worker process by _start_worker
+
+
+def _start_worker(fmt: Format, rules: KeepRules) -> None:
+    global _worker_job  # noqa: PLW0603 - one job per worker process, handed over once at fork
+    _worker_job = fmt, rules
+
+
+def _work(rows: list[dict[str, Any]]) -> RowsDone:
+    fmt, rules = _worker_job  # type: ignore[misc]
+    return format_rows(fmt, rows, rules)
+
+
+class RowRunner:
+    """``format_rows`` over batches of rows, results in the rows' order: in this process, or spread over
+    ``processes`` forked workers that inherit the format (nothing is pickled but rows and results). A bounded
+    number of batches is in flight, so memory stays flat whatever the input's size."""
+
+    def __init__(self, fmt: Format, rules: KeepRules, *, processes: int) -> None:
+        self.fmt, self.rules, self.processes = fmt, rules, processes
+        self.pool: Any = None
+        if processes > 1:
+            import multiprocessing
+
+            # Hugging Face's tokenizers library warns in every forked child once its own threads have run in
+            # the parent; the workers tokenise with tiktoken, so say it is settled while they are forked.
+            before = os.environ.get("TOKENIZERS_PARALLELISM")
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"
+            try:
+                self.pool = multiprocessing.get_context("fork").Pool(processes, _start_worker, (fmt, rules))
+            finally:
+                if before is None:
+                    del os.environ["TOKENIZERS_PARALLELISM"]
+                else:
+                    os.environ["TOKENIZERS_PARALLELISM"] = before
+
+    def run(self, rows: Iterator[dict[str, Any]]) -> Iterator[RowsDone]:
+        if self.pool is None:
+            for chunk in _chunks(rows, TOKENISE_BATCH):
+                yield format_rows(self.fmt, chunk, self.rules)
+            return
+        pending: deque[Any] = deque()
+        for chunk in _chunks(rows, WORKER_BATCH):
+            pending.append(self.pool.apply_async(_work, (chunk,)))
+            if len(pending) >= self.processes * WORKER_TASKS_AHEAD:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+def row_runner(fmt: Format, source: Source, rules: KeepRules, engines: EngineSelector, *,
+               processes: int | None) -> tuple[RowRunner, dict[str, Any]]:
+    """The runner for one dataset, and the engine decision for its stats: tiktoken across every core when it
+    reproduces the tokenizer's ids on the dataset's first rows; otherwise the Hugging Face tokenizer in this
+    process, as before (its Rust code already uses every core, and cannot run in forked processes).
+    By default workers are forked only from a process that has not imported torch (`tunefile preprocess`): a
+    training process has torch's threads, and a distributed one its process group, which a fork copies."""
+    choice = engines.choose(fmt, islice(iter_rows(source), ENGINE_SAMPLE_ROWS), label=source.label)
+    if processes is None:
+        processes = available_cores() if "torch" not in sys.modules else 1
+    workers = processes if choice.engine == "tiktoken" else 1
+    return RowRunner(fmt, rules, processes=workers), choice.record()
 
 
 def resolve_sources(datasets: tuple[DatasetPlan, ...], *, offline: bool) -> list[Source]:
@@ -92,12 +216,15 @@ def eval_rows(total: int, val_set_size: float, seed: int) -> np.ndarray:
 
 
 def build(data: DataPlan, tokenizer: Any, sources: list[Source], directory: Path, *, seed: int,
-          shard_rows: int = SHARD_ROWS) -> None:
-    """Tokenise every source into ``directory`` (train/ and, with val_set_size, eval/), atomically."""
+          shard_rows: int = SHARD_ROWS, processes: int | None = None) -> None:
+    """Tokenise every source into ``directory`` (train/ and, with val_set_size, eval/), atomically.
+    ``processes``: worker processes where tiktoken tokenises (None: every available core); the output is
+    the same bytes whatever the number."""
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
-        stats, _, _ = _tokenise(data, tokenizer, sources, staging, seed=seed, shard_rows=shard_rows)
+        stats, _, _ = _tokenise(data, tokenizer, sources, staging, seed=seed, shard_rows=shard_rows,
+                                processes=processes)
         (staging / "stats.json").write_text(json.dumps(stats, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         marker = staging / COMPLETE
         marker.write_text(directory.name + "\n", encoding="utf-8")
@@ -115,15 +242,17 @@ def build(data: DataPlan, tokenizer: Any, sources: list[Source], directory: Path
 
 
 def build_in_memory(data: DataPlan, tokenizer: Any, sources: list[Source], *, seed: int,
-                    shard_rows: int = SHARD_ROWS) -> tuple[dict[str, Any], TokenizedDataset, TokenizedDataset | None]:
+                    shard_rows: int = SHARD_ROWS, processes: int | None = None,
+                    ) -> tuple[dict[str, Any], TokenizedDataset, TokenizedDataset | None]:
     """(stats, train, eval or None): the same tokenisation as ``build``, held in memory; nothing is written."""
-    stats, train, evaluation = _tokenise(data, tokenizer, sources, None, seed=seed, shard_rows=shard_rows)
+    stats, train, evaluation = _tokenise(data, tokenizer, sources, None, seed=seed, shard_rows=shard_rows,
+                                         processes=processes)
     return (stats, TokenizedDataset.from_writer(train),
             TokenizedDataset.from_writer(evaluation) if evaluation is not None else None)
 
 
 def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Path | None, *, seed: int,
-              shard_rows: int) -> tuple[dict[str, Any], ShardWriter, ShardWriter | None]:
+              shard_rows: int, processes: int | None) -> tuple[dict[str, Any], ShardWriter, ShardWriter | None]:
     """(stats, train writer, eval writer or None), closed; ``staging`` None keeps the shards in memory."""
     sequence_len = data.sequence_len
     total_rows = sum(count_rows(s) for s in sources) if data.val_set_size > 0 else 0
@@ -143,41 +272,51 @@ def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Pa
     per_dataset = []
     files_of_sources: list[SourceFiles] = []  # per dataset: (file label, rows) for provenance
     next_held = 0  # index into held_out: rows stream in order, so one pointer walks the sorted list
+    rules = KeepRules(pad_id=pad_id, sequence_len=sequence_len, min_sample_len=data.min_sample_len)
+    engines = EngineSelector(tokenizer)
     for number, source in enumerate(sources):
         fmt = make_formatter(source.entry, data, tokenizer)
+        runner, engine = row_runner(fmt, source, rules, engines, processes=processes)
         source_rows = 0
         files: SourceFiles = []
-        for label, part in source.parts():
-            first_row = source_rows
-            for chunk in _chunks(iter_rows(part), TOKENISE_BATCH):
-                for result in fmt.batch(chunk):
-                    row_number, global_row = source_rows, rows
-                    source_rows, rows = source_rows + 1, rows + 1
-                    is_eval = next_held < len(held_out) and held_out[next_held] == global_row
-                    next_held += is_eval
-                    if isinstance(result, RowError):
-                        dropped["malformed"] += 1
-                        if len(problems) < MAX_PROBLEMS:
-                            problems.append(f"{label} row {row_number - first_row}: {result}")
-                        continue
-                    if len(result) > 1:
-                        split_rows, split_chunks = split_rows + 1, split_chunks + len(result)
-                    kept, reason, changed = examples_to_keep(result, pad_id=pad_id, sequence_len=sequence_len,
-                                                             min_sample_len=data.min_sample_len)
-                    padding_stripped += changed
-                    if reason is None and duplicates is not None:  # after the length rule, as in Axolotl
-                        unique = [example for example in kept if not duplicates.is_repeat(example)]
-                        repeats += len(kept) - len(unique)
-                        kept, reason = unique, (None if unique else "duplicate")
-                    if reason is not None:
-                        dropped[reason] += 1
-                        continue
-                    writer = evaluation if is_eval and evaluation is not None else train
-                    for example in kept:
-                        writer.add(example.input_ids, example.labels, source=number, row=row_number)
-            files.append((label, source_rows - first_row))
+        try:
+            for label, part in source.parts():
+                first_row = source_rows
+                for done in runner.run(iter_rows(part)):
+                    next_example = 0  # the first kept example of this row in the batch
+                    for error, formatted, changed, reason, kept_count in done.outcomes:
+                        row_number, global_row = source_rows, rows
+                        source_rows, rows = source_rows + 1, rows + 1
+                        is_eval = next_held < len(held_out) and held_out[next_held] == global_row
+                        next_held += is_eval
+                        if error is not None:
+                            dropped["malformed"] += 1
+                            if len(problems) < MAX_PROBLEMS:
+                                problems.append(f"{label} row {row_number - first_row}: {error}")
+                            continue
+                        if formatted > 1:
+                            split_rows, split_chunks = split_rows + 1, split_chunks + formatted
+                        padding_stripped += changed
+                        bounds = done.bounds[next_example:next_example + kept_count + 1].tolist()
+                        next_example += kept_count
+                        kept = [Example(done.ids[start:end], done.labels[start:end])
+                                for start, end in zip(bounds, bounds[1:], strict=False)]
+                        if reason is None and duplicates is not None:  # after the length rule, as in Axolotl
+                            unique = [example for example in kept if not duplicates.is_repeat(example)]
+                            repeats += len(kept) - len(unique)
+                            kept, reason = unique, (None if unique else "duplicate")
+                        if reason is not None:
+                            dropped[reason] += 1
+                            continue
+                        writer = evaluation if is_eval and evaluation is not None else train
+                        for kept_example in kept:
+                            writer.add(kept_example.input_ids, kept_example.labels, source=number, row=row_number)
+                files.append((label, source_rows - first_row))
+        finally:
+            runner.close()
         files_of_sources.append(files)
-        per_dataset.append({"dataset": source.label, "type": source.entry.type, "rows": source_rows})
+        per_dataset.append({"dataset": source.label, "type": source.entry.type, "rows": source_rows,
+                            "tokenizer_engine": engine})
     if padding_stripped:
         log.info("stripped leading padding (token id %d) from %d example(s): a sample that starts with a pad "
                  "token makes non-finite gradients", pad_id, padding_stripped)

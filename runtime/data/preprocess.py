@@ -53,8 +53,6 @@ def run_preprocess(config_path: str | Path, *, show: int = 0, out: TextIO | None
 def summary(data: Any, plan: DataPlan, *, seed: int, added_tokens: int = 0) -> str:
     """The prepared data in a few lines; with packing, how full the first epoch's rows are (``seed`` orders
     it as training will)."""
-    from .batching import packing_efficiency, plan_batches
-
     stats = data.stats
     train, evaluation = stats["train"], stats["eval"]
     reasons = ", ".join(f"{reason.replace('_', ' ')} {count:,}" for reason, count in sorted(stats["dropped"].items()))
@@ -71,6 +69,7 @@ def summary(data: Any, plan: DataPlan, *, seed: int, added_tokens: int = 0) -> s
         f"  split rows: {stats['split_rows']:,}" + (f" (into {stats['split_chunks']:,} chunks of at most "
                                                     f"sequence_len tokens)" if stats["split_rows"] else ""),
     ]
+    lines += engine_lines(stats["datasets"])
     if stats["leading_padding_stripped"]:
         lines.append(f"  leading padding stripped: {stats['leading_padding_stripped']:,} examples started with the "
                      "pad token (a sample that starts with padding makes non-finite gradients)")
@@ -78,6 +77,8 @@ def summary(data: Any, plan: DataPlan, *, seed: int, added_tokens: int = 0) -> s
     if added_tokens:
         lines.append(f"  tokens added to the tokenizer: {added_tokens} (the model's embeddings are resized)")
     if plan.packing_attention is not None:
+        from .batching import packing_efficiency, plan_batches  # here: batching imports torch, for its tensors
+
         batches = plan_batches(data.train.lengths, micro_batch_size=plan.micro_batch_size,
                                sequence_len=plan.sequence_len, sample_packing=True, seed=seed, epoch=0)
         rows = sum(len(micro_batch) for micro_batch in batches)
@@ -85,6 +86,22 @@ def summary(data: Any, plan: DataPlan, *, seed: int, added_tokens: int = 0) -> s
         lines.append(f"  packing efficiency: {100 * efficiency:.1f}% ({train['examples']:,} examples in {rows:,} "
                      f"rows of {plan.sequence_len:,} tokens)")
     return "\n".join(lines)
+
+
+def engine_lines(datasets: list[dict[str, Any]]) -> list[str]:
+    """Which engine tokenised each dataset, and why not tiktoken where it did not (fast_tokenizer.py). A cache
+    built before the engine was recorded says nothing."""
+    lines = []
+    for entry in datasets:
+        engine = entry.get("tokenizer_engine")  # absent from caches built before it was recorded
+        if engine is None:
+            continue
+        if engine["engine"] == "tiktoken":
+            lines.append(f"  tokenised with tiktoken: {entry['dataset']} (the same ids as the tokenizer on "
+                         f"{engine['checked_texts']:,} checked texts)")
+        else:
+            lines.append(f"  tokenised with the Hugging Face tokenizer: {entry['dataset']} ({engine['reason']})")
+    return lines
 
 
 def _show_stream(plan: RunPlan, tokenizer: Any, *, show: int, out: TextIO) -> int:

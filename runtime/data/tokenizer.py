@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 TRUE_WORDS = ("1", "true", "yes", "on")
+# tokenizer_config.json's names of transformers' generic fast tokenizer (the second is its name in transformers 5).
+GENERIC_TOKENIZER_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
+# Model types for which AutoTokenizer keeps a generic tokenizer_class as it is (transformers 5 replaces it for a
+# list of models whose Hub files name the wrong class; llama is not among them, and is Llama 3's type).
+GENERIC_MODEL_TYPES = ("llama",)
 
 
 def is_offline(offline: bool) -> bool:
@@ -45,10 +50,29 @@ def tokenizer_class(name: str | None) -> Any:
     except Exception as exc:  # noqa: BLE001 - transformers' lazy import of a class whose backend is missing
         raise DataError(f"tokenizer_class {name}: cannot be imported from transformers ({exc})") from None
     is_tokenizer = isinstance(found, type) and issubclass(found, transformers.PreTrainedTokenizerBase)
-    if found is not transformers.AutoTokenizer and not is_tokenizer:
+    # In this order: touching transformers.AutoTokenizer imports its configuration classes, and they torch.
+    if not is_tokenizer and found is not transformers.AutoTokenizer:
         raise DataError(f"tokenizer_class {name}: transformers has no tokenizer class of that name "
                         "(e.g. AutoTokenizer, PreTrainedTokenizerFast, LlamaTokenizerFast)")
     return found
+
+
+def generic_tokenizer_folder(folder: Path) -> bool:
+    """Whether AutoTokenizer would load this local folder with transformers' generic fast tokenizer class
+    (``TokenizersBackend``) and nothing more: its tokenizer_config.json names the generic class, it brings no
+    code of its own (auto_map), and its config.json, if any, is of a model type whose tokenizer transformers
+    does not substitute (``GENERIC_MODEL_TYPES``). Llama 3's checkpoints are such folders. Loading the class
+    directly then gives the same tokenizer without importing AutoTokenizer, whose configuration classes import
+    torch (~400 MiB and seconds that tokenising does not need)."""
+    try:
+        settings = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        config_file = folder / "config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+    except (OSError, ValueError):
+        return False
+    return (isinstance(settings, dict) and isinstance(config, dict)
+            and settings.get("tokenizer_class") in GENERIC_TOKENIZER_CLASSES and "auto_map" not in settings
+            and "auto_map" not in config and config.get("model_type", "llama") in GENERIC_MODEL_TYPES)
 
 
 def load_tokenizer(model: ModelPlan, *, offline: bool) -> tuple[Any, int]:
@@ -74,7 +98,10 @@ def load_tokenizer(model: ModelPlan, *, offline: bool) -> tuple[Any, int]:
             tokenizer = load_mistral_common_tokenizer(model, name, local_files_only=local_files_only,
                                                       revision=revision)
         else:
-            tokenizer = tokenizer_class(model.tokenizer_class).from_pretrained(
+            wanted = model.tokenizer_class
+            if wanted is None and local.is_dir() and generic_tokenizer_folder(local):
+                wanted = "PreTrainedTokenizerFast"  # what AutoTokenizer would load, without importing torch
+            tokenizer = tokenizer_class(wanted).from_pretrained(
                 name, trust_remote_code=model.trust_remote_code, local_files_only=local_files_only, **revision)
     except (OSError, ValueError) as exc:
         where = "offline and not in the Hugging Face cache" if offline else "cannot be loaded"
