@@ -18,7 +18,7 @@ from pathlib import Path
 from .dialect.normalize import axolotl_catalogue
 from .dialect.stock_deepspeed import STOCK_DEEPSPEED, stock_deepspeed
 from .errors import ConfigError, Problem, did_you_mean, format_path
-from .loader import Document, load_document
+from .loader import Document, decode_text, load_document
 from .plan import Plan
 from .render import render_bundle
 from .resolve import DeepSpeedInput, ResolveInputs, resolve
@@ -106,9 +106,10 @@ class Sources:
 def read_config(path: Path, sources: Sources) -> tuple[Document, Spec, list[Problem], list[Problem], str]:
     sources.main = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        raw = path.read_bytes()
+    except OSError as exc:
         raise ConfigError([Problem((), f"cannot read the config: {exc}", file=str(path), line=1)]) from None
+    text = decode_text(raw, str(path))  # not UTF-8: the line and column of the first byte that is not
     document = load_document(text, str(path))
     sources.documents[str(path)] = document
     spec, warnings, notes = validate_with_notes(document)
@@ -226,7 +227,7 @@ def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: So
             if options.target:
                 problem = Problem((), problem.message, hint=problem.hint, file=COMMAND_LINE, line=1)
             raise ConfigError([problem])
-        document = load_document(file.read_text(encoding="utf-8"), shown)
+        document = load_document(decode_text(_read_bytes(file, shown), shown), shown)
         sources.documents[shown] = document
         target, problems = target_from_file_data(document.data, Path(name).stem, shown)
         if problems:
@@ -261,6 +262,13 @@ def _read_deepspeed_file(spec: Spec, base_dir: Path, sources: Sources) -> DeepSp
                                    hint="built-in presets: " + ", ".join(BUILTIN_PRESETS) + "; Axolotl's stock "
                                    "files: " + ", ".join(sorted(STOCK_DEEPSPEED)))])
     shown = str(file)
-    document = load_document(file.read_text(encoding="utf-8"), shown)
+    document = load_document(decode_text(_read_bytes(file, shown), shown), shown)
     sources.documents[shown] = document
     return DeepSpeedInput(name=shown, data=document.data)
+
+
+def _read_bytes(file: Path, shown: str) -> bytes:
+    try:
+        return file.read_bytes()
+    except OSError as exc:
+        raise ConfigError([Problem((), f"cannot read {shown}: {exc}", file=shown, line=1)]) from None

@@ -20,6 +20,7 @@ from .loader import Document
 from .rules import check_rules
 from .spec import Spec
 
+SPELLING_HINTS = 50  # unknown keys that get a "did you mean"
 
 def validate_document(document: Document) -> tuple[Spec, list[Problem]]:
     """Return the Spec and its warnings, or raise ConfigError with every problem found."""
@@ -90,10 +91,15 @@ def _problems_from_pydantic(exc: ValidationError, data: Any) -> list[Problem]:
         grouped.setdefault(path, []).append(error)
 
     problems = []
+    hints_left = SPELLING_HINTS
     for path, errors in grouped.items():
         kinds = {error["type"] for error in errors}
         if "extra_forbidden" in kinds:
-            problems.append(Problem(path, "unknown key" + _spelling_hint(path), at_key=True))
+            # A "did you mean" costs a fuzzy match against every known key: the first ones get one, a file of
+            # hundreds of unknown keys (not a config with typos) is reported without.
+            hint = _spelling_hint(path) if hints_left > 0 else ""
+            hints_left -= 1
+            problems.append(Problem(path, "unknown key" + hint, at_key=True))
         elif "missing" in kinds:
             problems.append(Problem(path[:-1], f"required key `{path[-1]}` is missing"))
         else:
