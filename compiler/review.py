@@ -6,7 +6,8 @@ import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .bundle import read_bundle, write_bundle
+from .bundle import BundleLocationError, read_bundle, write_bundle
+from .cli_common import output_problem
 from .errors import ConfigError
 from .pipeline import Sources, TargetOptions, compile_config
 
@@ -67,7 +68,10 @@ def check_golden(configs_dir: Path, golden_dir: Path, options: TargetOptions, *,
         if expected == files:
             results.append(GoldenResult(case, "same"))
         elif update:
-            write_bundle(files, expected_dir, force=True)
+            try:
+                write_bundle(files, expected_dir, force=True)
+            except (BundleLocationError, OSError) as exc:  # a golden folder that cannot hold it, a full disk
+                raise ConfigError([output_problem(exc, flag=f"check --update ({expected_dir})")]) from None
             results.append(GoldenResult(case, "updated"))
         elif expected is None:
             results.append(GoldenResult(case, "missing"))
