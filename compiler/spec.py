@@ -480,9 +480,11 @@ class Spec(_Strict):
         "xformers_attention / flex_attention / eager_attention: true are read into it.",
         group="precision",
     )
-    gradient_checkpointing: bool | Literal["offload"] = _field(
+    gradient_checkpointing: bool | Literal["offload", "auto"] = _field(
         False, description="Recompute activations in backward to save memory; offload also keeps the "
-        "checkpointed layer inputs in CPU memory.", group="precision"
+        "checkpointed layer inputs in CPU memory; auto (tunefile's): none if the run fits the target GPU's memory, "
+        "else every n-th layer for the largest n that fits (gradient_checkpointing_every_n_layers), explained in "
+        "`tunefile explain`.", group="precision"
     )
     gradient_checkpointing_every_n_layers: int = _field(
         1, ge=1, le=1024, description="With gradient_checkpointing: checkpoint only every n-th decoder layer (the "

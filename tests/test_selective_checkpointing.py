@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from compile_helpers import plan_of
 
 from helpers import write
@@ -99,3 +100,45 @@ def test_layers_0_n_2n_recompute_and_the_gradients_equal_plain_training(every_n:
     assert selective.keys() == plain.keys()
     for name, grad in plain.items():
         torch.testing.assert_close(selective[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- gradient_checkpointing: auto ---------------------------------------------------------------------------
+
+
+def auto(tmp_path: Path, gpu: str | None) -> tuple[dict, list[str]]:
+    compilation = compile_config(write(tmp_path / "cfg.yml", CONFIG + "gradient_checkpointing: auto\n"),
+                                 TargetOptions(gpu=gpu))
+    plan = compilation.plan
+    chosen = [f"{d.value} because {d.reason}" for d in plan.decisions if d.topic == "gradient checkpointing"]
+    model = yaml.safe_load(compilation.files["config.yaml"])["model"]
+    return model, chosen
+
+
+@pytest.mark.parametrize("gpu, on, every_n, words, fits", [
+    ("h200", False, 1, "off (auto) because the run fits without it", True),
+    ("a100-40gb", True, 2, "every 2nd layer (auto) because without it ~", True),
+    ("l4", True, 1, "every layer (auto) because even with every layer recomputed ~", False),
+])
+def test_auto_takes_the_least_checkpointing_that_fits(tmp_path: Path, gpu: str, on: bool, every_n: int,
+                                                      words: str, fits: bool) -> None:
+    model, chosen = auto(tmp_path, gpu)
+    assert model["gradient_checkpointing"] is on and model["gradient_checkpointing_every_n_layers"] == every_n
+    assert len(chosen) == 1 and chosen[0].startswith(words), chosen
+    compilation = compile_config(write(tmp_path / "cfg.yml", CONFIG + "gradient_checkpointing: auto\n"),
+                                 TargetOptions(gpu=gpu))
+    assert compilation.plan.memory.fits is fits  # within 90 % of the GPU, or the closest it gets
+    if on and every_n > 1:  # the next denser candidate would also fit, but recompute more: not chosen
+        assert model["gradient_checkpointing_every_n_layers"] == max(
+            n for n in (16, 8, 4, 3, 2, 1) if memory_with(tmp_path, gpu, n).fits)
+
+
+def memory_with(tmp_path: Path, gpu: str, every_n: int) -> object:
+    text = CONFIG + f"gradient_checkpointing: true\ngradient_checkpointing_every_n_layers: {every_n}\n"
+    return compile_config(write(tmp_path / "n.yml", text), TargetOptions(gpu=gpu)).plan.memory
+
+
+def test_auto_needs_an_estimate_to_fit(tmp_path: Path) -> None:
+    model, chosen = auto(tmp_path, None)
+    assert model["gradient_checkpointing"] is False
+    assert chosen == ["off (auto) because no memory estimate (GPU memory or model size unknown): none, as without "
+                      "auto"]

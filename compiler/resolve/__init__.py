@@ -15,7 +15,7 @@ from ..errors import ConfigError, Problem, format_path
 from ..plan import BatchPlan, Decision, Plan
 from ..spec import BITSANDBYTES_OPTIMIZERS, TORCHAO_OPTIMIZERS, Spec, mlflow_on, wandb_on
 from ..targets import Target
-from .distribution import DeepSpeedInput, mesh_of, resolve_distribution
+from .distribution import DeepSpeedInput, mesh_of, resolve_auto_checkpointing, resolve_distribution
 from .hardware import resolve_attention, resolve_packing_attention, resolve_precision, resolve_tf32
 from .kernels import kernel_packages, resolve_kernels
 from .model import resolve_model
@@ -77,6 +77,10 @@ def resolve(spec: Spec, target: Target, inputs: ResolveInputs, *, spec_warnings:
 
     batch = BatchPlan(spec.micro_batch_size, spec.gradient_accumulation_steps, target.world_size,
                       spec.sequence_len, on_cpu=target.on_cpu)
+    spec, decision = resolve_auto_checkpointing(spec, target=target, batch=batch, precision=precision, model=model,
+                                                shape=shape, quantization_bits=quantization_bits, kernels=kernels)
+    if decision:
+        decisions.append(decision)
     distribution, memory, strategy_decisions = resolve_distribution(
         spec, target=target, batch=batch, precision=precision, model=model, shape=shape,
         quantization_bits=quantization_bits, deepspeed_file=inputs.deepspeed_file,

@@ -157,6 +157,54 @@ def _estimator(spec: Spec, target: Target, batch: BatchPlan, precision: str, mod
     return estimate
 
 
+# Candidates of gradient_checkpointing: auto, from the least recomputation to the most.
+AUTO_CHECKPOINTING = (None, 16, 8, 4, 3, 2, 1)
+
+
+def resolve_auto_checkpointing(spec: Spec, *, target: Target, batch: BatchPlan, precision: str, model: ModelInfo,
+                               shape: ModelShape | None, quantization_bits: int | None,
+                               kernels: dict[str, bool]) -> tuple[Spec, Decision | None]:
+    """gradient_checkpointing: auto. The least checkpointing whose memory estimate for one replica (DDP, or one
+    GPU) fits in 90 % of the GPU: none, else every n-th layer for the largest n, else every layer. Without a
+    known GPU or model size there is nothing to fit: none. Returns the spec with the choice written in."""
+    if spec.gradient_checkpointing != "auto":
+        return spec, None
+
+    def choose(every_n: int | None, reason: str) -> tuple[Spec, Decision]:
+        chosen = spec.model_copy(update={"gradient_checkpointing": every_n is not None,
+                                         "gradient_checkpointing_every_n_layers": every_n or 1})
+        words = "off" if every_n is None else _layers(every_n)
+        return chosen, Decision("gradient checkpointing", f"{words} (auto)", reason)
+
+    sharding = "single" if target.world_size == 1 else "ddp"
+    estimates = {}
+    for every_n in AUTO_CHECKPOINTING:
+        candidate = spec.model_copy(update={"gradient_checkpointing": every_n is not None,
+                                            "gradient_checkpointing_every_n_layers": every_n or 1})
+        memory = _estimator(candidate, target, batch, precision, model, shape, quantization_bits, kernels)(sharding)
+        if memory is None or memory.fits is None:
+            return choose(None, "no memory estimate (GPU memory or model size unknown): none, as without auto")
+        estimates[every_n] = memory
+        if memory.fits:
+            if every_n is None:
+                return choose(None, f"the run fits without it: ~{memory.total:.1f} GiB per GPU of "
+                                    f"{memory.available:.0f} GiB")
+            return choose(every_n, f"without it ~{estimates[None].total:.1f} GiB per GPU, more than 90% of "
+                                   f"{memory.available:.0f} GiB; recomputing {_layers(every_n)} brings it "
+                                   f"to ~{memory.total:.1f} GiB (more layers recompute more, and run slower)")
+    full = estimates[1]
+    return choose(1, f"even with every layer recomputed ~{full.total:.1f} GiB per GPU, more than 90% of "
+                     f"{full.available:.0f} GiB: every layer, and the strategy shards what it can")
+
+
+def _layers(every_n: int) -> str:
+    """"every layer", "every 2nd layer", "every 16th layer"."""
+    if every_n == 1:
+        return "every layer"
+    suffix = {2: "nd", 3: "rd"}.get(every_n % 10 if every_n > 20 else every_n, "th")
+    return f"every {every_n}{suffix} layer"
+
+
 def _lora_targets(spec: Spec) -> tuple[str, ...] | None:
     """The module names LoRA adapts, as far as the estimate can tell (None: every linear layer, or a regular
     expression it does not evaluate: the estimate then errs high)."""
