@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,14 +22,39 @@ log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 
 
+def _record_step(line: bytes) -> int | None:
+    """The step of one metrics.jsonl line; None when the line is no record (torn by a kill, or garbled)."""
+    try:
+        record = json.loads(line)
+    except ValueError:  # JSONDecodeError, and UnicodeDecodeError for bytes a crash left behind
+        return None
+    if not isinstance(record, dict):
+        return None
+    step = record.get("step", 0)  # every record has one; one without counts as the run's start, as it always did
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def _truncate_after(path: Path, step: int) -> None:
     """On resume, drop records past the checkpoint: the interrupted run logged steps that are about
-    to be trained again, and the file should read as one run."""
+    to be trained again, and the file should read as one run. A line that is no record (a kill mid-write tears
+    the last one) is dropped too, with a warning; the file is replaced atomically, so a kill now loses nothing."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept, torn = [], 0
+    for line in path.read_bytes().splitlines():
+        if not line.strip():
+            continue
+        line_step = _record_step(line)
+        if line_step is None:
+            torn += 1
+        elif line_step <= step:
+            kept.append(line)
+    if torn:
+        log.warning("%s: dropped %d line(s) that are not whole records (a run stopped while writing one)", path,
+                    torn)
+    temp = path.with_name(f".{path.name}.tmp")
+    temp.write_bytes(b"".join(line + b"\n" for line in kept))
+    os.replace(temp, path)
 
 
 class Progress:

@@ -51,6 +51,12 @@ def training_name(key: str) -> str:
     return WRAPPER_PARTS.sub("", key.removeprefix("module.")).lstrip(".")
 
 
+def _last_line(exc: BaseException) -> str:
+    """The line of a (often multi-line, nested) reader error that says what went wrong."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
+
+
 class CheckpointTensors:
     """Names and shapes of the tensors a checkpoint holds; ``read`` loads the ones asked for."""
 
@@ -95,8 +101,11 @@ class DcpTensors(CheckpointTensors):
         inner = {key: torch.empty(tuple(entry.size), dtype=entry.properties.dtype) for key, entry in wanted.values()}
         with warnings.catch_warnings():  # no_dist=True is the point; DCP warns about it anyway
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load({DCP_TOP_KEY: inner}, storage_reader=dcp.FileSystemReader(str(self.path)),
-                     planner=dcp.DefaultLoadPlanner(), no_dist=True)
+            try:
+                dcp.load({DCP_TOP_KEY: inner}, storage_reader=dcp.FileSystemReader(str(self.path)),
+                         planner=dcp.DefaultLoadPlanner(), no_dist=True)
+            except Exception as exc:  # a truncated or missing .distcp shard: DCP wraps each rank's error its way
+                raise ModelLoadError(f"{self.path}: cannot read the checkpoint's tensors: {_last_line(exc)}") from None
         return {name: inner[key] for name, (key, _) in wanted.items()}
 
 
@@ -144,9 +153,8 @@ class ZeroTensors(CheckpointTensors):
                 state = get_fp32_state_dict_from_zero_checkpoint(str(self.checkpoint_dir), tag=self.tag,
                                                                  exclude_frozen_parameters=self.stage3,
                                                                  lazy_mode=True)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise ModelLoadError(f"{self.path}: cannot read the DeepSpeed checkpoint: "
-                                 f"{str(exc).strip().splitlines()[-1]}") from None
+        except Exception as exc:  # a truncated or foreign file: pickle, zip, OS and DeepSpeed's own errors alike
+            raise ModelLoadError(f"{self.path}: cannot read the DeepSpeed checkpoint: {_last_line(exc)}") from None
         return {training_name(key): value for key, value in state.items()}
 
     def shapes(self) -> dict[str, tuple[int, ...]]:

@@ -260,12 +260,12 @@ class Trainer:
 
         # Resume: weights, optimizer, schedule, every rank's RNG, and where in the data plan we were.
         self.state = checkpoint.TrainState()
-        resume_path = checkpoint.find_resume_checkpoint(self.output_dir,
-                                                        resume_from=plan.checkpointing.resume_from_checkpoint,
-                                                        auto_resume=plan.checkpointing.auto_resume)
+        resumed_from = checkpoint.resume(acc, self.output_dir, resume_from=plan.checkpointing.resume_from_checkpoint,
+                                         auto_resume=plan.checkpointing.auto_resume, adapter_only=self.adapter_only)
+        resume_path = None if resumed_from is None else resumed_from[1]
         self.saved: tuple[int, Path] | None = None  # (step, checkpoint) of the newest state on disk, if any
-        if resume_path is not None:
-            self.state = checkpoint.load_checkpoint(acc, resume_path, adapter_only=self.adapter_only)
+        if resumed_from is not None:
+            self.state = resumed_from[0]
             self.saved = (self.state.step, resume_path)
             log.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_path, self.state.step,
                      self.state.epoch, self.state.micro_batch)

@@ -3,6 +3,11 @@
 Rows are streamed, never loaded whole: JSON Lines line by line, JSON arrays value by value, Parquet by record
 batch, Hub datasets through their memory-mapped Arrow cache in batches. Each source also says what identifies
 its content for the prepared-data cache key (the bytes of local files; id/name/split/revision on the Hub).
+
+Every problem with a local file names the file and where in it, as ``file:line`` with lines counted from 1 (the
+line a row starts on), or ``file: row N`` (from 1) for Parquet, which has no lines: text that is not UTF-8, JSON
+that does not parse, a row that is not an object, a file that holds no rows. ``located_rows`` hands the same
+places to callers that report problems of their own.
 """
 
 from __future__ import annotations
@@ -112,18 +117,76 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class RowPlace:
+    """Where a row is: the 1-based line it starts on in a text file, or its 1-based row number in a Parquet file
+    (``line`` None) or a Hub dataset (``path`` None)."""
+
+    path: Path | None
+    row: int
+    line: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.path}:{self.line}"
+        return f"row {self.row}" if self.path is None else f"{self.path}: row {self.row}"
+
+
 def iter_rows(source: Source) -> Iterator[dict[str, Any]]:
+    for _, row in located_rows(source):
+        yield row
+
+
+def located_rows(source: Source) -> Iterator[tuple[RowPlace, dict[str, Any]]]:
+    """Each row with its place; DataError (one line, naming the file and line) for what cannot be a row."""
     if not source.is_local:
-        yield from _hub_rows(source)
+        for number, row in enumerate(_hub_rows(source), start=1):
+            yield RowPlace(None, number), row
         return
     for path in source.files:
         reader = _reader(path, source.entry)
         rows = {"jsonl": _jsonl_rows, "json": _json_rows, "parquet": _parquet_rows, "csv": _csv_rows,
                 "text": _text_rows}[reader](path)
-        for row in rows:
+        number = 0
+        for number, (line, row) in enumerate(_utf8_located(path, rows), start=1):
+            place = RowPlace(path, number, line)
             if not isinstance(row, dict):
-                raise DataError(f"{path}: a row is a {type(row).__name__}, not an object")
-            yield row
+                raise DataError(f"{place}: the row is a JSON {_json_kind(row)}, not an object "
+                                f"({{\"field\": value, ...}})")
+            yield place, row
+        if number == 0 and reader != "parquet":  # a Parquet file that says it has no rows means it
+            raise DataError(f"{path}: holds no rows ({_why_empty(path, reader)}); remove it or fill it")
+
+
+def _json_kind(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", int: "number", float: "number"}.get(type(value), "null")
+
+
+def _why_empty(path: Path, reader: str) -> str:
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    return {"csv": "only a header", "json": "an empty array"}.get(reader, "only blank lines")
+
+
+def _utf8_located(path: Path, rows: Iterator[tuple[int | None, Any]]) -> Iterator[tuple[int | None, Any]]:
+    """``rows``, with a decoding error turned into one line naming the file and the line of the first byte that
+    is not UTF-8 (the text reader only knows its position in a buffer)."""
+    try:
+        yield from rows
+    except UnicodeDecodeError:
+        raise DataError(_not_utf8(path)) from None
+
+
+def _not_utf8(path: Path) -> str:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):  # a UTF-8 sequence never spans a newline byte
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                column = len(raw[:exc.start].decode("utf-8")) + 1
+                return (f"{path}:{number}:{column}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as "
+                        "UTF-8")
+    return f"{path}: not UTF-8 text; save the file as UTF-8"
 
 
 def count_rows(source: Source) -> int:
@@ -141,60 +204,85 @@ def count_rows(source: Source) -> int:
     return total
 
 
-def _jsonl_rows(path: Path) -> Iterator[Any]:
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
     with path.open(encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
             if line.strip():
                 try:
-                    yield json.loads(line)
+                    yield number, json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+                    raise DataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
 
 
-def _json_rows(path: Path) -> Iterator[Any]:
+def _json_rows(path: Path) -> Iterator[tuple[int, Any]]:
     """The values of a top-level JSON array (or of concatenated JSON values), decoded one at a time from
-    1 MiB chunks, so a large .json file never sits in memory whole."""
+    1 MiB chunks, so a large .json file never sits in memory whole; each with the line it starts on."""
     decoder = json.JSONDecoder()
     with path.open(encoding="utf-8") as handle:
         buffer, position, eof = "", 0, False
+        line, counted = 1, 0  # the line at buffer[counted]
+        opened = False  # past the outer array's "[": a later "[" starts a row (which then is no object)
+
+        def line_at(index: int) -> int:
+            nonlocal line, counted
+            line, counted = line + buffer.count("\n", counted, index), index
+            return line
+
         while True:
-            while position < len(buffer) and buffer[position] in " \t\r\n,[]":
-                position += 1  # separators and the outer array's brackets (rows themselves are objects)
+            while position < len(buffer) and (buffer[position] in " \t\r\n,]" or
+                                              (buffer[position] == "[" and not opened)):
+                opened = opened or buffer[position] == "["
+                position += 1  # separators and the outer array's brackets
             if position >= len(buffer) or (not eof and len(buffer) - position < 2):
                 if eof:
                     return
+                line_at(position)
                 chunk = handle.read(_CHUNK_CHARS)
-                buffer, position, eof = buffer[position:] + chunk, 0, not chunk
+                buffer, position, counted, eof = buffer[position:] + chunk, 0, 0, not chunk
                 continue
             try:
                 value, end = decoder.raw_decode(buffer, position)
             except json.JSONDecodeError as exc:
                 if eof:
-                    raise DataError(f"{path}: invalid JSON: {exc.msg}") from None
+                    start = line_at(position)
+                    at = line + buffer.count("\n", counted, exc.pos)
+                    raise DataError(f"{path}:{at}: invalid JSON: {exc.msg} (in the value that starts on line "
+                                    f"{start})") from None
+                line_at(position)
                 chunk = handle.read(_CHUNK_CHARS)  # the value continues past the buffer
-                buffer, position, eof = buffer[position:] + chunk, 0, not chunk
+                buffer, position, counted, eof = buffer[position:] + chunk, 0, 0, not chunk
                 continue
-            yield value
-            position = end
+            yield line_at(position), value
+            position, opened = end, True
 
 
-def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+def _parquet_rows(path: Path) -> Iterator[tuple[None, dict[str, Any]]]:
     import pyarrow.parquet as pq
 
     for batch in pq.ParquetFile(path).iter_batches(batch_size=BATCH_ROWS):
-        yield from batch.to_pylist()
+        for row in batch.to_pylist():
+            yield None, row
 
 
-def _csv_rows(path: Path) -> Iterator[dict[str, Any]]:
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8", newline="") as handle:
-        yield from csv.DictReader(handle)
+        reader = csv.DictReader(handle)
+        ended = 0
+        try:
+            _ = reader.fieldnames  # reads the header
+            ended = reader.line_num  # a quoted field may span lines: a row starts after the one before ends
+            for row in reader:
+                yield ended + 1, row
+                ended = reader.line_num
+        except csv.Error as exc:
+            raise DataError(f"{path}:{ended + 1}: invalid CSV: {exc}") from None
 
 
-def _text_rows(path: Path) -> Iterator[dict[str, Any]]:
+def _text_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with path.open(encoding="utf-8") as handle:
-        for line in handle:
+        for number, line in enumerate(handle, start=1):
             if line.strip():
-                yield {"text": line.rstrip("\n")}
+                yield number, {"text": line.rstrip("\n")}
 
 
 def _hub_dataset(source: Source) -> Any:
