@@ -9,8 +9,11 @@ is about 0.45 GB per layer, some 14 GB over 32 layers.
 Here lora_A takes the undropped input, uncast (the same tensor object for q, k and v, so autograd keeps it
 once; autocast casts it for the matmul, as it casts the dropped copy under peft), and the state of the random
 generator the dropout draws from. The backward sets that state again, draws the same mask with the same kernel
-(torch.native_dropout, as nn.Dropout), and puts the generator back where it was. The masks are peft's own, in
-the same order from the same stream, so the run computes what peft computes. Gradient checkpointing recomputes
+(torch.native_dropout, as nn.Dropout), and puts the generator back where it was. The masks come from the same
+stream in the same order as peft's. Where x already has the adapter's dtype (fp32 runs, 16-bit adapters) they are
+peft's masks exactly, and the run computes what peft computes (tests/test_lora_dropout.py). Under autocast peft
+draws on its fp32 copy and tunefile on the 16-bit input: the same distribution, though the kernel may map the
+random numbers to other elements. Gradient checkpointing recomputes
 a layer's forward with the generator's state restored (torch.utils.checkpoint's preserve_rng_state): the
 recomputed masks are the original ones too.
 
