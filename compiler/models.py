@@ -7,6 +7,7 @@ class FSDP wraps. Sources, in order: the local model's config.json, the built-in
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -162,6 +163,32 @@ def shape_from_table(model_id: str) -> tuple[str, ModelShape] | None:
                     return f"{family} {match.group(1).upper()}", sizes[match.group(1)]
             return None
     return None
+
+
+# The sizes a config.json gives, and the largest each may be: far above any model, low enough that the arithmetic of
+# an estimate stays ordinary numbers (a hidden_size of 1e200, or of -64, is a broken file, not a model).
+CONFIG_JSON_BOUNDS = {"hidden_size": 1_000_000, "num_hidden_layers": 10_000, "intermediate_size": 10_000_000,
+                      "num_attention_heads": 100_000, "num_key_value_heads": 100_000, "vocab_size": 100_000_000,
+                      "head_dim": 100_000, "num_local_experts": 100_000, "num_experts": 100_000}
+
+
+def config_json_problems(config: Any) -> list[tuple[tuple[str, ...], str]]:
+    """(key path, message) for each size a local config.json gives that no model could have."""
+    if not isinstance(config, dict):
+        return [((), f"a model's config.json is a JSON object, not {type(config).__name__}")]
+    problems = []
+    for prefix, section in (((), config), (("text_config",), config.get("text_config"))):
+        if not isinstance(section, dict):
+            continue
+        for key, bound in CONFIG_JSON_BOUNDS.items():
+            value = section.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bound:
+                text = json.dumps(value)
+                shown = text if len(text) <= 30 else text[:27] + "..."
+                problems.append(((*prefix, key), f"must be a whole number from 1 to {bound:,} (got {shown})"))
+    return problems
 
 
 def shape_from_config_json(config: dict[str, Any]) -> ModelShape | None:

@@ -19,6 +19,7 @@ from .dialect.normalize import axolotl_catalogue
 from .dialect.stock_deepspeed import STOCK_DEEPSPEED, stock_deepspeed
 from .errors import ConfigError, Problem, did_you_mean, format_path
 from .loader import Document, decode_text, load_document
+from .models import config_json_problems
 from .plan import Plan
 from .render import render_bundle
 from .resolve import DeepSpeedInput, ResolveInputs, resolve
@@ -26,6 +27,7 @@ from .resolve.deepspeed import BUILTIN_PRESETS
 from .spec import Spec
 from .stack import Stack, parse_freeze, pinned_stack, stack_packages
 from .targets import (
+    TARGET_INT_LIMITS,
     TARGET_NAMES,
     UNSPECIFIED,
     Target,
@@ -202,9 +204,12 @@ def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: So
         message = f"--gpu: unknown GPU {options.gpu!r}" + did_you_mean(options.gpu, TARGET_NAMES)
         flag_problems.append(Problem((), message, hint="built-in GPUs: " + ", ".join(TARGET_NAMES),
                                      file=COMMAND_LINE, line=1))
-    for flag, value in (("--nodes", options.nodes), ("--gpus-per-node", options.gpus_per_node)):
+    for flag, value, limit in (("--nodes", options.nodes, TARGET_INT_LIMITS["nodes"]),
+                               ("--gpus-per-node", options.gpus_per_node, TARGET_INT_LIMITS["gpus_per_node"])):
         if value is not None and value < 1:
             flag_problems.append(Problem((), f"{flag} must be at least 1", file=COMMAND_LINE, line=1))
+        elif value is not None and value > limit:
+            flag_problems.append(Problem((), f"{flag} must be at most {limit:,}", file=COMMAND_LINE, line=1))
     if flag_problems:
         raise ConfigError(flag_problems)
 
@@ -236,14 +241,17 @@ def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: So
 
 
 def _read_local_model_config(base_model: str, base_dir: Path) -> dict | None:
-    for candidate in (base_dir / base_model, Path(base_model)):
+    for candidate in (base_dir / base_model, Path(base_model).expanduser()):
         config = candidate / "config.json"
         if config.is_file():
             try:
                 data = json.loads(config.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 return None
-            return data if isinstance(data, dict) else None
+            problems = config_json_problems(data)
+            if problems:  # sizes no model has: a broken file, named here rather than trusted
+                raise ConfigError([Problem(path, message, file=str(config), line=1) for path, message in problems])
+            return data
     return None
 
 

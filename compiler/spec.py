@@ -51,16 +51,23 @@ def _field(default: Any = ..., description: str = "", group: str = "", **kwargs:
 
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's choice for Llama-style attention when none is named
 
+# The upper bound of step counts and intervals: a billion optimizer steps is far beyond any run, and keeps every
+# number that reaches a script or a JSON file an ordinary integer.
+MAX_STEPS = 1_000_000_000
+
+
 class _Strict(BaseModel):
     """Unknown keys are errors at every nesting level; values are never coerced across types."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # allow_inf_nan: no .inf or .nan (YAML spells them), which would reach deepspeed.json as Infinity, not JSON.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DatasetSpec(_Strict):
     """One entry of ``datasets``."""
 
-    path: str = _field(description="Local .jsonl/.json/.parquet file or folder, or a Hugging Face Hub dataset id.")
+    path: str = _field(description="Local .jsonl/.json/.parquet file or folder, or a Hugging Face Hub dataset id.",
+                       min_length=1)
     type: Literal[DATASET_TYPES] = _field(  # type: ignore[valid-type]
         "pretokenized",
         description="Format of the rows: alpaca (instruction/input/output), chat_template (OpenAI messages), "
@@ -191,7 +198,8 @@ class Spec(_Strict):
     """A whole tunefile config."""
 
     # --- model -------------------------------------------------------------------------
-    base_model: str = _field(description="Hugging Face Hub id or local directory of the model.", group="model")
+    base_model: str = _field(description="Hugging Face Hub id or local directory of the model.", group="model",
+                             min_length=1)
     model_type: str | None = _field(
         None,
         description="Model class, e.g. AutoModelForCausalLM or LlamaForCausalLM; an architecture name here "
@@ -254,7 +262,8 @@ class Spec(_Strict):
         False, description="ALST tiled MLP: run each MLP over the sequence in slices, forward and backward, so long "
         "sequences need less activation memory.", group="model")
     tiled_mlp_num_shards: int | None = _field(
-        None, ge=1, description="Slices per MLP call (default: sequence length / 32768, rounded up, as Axolotl).",
+        None, ge=1, le=65536,
+        description="Slices per MLP call (default: sequence length / 32768, rounded up, as Axolotl).",
         group="model")
     tiled_mlp_use_original_mlp: bool = _field(
         True, description="Tile the model's own MLP module (false: a generic gated MLP on its weights).",
@@ -266,10 +275,12 @@ class Spec(_Strict):
         None, description="transformers' placement; tunefile places the model itself, so only auto (or one "
         "device) on a one-GPU run is accepted, where it means the same.", group="model")
     lisa_n_layers: int | None = _field(
-        None, ge=1, description="LISA (full fine-tuning): train only this many decoder layers at a time, drawn at "
+        None, ge=1, le=100_000,
+        description="LISA (full fine-tuning): train only this many decoder layers at a time, drawn at "
         "random; embeddings and head always train.", group="model")
     lisa_step_interval: int | None = _field(
-        None, ge=1, description="LISA: draw new layers every N optimizer steps (default: 20).", group="model")
+        None, ge=1, le=MAX_STEPS,
+        description="LISA: draw new layers every N optimizer steps (default: 20).", group="model")
     lisa_layers_attribute: str = _field(
         "model.layers", description="LISA: where the decoder layers are in the model.", group="model")
 
@@ -320,12 +331,12 @@ class Spec(_Strict):
         False, description="ReLoRA: every jagged_restart_steps merge the adapter into the base and start a new "
         "one (lora or qlora).", group="adapter")
     jagged_restart_steps: int | None = _field(
-        None, ge=1, description="ReLoRA: optimizer steps between restarts.", group="adapter")
+        None, ge=1, le=MAX_STEPS, description="ReLoRA: optimizer steps between restarts.", group="adapter")
     jagged_restart_warmup_steps: int | None = _field(
-        None, ge=0, description="ReLoRA: learning-rate warm-up steps after each restart (default: 10).",
+        None, ge=0, le=MAX_STEPS, description="ReLoRA: learning-rate warm-up steps after each restart (default: 10).",
         group="adapter")
     jagged_restart_anneal_steps: int | None = _field(
-        None, ge=0, description="ReLoRA: learning-rate anneal steps before each restart (default: none).",
+        None, ge=0, le=MAX_STEPS, description="ReLoRA: learning-rate anneal steps before each restart (default: none).",
         group="adapter")
     relora_prune_ratio: float | None = _field(
         None, ge=0.0, le=1.0, description="ReLoRA: share of the optimizer state reset at a restart (default: 0.9).",
@@ -369,7 +380,8 @@ class Spec(_Strict):
         False, description="Drop rows that repeat an earlier row exactly, before the evaluation split.",
         group="data")
     min_sample_len: int | None = _field(
-        None, ge=1, description="Drop rows shorter than this many tokens (default: 2, as Axolotl).", group="data")
+        None, ge=1, le=10_000_000,
+        description="Drop rows shorter than this many tokens (default: 2, as Axolotl).", group="data")
     group_by_length: bool = _field(
         False, description="Without sample_packing: batch rows of similar length together (less padding).",
         group="data")
@@ -402,7 +414,8 @@ class Spec(_Strict):
     )
     num_epochs: float = _field(1, gt=0, le=10000, description="Passes over the data.", group="training")
     max_steps: int | None = _field(
-        None, ge=1, description="Stop after this many optimizer steps (overrides num_epochs).", group="training"
+        None, ge=1, le=MAX_STEPS,
+        description="Stop after this many optimizer steps (overrides num_epochs).", group="training"
     )
     optimizer: Literal[OPTIMIZERS] = _field(  # type: ignore[valid-type]
         "adamw_torch_fused",
@@ -412,8 +425,8 @@ class Spec(_Strict):
     lr_scheduler: Literal[SCHEDULERS] = _field(  # type: ignore[valid-type]
         "cosine", description="Learning-rate schedule after warmup.", group="training"
     )
-    learning_rate: float = _field(2e-4, gt=0, description="Peak learning rate.", group="training")
-    warmup_steps: int | None = _field(None, ge=0, description="Linear warmup steps.", group="training")
+    learning_rate: float = _field(2e-4, gt=0, le=1000.0, description="Peak learning rate.", group="training")
+    warmup_steps: int | None = _field(None, ge=0, le=MAX_STEPS, description="Linear warmup steps.", group="training")
     lr_quadratic_warmup: bool = _field(
         False, description="Warm the learning rate up along a quadratic curve instead of a straight line.",
         group="training")
@@ -424,14 +437,15 @@ class Spec(_Strict):
         None, ge=0.0, le=1.0, description="Cosine: decay to this fraction of the peak learning rate (default 0).",
         group="training")
     eta_min: float | None = _field(
-        None, ge=0.0, description="Cosine: decay to this learning rate (instead of cosine_min_lr_ratio).",
+        None, ge=0.0, le=1000.0, description="Cosine: decay to this learning rate (instead of cosine_min_lr_ratio).",
         group="training")
     cosine_constant_lr_ratio: float | None = _field(
         None, ge=0.0, le=1.0, description="Cosine: reach the minimum at this fraction of the steps and stay there "
         "(0: at the last step).",
         group="training")
     early_stopping_patience: int | None = _field(
-        None, ge=1, description="Stop when the evaluation loss has not improved for this many evaluations.",
+        None, ge=1, le=MAX_STEPS,
+        description="Stop when the evaluation loss has not improved for this many evaluations.",
         group="training")
     optim_args: dict[str, Any] | str | None = _field(
         None, description="Extra optimizer arguments; tunefile passes bf16_stochastic_round to torchao's "
@@ -439,17 +453,19 @@ class Spec(_Strict):
     adam_beta1: float = _field(0.9, ge=0.0, lt=1.0, description="AdamW's first-moment decay.", group="training")
     adam_beta2: float = _field(0.999, ge=0.0, lt=1.0, description="AdamW's second-moment decay.",
                                group="training")
-    adam_epsilon: float = _field(1e-8, gt=0.0, description="AdamW's epsilon.", group="training")
+    adam_epsilon: float = _field(1e-8, gt=0.0, le=1.0, description="AdamW's epsilon.", group="training")
     weight_decay: float = _field(0.0, ge=0.0, le=10.0, description="Decoupled weight decay.", group="training")
-    max_grad_norm: float = _field(1.0, ge=0.0, description="Gradient clipping norm (0 turns it off).", group="training")
+    max_grad_norm: float = _field(1.0, ge=0.0, le=1e9,
+        description="Gradient clipping norm (0 turns it off).", group="training")
     seed: int = _field(42, ge=0, le=2**32 - 1, description="Random seed for data order and initialisation.",
                        group="training")
     loss_watchdog_threshold: float | None = _field(
-        None, gt=0, description="Stop the run when the loss stays above this for loss_watchdog_patience steps "
+        None, gt=0, le=1e30, description="Stop the run when the loss stays above this for loss_watchdog_patience steps "
         "(about twice the first loss is a good value). A non-finite loss or gradient always stops it.",
         group="training")
     loss_watchdog_patience: int = _field(
-        3, ge=1, description="Steps in a row above loss_watchdog_threshold before the run stops.", group="training")
+        3, ge=1, le=MAX_STEPS,
+        description="Steps in a row above loss_watchdog_threshold before the run stops.", group="training")
 
     # --- precision and kernels -----------------------------------------------------------
     bf16: bool | Literal["auto"] = _field(
@@ -531,17 +547,21 @@ class Spec(_Strict):
     fsdp_config: FsdpConfig | None = _field(None, description="Turns on FSDP with these settings.",
                                             group="distribution")
     dp_shard_size: int | None = _field(
-        None, ge=1, description="FSDP's shard group: parameters are sharded across this many GPUs (default: every "
+        None, ge=1, le=100_000,
+        description="FSDP's shard group: parameters are sharded across this many GPUs (default: every "
         "GPU the other sizes leave). dp_replicate_size × dp_shard_size × tensor_parallel_size × "
         "context_parallel_size is the GPU count.", group="distribution")
     dp_replicate_size: int | None = _field(
-        None, ge=1, description="HSDP (FSDP2): this many replicas of the dp_shard_size shard group; the GPUs left "
+        None, ge=1, le=100_000,
+        description="HSDP (FSDP2): this many replicas of the dp_shard_size shard group; the GPUs left "
         "after dp_shard_size by default.", group="distribution")
     tensor_parallel_size: int | None = _field(
-        None, ge=1, description="Tensor parallelism (full fine-tuning, FSDP2): each layer is split across this many "
+        None, ge=1, le=100_000,
+        description="Tensor parallelism (full fine-tuning, FSDP2): each layer is split across this many "
         "GPUs, as the model's own tensor-parallel plan says.", group="distribution")
     context_parallel_size: int | None = _field(
-        None, ge=1, description="Context parallelism: every sequence is split across this many GPUs, which gather "
+        None, ge=1, le=100_000,
+        description="Context parallelism: every sequence is split across this many GPUs, which gather "
         "each other's keys and values in attention (sdpa or flash_attention_2).", group="distribution")
     strategy: Literal["auto", "ddp", "fsdp", "deepspeed"] = _field(
         "auto",
@@ -557,15 +577,19 @@ class Spec(_Strict):
     )
 
     # --- outputs and cadence -------------------------------------------------------------
-    output_dir: str = _field("./model-out", description="Where checkpoints, metrics and the adapter go.",
+    output_dir: str = _field("./model-out", min_length=1, description="Where checkpoints, metrics and the adapter go.",
                              group="outputs")
-    logging_steps: int = _field(1, ge=1, description="Log metrics every N optimizer steps.", group="outputs")
-    save_steps: int | None = _field(None, ge=1, description="Save a checkpoint every N steps.", group="outputs")
-    saves_per_epoch: int | None = _field(None, ge=1, description="Checkpoints per epoch.", group="outputs")
-    save_total_limit: int | None = _field(None, ge=1, description="Keep only the newest N checkpoints.",
+    logging_steps: int = _field(1, ge=1, le=MAX_STEPS,
+        description="Log metrics every N optimizer steps.", group="outputs")
+    save_steps: int | None = _field(None, ge=1, le=MAX_STEPS,
+        description="Save a checkpoint every N steps.", group="outputs")
+    saves_per_epoch: int | None = _field(None, ge=1, le=MAX_STEPS,
+        description="Checkpoints per epoch.", group="outputs")
+    save_total_limit: int | None = _field(None, ge=1, le=MAX_STEPS, description="Keep only the newest N checkpoints.",
                                           group="outputs")
-    eval_steps: int | None = _field(None, ge=1, description="Evaluate every N steps.", group="outputs")
-    evals_per_epoch: int | None = _field(None, ge=1, description="Evaluations per epoch.", group="outputs")
+    eval_steps: int | None = _field(None, ge=1, le=MAX_STEPS, description="Evaluate every N steps.", group="outputs")
+    evals_per_epoch: int | None = _field(None, ge=1, le=MAX_STEPS,
+        description="Evaluations per epoch.", group="outputs")
     resume_from_checkpoint: str | None = _field(
         None, description="Checkpoint folder to resume from.", group="outputs"
     )

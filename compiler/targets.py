@@ -129,6 +129,18 @@ def default_target() -> Target:
     return builtin_target(UNSPECIFIED)
 
 
+# Upper bounds of the whole-number settings: far above any cluster, low enough for every script and JSON file that
+# carries them (a 400-digit node count is a typo, and would reach sbatch as one).
+MAX_TARGET_INT = 1_000_000
+TARGET_INT_LIMITS = {"nodes": 100_000, "gpus_per_node": 1024, "cpus_per_task": 100_000}
+
+
+def _short(value: object) -> str:
+    """A value for a message, cut to one readable line (a number may have thousands of digits)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}…({len(text)} characters)"
+
+
 _TARGET_FILE_KEYS = {
     "gpu": str,
     "nodes": int,
@@ -189,7 +201,9 @@ def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list
         elif key == "signal_lead_s" and isinstance(value, int) and not isinstance(value, bool) and value > 65535:
             bad((key,), f"must be at most 65535 (SLURM's limit for --signal), got {value!r}")
         elif expected is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            bad((key,), f"must be a whole number ≥ 1, got {value!r}")
+            bad((key,), f"must be a whole number ≥ 1, got {_short(value)}")
+        elif expected is int and value > TARGET_INT_LIMITS.get(key, MAX_TARGET_INT):
+            bad((key,), f"must be at most {TARGET_INT_LIMITS.get(key, MAX_TARGET_INT):,}, got {_short(value)}")
         elif expected is not int and not isinstance(value, expected):
             kinds = " or ".join(kind.__name__ for kind in (expected if isinstance(expected, tuple) else (expected,)))
             bad((key,), f"must be a {kinds}, got {type(value).__name__}")

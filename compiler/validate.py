@@ -138,6 +138,13 @@ def _message(error: dict[str, Any]) -> str:
                               "model_type": "a mapping"}[kind]
     if kind == "too_short" and ctx.get("min_length"):
         return f"needs at least {ctx['min_length']} item(s)"
+    if kind == "string_too_short" and ctx.get("min_length") == 1:
+        return "must not be empty"
+    if kind in ("less_than_equal", "greater_than_equal", "less_than", "greater_than") and "Input should be" in str(
+            error["msg"]):  # "must be less than or equal to 1000000000" reads better with its digits grouped
+        bound = next(iter(ctx.values()), None)
+        if isinstance(bound, int) and not isinstance(bound, bool) and abs(bound) >= 10_000:
+            return str(error["msg"]).replace("Input should be", "must be").replace(str(bound), f"{bound:,}")
     return str(error["msg"]).replace("Input should be", "must be").replace("Value error, ", "")
 
 

@@ -101,7 +101,7 @@ def resume_candidates(output_dir: Path, *, resume_from: str | None, auto_resume:
     must be complete), else the complete checkpoints newest first when auto-resume is on, or when a run stopped
     by a signal saved the newest (STOPPED_EARLY); none otherwise. Unverified: `resume` checks each in turn."""
     if resume_from:
-        path = Path(resume_from)
+        path = Path(resume_from).expanduser()
         if not (path / COMPLETE).exists():
             raise CheckpointError(f"resume_from_checkpoint {path}: not a complete checkpoint (no {COMPLETE} marker)")
         return [path]

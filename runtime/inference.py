@@ -61,7 +61,7 @@ def load_reply_streamer(plan: RunPlan, *, lora_dir: str | None, base_only: bool,
     from .trained_model import load_trained_model, locate_adapter
 
     device = inference_device(cpu)
-    output_dir = Path(plan.checkpointing.output_dir)
+    output_dir = Path(plan.checkpointing.output_dir).expanduser()
     adapter, base_source = None, None
     if not base_only:
         # ReLoRA's output is the merged model, as in Axolotl: no adapter to attach.

@@ -45,7 +45,7 @@ def run_merge(config_path: str | Path, *, lora_dir: str | None = None, output: s
     """Merge, save, print what was written; 0. A problem the user fixes raises a RuntimeUserError."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     plan = load_run_plan(config_path)
-    output_dir = Path(plan.checkpointing.output_dir)
+    output_dir = Path(plan.checkpointing.output_dir).expanduser()
     if plan.model.adapter is None:
         raise ModelLoadError(f"the config has no `adapter:`: it trains the full model, so {output_dir} already "
                              "holds a full model; there is no adapter to merge")

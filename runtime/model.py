@@ -65,9 +65,10 @@ def is_offline() -> bool:
 def resolve_model_source(name: str, revision: str | None = None) -> str:
     """A local directory as is; a hub id (at ``revision``) checked against the cache when offline, so the
     error names the model instead of surfacing as a connection failure deep inside transformers."""
-    if Path(name).is_dir():
-        return name
-    if Path(name).exists() or name.startswith((".", "/")):
+    local = os.path.expanduser(name)  # `~` is expanded wherever a path is read, for every key
+    if Path(local).is_dir():
+        return local
+    if Path(local).exists() or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"base_model {name}: not a model directory")
     if is_offline():
         from huggingface_hub import try_to_load_from_cache
@@ -328,10 +329,11 @@ def add_adapter(module: torch.nn.Module, lora: LoraPlan) -> torch.nn.Module:
     from peft import PeftModel, get_peft_model
 
     if lora.model_dir is not None:
-        if not Path(lora.model_dir).is_dir():
+        adapter_dir = Path(lora.model_dir).expanduser()
+        if not adapter_dir.is_dir():
             raise ModelLoadError(f"lora_model_dir {lora.model_dir}: not a directory")
         log.info("continuing training of the adapter in %s", lora.model_dir)
-        return PeftModel.from_pretrained(module, lora.model_dir, is_trainable=True)
+        return PeftModel.from_pretrained(module, str(adapter_dir), is_trainable=True)
     check_loftq(lora, quantized=False)
     if lora.loftq_bits is not None:
         log.info("LoftQ: quantising each LoRA target to %d bits and starting the adapter from the residual",

@@ -155,7 +155,7 @@ class Trainer:
             logging.getLogger().setLevel(logging.WARNING)
         set_seed(plan.seed)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = plan.model.tf32
-        self.output_dir = Path(plan.checkpointing.output_dir)
+        self.output_dir = Path(plan.checkpointing.output_dir).expanduser()
         if plan.distribution.strategy == "fsdp" and acc.distributed_type.value != "FSDP":
             # accelerate (1.15) turns FSDP on only for GPU-family process groups; on CPU (gloo) it drops the
             # plugin and the run is plain data parallel. PyTorch's fully_shard itself works on CPU.

@@ -34,6 +34,14 @@ WRITE_BYTES_PER_S = 2**30  # per writing rank, to a shared file system: modest o
 UNKNOWN_MODEL_LEAD_S = 300
 
 
+def shell_path(path: str) -> str:
+    """A path as one shell word, with a leading ~/ kept as the home directory of whoever runs the script (the
+    runtime expands it the same way)."""
+    if path.startswith("~/"):
+        return '"$HOME"/' + shell_quote(path[2:])
+    return shell_quote(path)
+
+
 @lru_cache(maxsize=1)
 def _environment() -> jinja2.Environment:
     def load(name: str) -> str:
@@ -48,6 +56,7 @@ def _environment() -> jinja2.Environment:
         autoescape=False,  # shell text, not HTML: every value goes through the `q` filter instead
     )
     environment.filters["q"] = shell_quote
+    environment.filters["q_path"] = shell_path
     return environment
 
 

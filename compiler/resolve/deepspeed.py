@@ -7,6 +7,7 @@ any "auto" we cannot fill is an error naming its key.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from ..errors import Problem
@@ -90,7 +91,9 @@ def concretize_user_config(
     shape: ModelShape | None,
 ) -> tuple[dict[str, Any], list[Problem]]:
     """Fill "auto" values of a user's DeepSpeed JSON; report conflicts with the YAML and leftovers."""
-    problems: list[Problem] = []
+    problems = structure_problems(user, file=file)
+    if problems:  # the rest reads these sections as what DeepSpeed expects them to be
+        return {}, problems
     config = _deep_copy(user)
     for section in ("optimizer", "scheduler"):
         if section in config:
@@ -126,6 +129,33 @@ def concretize_user_config(
                                 hint="write a number here", file=file))
     config.setdefault("zero_allow_untested_optimizer", True)
     return config, problems
+
+
+ZERO_STAGES = (0, 1, 2, 3)
+
+
+def structure_problems(config: Any, *, file: str) -> list[Problem]:
+    """What DeepSpeed itself would refuse, or misread, in the sections tunefile reads: the file is a mapping,
+    zero_optimization a mapping whose stage is 0, 1, 2 or 3, bf16 and fp16 mappings whose enabled is true, false
+    or "auto"."""
+    if not isinstance(config, dict):
+        return [Problem((), f"a DeepSpeed config is a JSON object, not {type(config).__name__}", file=file)]
+    problems = []
+    zero = config.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        problems.append(Problem(("zero_optimization",), f"must be a mapping (got {type(zero).__name__})", file=file))
+    elif "stage" in zero and (isinstance(zero["stage"], bool) or zero["stage"] not in ZERO_STAGES):
+        problems.append(Problem(("zero_optimization", "stage"),
+                                f"must be 0, 1, 2 or 3 (got {json.dumps(zero['stage'])})", file=file))
+    for mode in ("bf16", "fp16"):
+        section = config.get(mode, {})
+        if not isinstance(section, dict):
+            problems.append(Problem((mode,), f"must be a mapping such as {{\"enabled\": \"auto\"}} (got "
+                                    f"{type(section).__name__})", file=file))
+        elif "enabled" in section and section["enabled"] not in (True, False, "auto"):
+            problems.append(Problem((mode, "enabled"),
+                                    f'must be true, false or "auto" (got {json.dumps(section["enabled"])})', file=file))
+    return problems
 
 
 def zero_stage(config: dict[str, Any]) -> int:
