@@ -18,18 +18,10 @@ the interpreter of the `accelerate` command (see launch.sh).
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-
-def status_written() -> bool:
-    """Whether a rank has left its status for launch.sh (preemption.write_exit_status)."""
-    status_file = os.environ.get("TUNEFILE_EXIT_STATUS_FILE")
-    try:
-        return bool(status_file) and os.path.getsize(status_file) > 0
-    except OSError:
-        return False
+from .preemption import exit_status_written
 
 
 def describe_child_failure(error: BaseException) -> str:
@@ -68,11 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         launch_command(args)
     except ChildFailedError as error:
-        if not status_written():
+        if not exit_status_written():
             print(describe_child_failure(error), file=sys.stderr)
         return 1
     except subprocess.CalledProcessError as error:
-        if not status_written():
+        if not exit_status_written():
             print(f"tunefile launcher: the training process exited with code {error.returncode}; its own output "
                   f"above says why", file=sys.stderr)
         return 1

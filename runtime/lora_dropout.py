@@ -89,7 +89,7 @@ class _DroppedInputLinear(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
-class SeededDropoutLinear(torch.nn.Linear):
+class ReplayedDropoutLinear(torch.nn.Linear):
     """An adapter's lora_A with its dropout inside: the class a patched lora_A module takes (its weight, its name
     in the state dict and its optimizer state stay what they were)."""
 
@@ -104,7 +104,7 @@ class SeededDropoutLinear(torch.nn.Linear):
 
 
 def recompute_lora_dropout(model: torch.nn.Module, *, strategy: str) -> dict[str, Any]:
-    """Move each vanilla LoRA layer's dropout into its lora_A (SeededDropoutLinear). Returns the decision for the
+    """Move each vanilla LoRA layer's dropout into its lora_A (ReplayedDropoutLinear). Returns the decision for the
     run's records: how many adapters, or why none."""
     if strategy not in SUPPORTED_STRATEGIES:
         reason = (f"lora_dropout_recompute: peft's own dropout under {strategy}, whose hooks gather and release the "
@@ -123,7 +123,7 @@ def recompute_lora_dropout(model: torch.nn.Module, *, strategy: str) -> dict[str
             if (not isinstance(dropout, torch.nn.Dropout) or dropout.p <= 0 or name in variants
                     or type(first) is not torch.nn.Linear):
                 continue
-            first.__class__ = SeededDropoutLinear
+            first.__class__ = ReplayedDropoutLinear
             first.dropout_p = float(dropout.p)
             dropouts[name] = torch.nn.Identity()
             # x reaches lora_A uncast, shared by the layers that read it: autocast casts it for the matmul.

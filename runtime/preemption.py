@@ -30,6 +30,7 @@ from typing import Any
 
 EXIT_STOPPED_EARLY = 75  # EX_TEMPFAIL from sysexits.h: stopped early and saved; run again to continue
 STOP_FILE = "TUNEFILE_STOP_FILE"  # set by launch.sh; the file's existence asks the run to stop
+EXIT_STATUS_FILE = "TUNEFILE_EXIT_STATUS_FILE"  # set by launch.sh; the runtime's own exit status goes there
 STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)
 
 
@@ -84,17 +85,26 @@ def process_exit_code() -> int:
     launch.sh is listening. There the rank exits 0: the agent sees every rank end cleanly (a non-zero exit would
     make it stop the other ranks during their teardown and report a failure), and launch.sh takes 75 from
     TUNEFILE_EXIT_STATUS_FILE (written by write_exit_status), as it reads every status the runtime writes."""
-    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("TUNEFILE_EXIT_STATUS_FILE"):
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get(EXIT_STATUS_FILE):
         return 0
     return EXIT_STOPPED_EARLY
 
 
 def write_exit_status(code: int) -> None:
     """The status for launch.sh (accelerate launch reports any failed rank as 1), as report_user_error does."""
-    status_file = os.environ.get("TUNEFILE_EXIT_STATUS_FILE")
+    status_file = os.environ.get(EXIT_STATUS_FILE)
     if status_file:
         try:
             with open(status_file, "w", encoding="utf-8") as out:
                 out.write(f"{code}\n")
         except OSError:
             pass  # a courtesy to launch.sh; the process's own exit code still tells
+
+
+def exit_status_written() -> bool:
+    """Whether a rank has left its status for launch.sh (write_exit_status); launch.sh creates the file empty."""
+    status_file = os.environ.get(EXIT_STATUS_FILE)
+    try:
+        return bool(status_file) and os.path.getsize(status_file) > 0
+    except OSError:
+        return False

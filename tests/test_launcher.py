@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tunefile.runtime import launcher
+from tunefile.runtime.preemption import exit_status_written
 
 
 def child_failed(*failures: tuple[int, int, int]) -> Exception:
@@ -38,13 +39,13 @@ def test_a_rank_killed_by_a_signal_is_named_by_the_signal() -> None:
 def test_a_written_status_is_what_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     status = tmp_path / "status"
     monkeypatch.setenv("TUNEFILE_EXIT_STATUS_FILE", str(status))
-    assert not launcher.status_written()  # no file yet
+    assert not exit_status_written()  # no file yet
     status.write_text("")
-    assert not launcher.status_written()  # launch.sh's mktemp: empty until a rank writes
+    assert not exit_status_written()  # launch.sh's mktemp: empty until a rank writes
     status.write_text("2\n")
-    assert launcher.status_written()
+    assert exit_status_written()
     monkeypatch.delenv("TUNEFILE_EXIT_STATUS_FILE")
-    assert not launcher.status_written()
+    assert not exit_status_written()
 
 
 # --- which Python launch.sh starts the launcher in ------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch.nn import functional
 
 from tunefile.runtime.lora_dropout import (
-    SeededDropoutLinear,
+    ReplayedDropoutLinear,
     _DroppedInputLinear,
     recompute_lora_dropout,
     replay_dropout,
@@ -91,7 +91,7 @@ def test_every_vanilla_adapter_is_patched_and_the_state_dict_is_unchanged() -> N
     model = lora_model(0.1)
     keys = list(model.state_dict())
     decision = recompute_lora_dropout(model, strategy="single")
-    adapters = [m for m in model.modules() if isinstance(m, SeededDropoutLinear)]
+    adapters = [m for m in model.modules() if isinstance(m, ReplayedDropoutLinear)]
     assert decision == {"lora_dropout_recompute": 2 * 7} and len(adapters) == 14  # 2 layers × q k v o gate up down
     assert all(isinstance(m.lora_dropout["default"], torch.nn.Identity) for m in model.modules()
                if hasattr(m, "lora_dropout"))
@@ -123,7 +123,7 @@ def test_fsdp_and_deepspeed_keep_peft_dropout_with_the_reason() -> None:
         decision = recompute_lora_dropout(model, strategy=strategy)
         assert decision["lora_dropout_recompute"] is False
         assert strategy in decision["lora_dropout_recompute_fallback"]
-        assert not any(isinstance(m, SeededDropoutLinear) for m in model.modules())
+        assert not any(isinstance(m, ReplayedDropoutLinear) for m in model.modules())
 
 
 def saved_bytes(model: torch.nn.Module) -> int:

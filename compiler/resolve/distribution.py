@@ -170,18 +170,20 @@ def resolve_auto_checkpointing(spec: Spec, *, target: Target, batch: BatchPlan, 
     if spec.gradient_checkpointing != "auto":
         return spec, None
 
+    def with_checkpointing(every_n: int | None) -> Spec:
+        return spec.model_copy(update={"gradient_checkpointing": every_n is not None,
+                                       "gradient_checkpointing_every_n_layers": every_n or 1})
+
     def choose(every_n: int | None, reason: str) -> tuple[Spec, Decision]:
-        chosen = spec.model_copy(update={"gradient_checkpointing": every_n is not None,
-                                         "gradient_checkpointing_every_n_layers": every_n or 1})
         words = "off" if every_n is None else _layers(every_n)
-        return chosen, Decision("gradient checkpointing", f"{words} (auto)", reason)
+        return with_checkpointing(every_n), Decision("gradient checkpointing", f"{words} (auto)", reason)
 
     sharding = "single" if target.world_size == 1 else "ddp"
     estimates = {}
     for every_n in AUTO_CHECKPOINTING:
-        candidate = spec.model_copy(update={"gradient_checkpointing": every_n is not None,
-                                            "gradient_checkpointing_every_n_layers": every_n or 1})
-        memory = _estimator(candidate, target, batch, precision, model, shape, quantization_bits, kernels)(sharding)
+        estimate = _estimator(with_checkpointing(every_n), target, batch, precision, model, shape, quantization_bits,
+                              kernels)
+        memory = estimate(sharding)
         if memory is None or memory.fits is None:
             return choose(None, "no memory estimate (GPU memory or model size unknown): none, as without auto")
         estimates[every_n] = memory
