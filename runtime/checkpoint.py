@@ -38,6 +38,7 @@ from .checkpoint_integrity import (
     COMPLETE,
     directory_bytes,
     disk_full_message,
+    final_model_disk_full_message,
     fsync_directory,
     is_disk_full,
     mismatched_file,
@@ -249,10 +250,11 @@ def _attempt(action: Callable[[], None]) -> BaseException | None:
 
 
 def _raise_if_any_failed(accelerator: Any, failure: BaseException | None, output_dir: Path, temp: Path,
-                         step: int) -> None:
+                         step: int | None) -> None:
     """Collective (it is also the barrier): when a rank's part of a save failed, the main process removes the temp
     directory and every rank raises, so none waits for the others forever. A full disk or another write error is
-    one line (CheckpointWriteError); anything else is a bug and keeps its traceback on the rank it happened on."""
+    one line (CheckpointWriteError); anything else is a bug and keeps its traceback on the rank it happened on.
+    ``step``: the checkpoint's step, or None for the final model."""
     from accelerate.utils import gather_object
 
     mine = None
@@ -267,11 +269,17 @@ def _raise_if_any_failed(accelerator: Any, failure: BaseException | None, output
         shutil.rmtree(temp, ignore_errors=True)
     if mine is not None and not (mine[1] or mine[2]):
         raise failure
+    found = complete_checkpoints(output_dir)
+    newest = found[-1][1] if found else None
     if any(full for _, full, _, _, _ in failed):
-        found = complete_checkpoints(output_dir)
-        raise CheckpointWriteError(disk_full_message(output_dir, step, written=max(report[4] for report in failed),
-                                                     newest=found[-1][1] if found else None))
+        written = max(report[4] for report in failed)
+        raise CheckpointWriteError(disk_full_message(output_dir, step, written=written, newest=newest)
+                                   if step is not None else final_model_disk_full_message(output_dir, written=written,
+                                                                                          newest=newest))
     rank, _, _, reason, _ = failed[0]
+    if step is None:
+        raise CheckpointWriteError(f"the final model could not be written in {output_dir} (rank {rank}: {reason}); "
+                                   "its partial files were removed, the checkpoints are untouched")
     raise CheckpointWriteError(f"checkpoint-{step} could not be written in {output_dir} (rank {rank}: {reason}); "
                                "the partial checkpoint was removed, the complete ones are untouched")
 
@@ -382,13 +390,28 @@ def load_rank_state(path: Path, rank: int) -> dict[str, Any] | None:
 
 def save_final_model(accelerator: Any, model: torch.nn.Module, tokenizer: Any, output_dir: Path) -> None:
     """The adapter (or the whole model) in Hugging Face format, loadable with from_pretrained.
-    Collective: `get_state_dict` gathers FSDP shards / ZeRO-3 partitions onto the main process."""
+    Collective: `get_state_dict` gathers FSDP shards / ZeRO-3 partitions onto the main process.
+
+    Written into a temporary folder first and then moved beside the checkpoints file by file (renames on one
+    disk, which need no space), so a full disk leaves no truncated weights that look like a finished run: it is
+    one line (CheckpointWriteError) on every rank, the partial files removed."""
     state_dict = accelerator.get_state_dict(model)
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(str(output_dir))
-    accelerator.wait_for_everyone()
+    temp = output_dir / ".tmp-final-model"
+
+    def write() -> None:
+        shutil.rmtree(temp, ignore_errors=True)  # left by a run killed while saving
+        temp.mkdir(parents=True)
+        accelerator.unwrap_model(model).save_pretrained(str(temp), state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(str(temp))
+        for path in sorted(temp.iterdir()):
+            target = output_dir / path.name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(path, target)
+        temp.rmdir()
+
+    _raise_if_any_failed(accelerator, _attempt(write) if accelerator.is_main_process else None, output_dir, temp,
+                         None)
 
 
 def weights_digest(model: torch.nn.Module) -> torch.Tensor:

@@ -198,6 +198,15 @@ def disk_full_message(output_dir: Path, step: int, *, written: int, newest: Path
             f"are untouched; free space (or lower save_total_limit) and {then}")
 
 
+def final_model_disk_full_message(output_dir: Path, *, written: int, newest: Path | None) -> str:
+    """The one line for a final model that filled the disk: training is done, but only the checkpoints hold it."""
+    then = f"run again: it resumes from {newest.name} and saves the model" if newest is not None else \
+        "run again (no checkpoint holds this run's training)"
+    return (f"no space left on the disk of {output_dir} while saving the final model: it needs more than the "
+            f"{in_words(written)} written before the disk filled, {in_words(free_bytes(output_dir))} free; its "
+            f"partial files were removed and the checkpoints are untouched; free space and {then}")
+
+
 def fsync_directory(directory: Path) -> None:
     """A rename in ``directory`` made durable (POSIX: entries are on disk once the directory is fsynced)."""
     handle = os.open(directory, os.O_RDONLY)

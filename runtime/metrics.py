@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from ..schemas.run_plan import TrackersPlan
+from .checkpoint_integrity import free_bytes, in_words, is_disk_full
+from .errors import RuntimeUserError
 from .trackers import TrackerSet, open_trackers, unopened_trackers
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ class Progress:
             self.bar.close()
 
 
+class MetricsWriteError(RuntimeUserError):
+    """metrics.jsonl could not be appended to: the disk (or the user's quota) is full."""
+
+
 class MetricsSink:
     def __init__(self, output_dir: Path, *, total_steps: int, start_step: int, trackers: TrackerSet) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -98,10 +104,25 @@ class MetricsSink:
         self.progress = Progress(total_steps, start_step)
         self.trackers = trackers
         self.closed = False
+        self.write_failed = False
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl, flushed. A full disk stops the run with one line: the checkpoint due next
+        could not be written either, and a torn last line is what a later run's reader already skips."""
+        try:
+            self.file.write(json.dumps(record, sort_keys=True) + "\n")
+            self.file.flush()
+        except OSError as exc:
+            self.write_failed = True
+            if not is_disk_full(exc, self.path.parent):
+                raise
+            raise MetricsWriteError(
+                f"no space left on the disk of {self.path.parent} while writing {METRICS_FILE} at step "
+                f"{record['step']}: {in_words(free_bytes(self.path.parent))} free; free space and run again (it "
+                "resumes from the newest complete checkpoint)") from None
 
     def _write(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record, sort_keys=True) + "\n")
-        self.file.flush()
+        self._append(record)
         self.trackers.log(record["step"], record)
 
     def advance(self, steps: int = 1) -> None:
@@ -118,8 +139,7 @@ class MetricsSink:
     def log_runtime_decisions(self, step: int, decisions: dict[str, Any]) -> None:
         """What this machine decided that the plan could not (device, attention fallback): one record, and
         beside the plan in each tracker's configuration."""
-        self.file.write(json.dumps({"step": step, "runtime_decisions": decisions}, sort_keys=True) + "\n")
-        self.file.flush()
+        self._append({"step": step, "runtime_decisions": decisions})
         self.trackers.log_config({"runtime_decisions": decisions})
 
     def tracker_decisions(self) -> dict[str, Any]:
@@ -134,7 +154,12 @@ class MetricsSink:
             return
         self.closed = True
         self.progress.close()
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            if not self.write_failed:
+                raise
+            # else: the buffered rest of a write that already failed, which was reported then
         self.trackers.finish(model_dir, failed=failed)
 
 

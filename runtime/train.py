@@ -511,8 +511,10 @@ class Trainer:
         where = f"checkpoint {saved} saved" if saved is not None else "no step had finished, nothing to save"
         log.info("stopped by %s after step %d of %d: %s; run again to continue (exit %d)", reason, state.step,
                  self.total_steps, where, EXIT_STOPPED_EARLY)
-        finish_distributed(acc)  # every rank has the checkpoint on disk before any exits
+        # The status first: once the last rank leaves finish_distributed's barrier, another node's launch.sh may
+        # exit 75 and srun (--kill-on-bad-exit) terminate this node's step; launch.sh still finds 75 here.
         write_exit_status(EXIT_STOPPED_EARLY)
+        finish_distributed(acc)  # every rank has the checkpoint on disk before any exits
         return process_exit_code()
 
     # --- teardown -------------------------------------------------------------------------------------------

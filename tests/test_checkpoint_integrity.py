@@ -269,6 +269,60 @@ def test_a_bug_during_a_save_keeps_its_traceback_and_removes_the_partial_checkpo
     assert not any(run.output_dir.iterdir())
 
 
+class FillsTheDisk(torch.nn.Sequential):
+    """A model whose save_pretrained writes part of its weights, then fails as a write hitting a full disk does."""
+
+    def save_pretrained(self, directory: str, **_: Any) -> None:
+        Path(directory, "adapter_model.safetensors").write_bytes(b"\0" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+class SavesATokenizer:
+    def save_pretrained(self, directory: str) -> None:
+        Path(directory, "tokenizer.json").write_text("{}", encoding="utf-8")
+
+
+def test_a_full_disk_while_saving_the_final_model_is_one_line_and_leaves_no_truncated_weights(run: Run) -> None:
+    run.train(2)
+    run.save()
+    model = run.accelerator.prepare(FillsTheDisk(torch.nn.Linear(2, 2)))
+    with pytest.raises(checkpoint.CheckpointWriteError) as raised:
+        checkpoint.save_final_model(run.accelerator, model, SavesATokenizer(), run.output_dir)
+    message = str(raised.value)
+    assert "\n" not in message and raised.value.exit_code == 2
+    assert re.search(r"no space left on the disk of .* while saving the final model: it needs more than the "
+                     r"4\.0 KiB written before the disk filled, .* free; .* it resumes from checkpoint-2 and saves "
+                     r"the model$", message), message
+    assert sorted(path.name for path in run.output_dir.iterdir()) == ["checkpoint-2"]  # no weights that look done
+
+
+def test_the_final_model_lands_beside_the_checkpoints_and_replaces_an_older_one(run: Run) -> None:
+    class Saves(torch.nn.Sequential):
+        def save_pretrained(self, directory: str, **_: Any) -> None:
+            Path(directory, "adapter_model.safetensors").write_bytes(b"new")
+
+    run.output_dir.mkdir(parents=True)
+    (run.output_dir / "adapter_model.safetensors").write_bytes(b"old")
+    model = run.accelerator.prepare(Saves(torch.nn.Linear(2, 2)))
+    checkpoint.save_final_model(run.accelerator, model, SavesATokenizer(), run.output_dir)
+    assert (run.output_dir / "adapter_model.safetensors").read_bytes() == b"new"
+    assert sorted(path.name for path in run.output_dir.iterdir()) == ["adapter_model.safetensors", "tokenizer.json"]
+
+
+def test_a_full_disk_while_writing_metrics_is_one_line(tmp_path: Path) -> None:
+    from tunefile.runtime.metrics import MetricsWriteError
+
+    sink = MetricsSink(tmp_path, total_steps=10, start_step=0, trackers=TrackerSet([], {}))
+    sink.file.close()
+    sink.file = open("/dev/full", "a", encoding="utf-8")  # noqa: SIM115 - every write to it fails with ENOSPC
+    with pytest.raises(MetricsWriteError) as raised:
+        sink.log_train({"step": 3, "epoch": 0.3, "loss": 0.5, "lr": 1e-3, "tokens_per_s": 1.0, "grad_norm": 1.0})
+    assert str(raised.value).startswith(f"no space left on the disk of {tmp_path} while writing metrics.jsonl at "
+                                        "step 3: ")
+    assert raised.value.exit_code == 2 and "\n" not in str(raised.value)
+    sink.close(failed=True)  # the failed write's buffered rest is not a second error
+
+
 def test_a_checkpoint_error_is_one_line_and_exit_2_from_the_runtime_entry_point(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     from tunefile.runtime.__main__ import report_user_error

@@ -188,7 +188,17 @@ def test_rows_too_long_or_malformed_are_dropped_and_counted(workspace: Path,
     stats = prepared.stats
     assert (stats["rows"], len(prepared.train), stats["dropped_rows"]) == (4, 2, 2)
     assert stats["dropped"] == {"too_long": 1, "malformed": 1}
-    assert stats["problems"] == [f"{data} row 2: missing field 'output'"]
+    assert stats["problems"] == [f"{data}:3: missing field 'output'"]  # the third line, as a JSON error names it
+
+
+def test_a_dropped_row_is_named_by_its_line_when_blank_lines_come_before_it(workspace: Path,
+                                                                           tiny_tokenizer: Any) -> None:
+    """Rows and lines differ once a file has blank lines: the problem names the line a person opens."""
+    good = json.dumps({"instruction": "Say red.", "output": "RED"})
+    data = workspace / "gaps.jsonl"
+    data.write_text(f"{good}\n\n\n{good}\n" + json.dumps({"instruction": "no output"}) + "\n")
+    stats = prepare(config(workspace, datasets=(dataset(data),)), tiny_tokenizer).stats
+    assert stats["problems"] == [f"{data}:5: missing field 'output'"]  # the third row, on line 5
 
 
 def test_seed_zero_is_a_seed_of_its_own(workspace: Path, tiny_tokenizer: Any) -> None:
@@ -239,8 +249,9 @@ def test_describe_examples_names_files_and_rows(workspace: Path, tiny_tokenizer:
     train = prepared.train
     alpaca, chat_path = workspace / "alpaca.jsonl", workspace / "chat.jsonl"
     assert train.origin(5) == (str(alpaca), 5) and train.origin(64 + 4) == (str(chat_path), 4)
-    assert describe_examples(train, [64 + 4, 873 % 64, 12, 12, 5]) == f"{alpaca} rows 5, 12, 41; {chat_path} row 4"
-    assert describe_examples(train, [3]) == f"{alpaca} row 3"
+    # origin() is an index (from 0); what people read counts rows from 1, as lines are counted
+    assert describe_examples(train, [64 + 4, 873 % 64, 12, 12, 5]) == f"{alpaca} rows 6, 13, 42; {chat_path} row 5"
+    assert describe_examples(train, [3]) == f"{alpaca} row 4"
     assert describe_examples(train, []) == "no examples"
     many = describe_examples(train, range(100))
-    assert many == f"{alpaca} rows {', '.join(map(str, range(20)))}; and 80 more rows"
+    assert many == f"{alpaca} rows {', '.join(map(str, range(1, 21)))}; and 80 more rows"

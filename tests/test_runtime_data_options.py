@@ -230,7 +230,7 @@ def test_preprocess_with_skip_prepare_shows_the_data_and_keeps_nothing(tmp_path:
     out = _Output()
     assert run_preprocess(config, show=1, out=out) == 0
     assert "prepared data: in memory only (skip_prepare: nothing is written to" in out.text
-    assert "rows: 64 read from 1 dataset(s)" in out.text and "--- example 0" in out.text
+    assert "rows: 64 read from 1 dataset(s)" in out.text and "--- example 1 (" in out.text
     assert not (tmp_path / "prepared").exists()
 
 

@@ -67,7 +67,8 @@ def test_show_marks_trained_tokens_with_brackets_off_a_terminal(tmp_path: Path, 
     out = io.StringIO()
     assert run_preprocess(config, show=2, out=out) == 0
     text = out.getvalue()
-    assert "--- example 0 (" in text and "--- example 1 (" in text and "--- example 2" not in text
+    assert "--- example 1 (" in text and "--- example 2 (" in text and "--- example 3" not in text
+    assert f"trained; from {EXAMPLES / 'chat.jsonl'} row 1) ---" in text  # where it came from, counted from 1
     assert "<|im_start|>user\nSay red.<|im_end|>\n<|im_start|>assistant\n[[RED<|im_end|>]]\n" in text
     assert "\033[" not in text
 

@@ -33,7 +33,7 @@ from .errors import DataError
 from .examples import Example, RowError, examples_to_keep, leading_padding_id
 from .fast_tokenizer import EngineSelector
 from .formats import Format, make_formatter
-from .sources import Source, count_rows, fingerprint, iter_rows, resolve_source
+from .sources import RowPlace, Source, count_rows, fingerprint, iter_rows, located_rows, resolve_source
 from .tokenizer import is_offline, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -174,6 +174,17 @@ def row_runner(fmt: Format, source: Source, rules: KeepRules, engines: EngineSel
     return RowRunner(fmt, rules, processes=workers), choice.record()
 
 
+def _rows_noting_places(part: Source, places: deque[RowPlace]) -> Iterator[dict[str, Any]]:
+    for place, row in located_rows(part):
+        places.append(place)
+        yield row
+
+
+def _where(label: str, place: RowPlace) -> str:
+    """``data/x.jsonl:12`` (a line, counted from 1 like every line and row shown); a Hub row with its dataset."""
+    return str(place) if place.path is not None else f"{label} {place}"
+
+
 def resolve_sources(datasets: tuple[DatasetPlan, ...], *, offline: bool) -> list[Source]:
     if not datasets:
         raise DataError("no datasets: the run plan's data.datasets is empty")
@@ -282,17 +293,20 @@ def _tokenise(data: DataPlan, tokenizer: Any, sources: list[Source], staging: Pa
         try:
             for label, part in source.parts():
                 first_row = source_rows
-                for done in runner.run(iter_rows(part)):
+                # Each row's place (file and line) waits here while the row is tokenised, in the rows' order,
+                # so that a dropped row is named as a JSON error is; the runner bounds how many rows are ahead.
+                places: deque[RowPlace] = deque()
+                for done in runner.run(_rows_noting_places(part, places)):
                     next_example = 0  # the first kept example of this row in the batch
                     for error, formatted, changed, reason, kept_count in done.outcomes:
-                        row_number, global_row = source_rows, rows
+                        row_number, global_row, place = source_rows, rows, places.popleft()
                         source_rows, rows = source_rows + 1, rows + 1
                         is_eval = next_held < len(held_out) and held_out[next_held] == global_row
                         next_held += is_eval
                         if error is not None:
                             dropped["malformed"] += 1
                             if len(problems) < MAX_PROBLEMS:
-                                problems.append(f"{label} row {row_number - first_row}: {error}")
+                                problems.append(f"{_where(label, place)}: {error}")
                             continue
                         if formatted > 1:
                             split_rows, split_chunks = split_rows + 1, split_chunks + formatted

@@ -200,16 +200,16 @@ class TokenizedDataset:
 
 def describe_examples(dataset: Any, indices: Iterable[int]) -> str:
     """One line naming where examples came from, e.g. ``data/alpaca.jsonl rows 12, 873, 9001; data/chat.jsonl
-    row 4``: files in the plan's order, rows sorted and deduplicated, at most ``DESCRIBE_ROWS`` rows listed and
-    the rest counted ("and 7 more rows"). ``dataset`` is a TokenizedDataset or anything with its
-    ``source_rows`` and ``file_row`` (the streamed rows of ``streaming.StreamedRows``)."""
+    row 4`` (rows counted from 1): files in the plan's order, rows sorted and deduplicated, at most
+    ``DESCRIBE_ROWS`` rows listed and the rest counted ("and 7 more rows"). ``dataset`` is a TokenizedDataset or
+    anything with its ``source_rows`` and ``file_row`` (the streamed rows of ``streaming.StreamedRows``)."""
     rows = sorted({pair for index in indices for pair in dataset.source_rows(index)})
     if not rows:
         return "no examples"
     listed: dict[str, list[int]] = {}
     for source, row in rows[:DESCRIBE_ROWS]:
         label, file_row = dataset.file_row(source, row)
-        listed.setdefault(label, []).append(file_row)
+        listed.setdefault(label, []).append(file_row + 1)  # shown from 1, as lines and JSON errors are
     parts = [f"{label} {'rows' if len(numbers) > 1 else 'row'} {', '.join(map(str, sorted(set(numbers))))}"
              for label, numbers in listed.items()]
     more = len(rows) - DESCRIBE_ROWS

@@ -44,8 +44,9 @@ def run_preprocess(config_path: str | Path, *, show: int = 0, out: TextIO | None
         colour = bool(getattr(out, "isatty", lambda: False)()) and not os.environ.get("NO_COLOR")
         for i in range(min(show, len(data.train))):
             example = data.train[i]
-            out.write(f"\n--- example {i} ({len(example['input_ids'])} tokens, "
-                      f"{int((example['labels'] != -100).sum())} trained) ---\n")
+            label, row = data.train.origin(i)
+            out.write(f"\n--- example {i + 1} ({len(example['input_ids'])} tokens, "
+                      f"{int((example['labels'] != -100).sum())} trained; from {label} row {row + 1}) ---\n")
             out.write(render_example(tokenizer, example["input_ids"], example["labels"], colour=colour) + "\n")
     return 0
 
@@ -125,10 +126,10 @@ def _show_stream(plan: RunPlan, tokenizer: Any, *, show: int, out: TextIO) -> in
         for i, (pieces, _) in enumerate(islice(stream.rows(), show)):
             ids = np.concatenate([piece.ids for piece in pieces])
             labels = np.concatenate([piece.trained_labels for piece in pieces])
-            origins = "; ".join(f"{label} row {row}" for label, row in
+            origins = "; ".join(f"{label} row {row + 1}" for label, row in  # rows and lines count from 1
                                 (stream.files.file_row(piece.source, piece.row) for piece in pieces))
             trained = int((labels != -100).sum())
-            out.write(f"\n--- row {i} ({len(ids)} tokens, {'all' if trained == len(ids) else trained} trained; "
+            out.write(f"\n--- row {i + 1} ({len(ids)} tokens, {'all' if trained == len(ids) else trained} trained; "
                       f"from {origins}) ---\n")
             out.write(render_example(tokenizer, ids, labels, colour=colour) + "\n")
     return 0

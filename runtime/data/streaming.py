@@ -254,7 +254,7 @@ class TokenStream:
         self.malformed += count
         if self.malformed + self.dropped <= MAX_PROBLEMS:
             label, row = self.files.file_row(document.source, document.row)
-            log.warning("stream: %s row %d skipped: %s", label, row, problem)
+            log.warning("stream: %s row %d skipped: %s", label, row + 1, problem)  # counted from 1
 
     def rows(self, start: StreamPosition = StreamPosition()) -> Iterator[tuple[list[Piece], StreamPosition]]:
         """(the pieces of one row, the position after it), from ``start``."""
