@@ -8,6 +8,7 @@ class FSDP wraps. Sources, in order: the local model's config.json, the built-in
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -214,17 +215,23 @@ def shape_from_config_json(config: dict[str, Any]) -> ModelShape | None:
 
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmbt]?)\s*$", re.IGNORECASE)
 _SCALE = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+MAX_MODEL_PARAMETERS = 10**15  # 1000T: hundreds of times the largest model trained so far
 
 
 def parse_parameter_count(value: str | int) -> int | None:
-    """``8B`` → 8_000_000_000, ``350M`` → 350_000_000, ``1234`` → 1234; None when unreadable."""
+    """``8B`` → 8_000_000_000, ``350M`` → 350_000_000, ``1234`` → 1234; None when unreadable or outside 1 to
+    MAX_MODEL_PARAMETERS (a count no model has would reach the memory estimate and the sbatch arithmetic)."""
     if isinstance(value, int):
-        return value if value > 0 else None
-    match = _COUNT.match(value)
-    if not match:
-        return None
-    count = int(float(match.group(1)) * _SCALE[match.group(2).lower()])
-    return count if count > 0 else None
+        count = value
+    else:
+        match = _COUNT.match(value)
+        if not match:
+            return None
+        number = float(match.group(1))  # 400 digits read as a float are infinite
+        if not math.isfinite(number):
+            return None
+        count = int(number * _SCALE[match.group(2).lower()])
+    return count if 0 < count <= MAX_MODEL_PARAMETERS else None
 
 
 def layer_class_for(architecture: str | None) -> str | None:

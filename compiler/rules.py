@@ -348,8 +348,10 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
 
     # --- hints ---
     if spec.model_parameters is not None and parse_parameter_count(spec.model_parameters) is None:
-        error("model_parameters", f"cannot read a parameter count from {spec.model_parameters!r}",
-              hint="write a number or one with a suffix: 8B, 350M")
+        shown = repr(spec.model_parameters)
+        shown = shown if len(shown) <= 40 else f"{shown[:37]}..."  # a 400-digit number stays one readable line
+        error("model_parameters", f"cannot read a parameter count from {shown}",
+              hint="write a number from 1 up to 1000T, or one with a suffix: 8B, 350M")
     return errors, warnings
 
 

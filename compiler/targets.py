@@ -180,6 +180,11 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SBATCH_SAFE = re.compile(r"^[A-Za-z0-9._:/%@+,=#-]+$")  # #SBATCH values cannot be quoted
 
 
+def _breaks_lines(text: str) -> bool:
+    """A line feed, carriage return or NUL: each would end or corrupt a line of launch.sh."""
+    return any(char in text for char in "\n\r\0")
+
+
 def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list[Problem]]:
     """Build a Target from a parsed target file. Problems carry key paths inside that file."""
     problems: list[Problem] = []
@@ -232,11 +237,11 @@ def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list
             bad(("env", key), f"not a valid environment variable name: {key!r}", at_key=True)
         elif not isinstance(value, (str, int, float)) or isinstance(value, bool):
             bad(("env", key), "environment values must be strings or numbers")
-        elif "\n" in str(value) or "\0" in str(value):
-            bad(("env", key), "environment values must be one line")
+        elif _breaks_lines(str(value)):
+            bad(("env", key), "environment values must be one line (no line break, carriage return or NUL)")
     for list_key in ("modules", "setup"):
         for index, item in enumerate(data.get(list_key, [])):
-            if not isinstance(item, str) or "\n" in item:
+            if not isinstance(item, str) or _breaks_lines(item):
                 bad((list_key, index), "must be a one-line string")
 
     slurm = SlurmSettings(

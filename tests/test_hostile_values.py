@@ -29,6 +29,10 @@ def refused(tmp_path: Path, text: str, *args: str) -> str:
     ("save_steps: 2000000000", "c.yml:4:13: error: save_steps: must be less than or equal to 1,000,000,000"),
     ("eval_steps: 1e400", "c.yml:4:13: error: eval_steps:"),
     ("lora_r: 99999999999", "c.yml:4:9: error: lora_r:"),
+    # once an OverflowError (exit 3) for the string, and accepted as a count for the number
+    ("model_parameters: 1" + "0" * 400 + "B", "c.yml:4:19: error: model_parameters: cannot read a parameter count"),
+    ("model_parameters: 1" + "0" * 400, "c.yml:4:19: error: model_parameters: cannot read a parameter count"),
+    ("model_parameters: 2000T", "c.yml:4:19: error: model_parameters: cannot read a parameter count from '2000T'"),
 ])
 def test_numbers_without_bounds_and_empty_ids_are_refused(tmp_path: Path, line: str, expected: str) -> None:
     assert expected in refused(tmp_path, BASE + line + "\n")
@@ -47,6 +51,14 @@ def test_node_counts_have_an_upper_bound(tmp_path: Path) -> None:
     write(tmp_path / "t.yml", "gpu: h100-80gb\nnodes: 1000000000000\n")
     assert "t.yml:2:8: error: nodes: must be at most 100,000, got 1000000000000" in refused(
         tmp_path, BASE, "--target", str(tmp_path / "t.yml"))
+
+
+@pytest.mark.parametrize("value", ['"a\\rb"', '"a\\nb"', '"a\\0b"'])
+def test_a_target_env_value_that_breaks_a_line_is_located(tmp_path: Path, value: str) -> None:
+    """A carriage return once reached launch.sh's renderer: exit 3 instead of the target file's line."""
+    write(tmp_path / "t.yml", f"gpu: h100-80gb\nenv:\n  FOO: {value}\n")
+    err = refused(tmp_path, BASE, "--target", str(tmp_path / "t.yml"))
+    assert "t.yml:3:8: error: env.FOO: environment values must be one line" in err, err
 
 
 @pytest.mark.parametrize("section, expected", [
