@@ -227,7 +227,7 @@ def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: So
     else:
         file = relative_to / name
         shown = name if options.target else str(file)
-        if not file.is_file():
+        if not _is_file(file):
             problem = Problem(("target",), f"target {name!r} is neither a built-in name nor a file",
                               hint="built-in targets: " + ", ".join((*TARGET_NAMES, "detect")))
             if options.target:
@@ -244,7 +244,7 @@ def _read_target(spec: Spec, options: TargetOptions, base_dir: Path, sources: So
 def _read_local_model_config(base_model: str, base_dir: Path) -> dict | None:
     for candidate in (base_dir / base_model, Path(base_model).expanduser()):
         config = candidate / "config.json"
-        if config.is_file():
+        if _is_file(config):
             try:
                 data = json.loads(config.read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -260,7 +260,7 @@ def _read_deepspeed_file(spec: Spec, base_dir: Path, sources: Sources) -> DeepSp
     if not spec.deepspeed or spec.deepspeed in BUILTIN_PRESETS:
         return None
     file = base_dir / spec.deepspeed
-    if not file.is_file():
+    if not _is_file(file):
         # Axolotl configs name the files of Axolotl's own deepspeed_configs/ folder: compile what they hold.
         stock = stock_deepspeed(Path(spec.deepspeed).name)
         if stock is not None:
@@ -274,6 +274,15 @@ def _read_deepspeed_file(spec: Spec, base_dir: Path, sources: Sources) -> DeepSp
     document = load_document(decode_text(_read_bytes(file, shown), shown), shown)
     sources.documents[shown] = document
     return DeepSpeedInput(name=shown, data=document.data)
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file(), except that a path the system will not look at (a name too long, a folder not permitted)
+    counts as no file, which the caller reports at its key, instead of an OSError."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _read_bytes(file: Path, shown: str) -> bytes:

@@ -341,6 +341,12 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
     if spec.train_on_inputs and not any(d.type == "alpaca" for d in spec.datasets):
         warn("train_on_inputs", "applies to alpaca datasets only; none is listed")
 
+    # --- paths: refused here, before anything looks at the disk (a too-long name makes stat() raise) ---
+    for path, text in _path_values(spec):
+        problem = _path_length_problem(text)
+        if problem:
+            error(path, problem)
+
     # --- text that reaches scripts and comments ---
     for path, text in _strings(spec.model_dump(exclude={"chat_template_jinja"})):
         if "\n" in text or "\r" in text or "\0" in text:
@@ -383,6 +389,35 @@ def _check_qat(spec: Spec, error: Callable[..., None]) -> None:
     if spec.adapter == "qlora" or spec.load_in_4bit or spec.load_in_8bit:
         error(("qat",), "quantisation-aware training needs 16-bit base weights, not a 4/8-bit base",
               hint="use adapter: lora without load_in_4bit/8bit, or full fine-tuning")
+
+
+_PATH_KEYS = ("base_model", "tokenizer_config", "lora_model_dir", "dataset_prepared_path", "deepspeed", "target",
+              "output_dir", "resume_from_checkpoint")
+NAME_MAX_BYTES = 255  # one name in a path: the limit of ext4, XFS, Btrfs, NFS and Lustre alike
+PATH_MAX_BYTES = 4095  # a whole path (Linux's PATH_MAX, 4096, counts the final NUL)
+
+
+def _path_values(spec: Spec) -> list[tuple[tuple, str]]:
+    """(key path, value) of every key that names a file or folder (a Hub id fits the same limits)."""
+    found = [((key,), getattr(spec, key)) for key in _PATH_KEYS if isinstance(getattr(spec, key), str)]
+    for list_key in ("datasets", "pretraining_dataset"):
+        for index, dataset in enumerate(getattr(spec, list_key) or ()):
+            found.append(((list_key, index, "path"), dataset.path))
+            found += [((list_key, index, "data_files", number), name)
+                      for number, name in enumerate(dataset.data_files or ())]
+    return found
+
+
+def _path_length_problem(text: str) -> str | None:
+    size = len(text.encode("utf-8", "surrogateescape"))
+    if size > PATH_MAX_BYTES:
+        return f"the path is {size:,} bytes long; a path holds at most {PATH_MAX_BYTES:,}"
+    for name in text.split("/"):
+        size = len(name.encode("utf-8", "surrogateescape"))
+        if size > NAME_MAX_BYTES:
+            return (f"a name in the path ({name[:20]}...) is {size:,} bytes long; file systems allow at most "
+                    f"{NAME_MAX_BYTES} per name")
+    return None
 
 
 def _strings(value: object, path: tuple = ()) -> list[tuple[tuple, str]]:

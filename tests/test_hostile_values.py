@@ -45,6 +45,35 @@ def test_empty_paths_are_refused_each_at_its_line(tmp_path: Path) -> None:
     assert "c.yml:3:13: error: output_dir: must not be empty" in err
 
 
+LONG_NAME = "x" * 300  # past the 255 bytes a file system allows in one name: stat() raises, once exit 3
+
+
+@pytest.mark.parametrize("line, expected", [
+    (f"base_model: ./{LONG_NAME}", "c.yml:1:13: error: base_model: a name in the path (xxxxxxxxxxxxxxxxxxxx...) "
+                                   "is 300 bytes long; file systems allow at most 255 per name"),
+    (f"base_model: ~/{LONG_NAME}/model", "c.yml:1:13: error: base_model: a name in the path"),
+    (f"base_model: /{'a/' * 2100}m", "c.yml:1:13: error: base_model: the path is 4,202 bytes long; a path holds "
+                                     "at most 4,095"),
+])
+def test_a_path_past_the_file_system_limits_is_located(tmp_path: Path, line: str, expected: str) -> None:
+    assert expected in refused(tmp_path, line + "\n" + BASE.split("\n", 1)[1])
+
+
+@pytest.mark.parametrize("key", ["deepspeed", "output_dir", "dataset_prepared_path"])
+def test_each_path_key_has_the_name_limit(tmp_path: Path, key: str) -> None:
+    assert f"error: {key}: a name in the path" in refused(tmp_path, BASE + f"{key}: ./{LONG_NAME}\n")
+
+
+def test_a_dataset_path_past_the_name_limit_is_located(tmp_path: Path) -> None:
+    text = BASE.replace("path: d.jsonl", f"path: data/{LONG_NAME}.jsonl")
+    assert "c.yml:2:19: error: datasets[0].path: a name in the path" in refused(tmp_path, text)
+
+
+def test_a_target_file_name_past_the_limit_is_no_target(tmp_path: Path) -> None:
+    err = refused(tmp_path, BASE, "--target", f"./{LONG_NAME}.yml")
+    assert "is neither a built-in name nor a file" in err
+
+
 def test_node_counts_have_an_upper_bound(tmp_path: Path) -> None:
     assert "--nodes must be at most 100,000" in refused(tmp_path, BASE, "--gpu", "h100-80gb", "--nodes",
                                                         "1" + "0" * 20)
