@@ -11,9 +11,12 @@ the concrete value that was chosen.
 
 from __future__ import annotations
 
+import types
+import typing
+from functools import cache
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 DATASET_TYPES = ("alpaca", "alpaca:chat", "alpaca:phi", "jeopardy", "chat_template", "completion", "pretokenized")
 # The instruction formats: rows of instruction/input/output (jeopardy: question/category/answer).
@@ -49,6 +52,33 @@ def _field(default: Any = ..., description: str = "", group: str = "", **kwargs:
     return Field(default, description=description, json_schema_extra=extra, **kwargs)
 
 
+def _whole_float_as_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _refuse_bool(value: Any) -> Any:
+    """A strict Literal of numbers still takes true as 1 (True == 1 in Python); JSON Schema's enum does not."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true or false")
+    return value
+
+
+def _takes_int(annotation: Any) -> bool:
+    """Whether a field's type has an int member (int | None, str | Annotated[int, …]); Literals of numbers aside."""
+    if annotation is int:
+        return True
+    if typing.get_origin(annotation) is Annotated:
+        return _takes_int(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_int(member) for member in typing.get_args(annotation))
+    return False
+
+
+@cache
+def _whole_number_keys(model: type[BaseModel]) -> frozenset[str]:
+    return frozenset(info.alias or name for name, info in model.model_fields.items() if _takes_int(info.annotation))
+
+
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")  # peft's choice for Llama-style attention when none is named
 
 # The upper bound of step counts and intervals: a billion optimizer steps is far beyond any run, and keeps every
@@ -57,10 +87,22 @@ MAX_STEPS = 1_000_000_000
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors at every nesting level; values are never coerced across types."""
+    """Unknown keys are errors at every nesting level; values are never coerced across types (a number without a
+    fraction in a whole-number key is the one exception: see _whole_floats_as_ints)."""
 
     # allow_inf_nan: no .inf or .nan (YAML spells them), which would reach deepspeed.json as Infinity, not JSON.
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_floats_as_ints(cls, data: Any) -> Any:
+        """8.0 is read as 8 in a whole-number key: JSON Schema, and so every editor that checks a config against
+        tunefile's schema, counts a number without a fraction as an integer, and compile must not refuse what the
+        editor accepted. 8.5, true and "8" are still refused."""
+        if not isinstance(data, dict):
+            return data
+        whole = _whole_number_keys(cls)
+        return {key: _whole_float_as_int(value) if key in whole else value for key, value in data.items()}
 
 
 class DatasetSpec(_Strict):
@@ -176,8 +218,8 @@ class SpecialTokens(_Strict):
 class LoftqConfig(_Strict):
     """Axolotl's peft.loftq_config."""
 
-    loftq_bits: Literal[4, 8] = _field(4, description="Bits the base is quantised to for LoftQ's initialisation "
-                                       "(peft's LoftQ takes 4 or 8).")
+    loftq_bits: Annotated[Literal[4, 8], BeforeValidator(_refuse_bool)] = _field(
+        4, description="Bits the base is quantised to for LoftQ's initialisation (peft's LoftQ takes 4 or 8).")
 
 
 class PeftConfig(_Strict):
@@ -541,7 +583,7 @@ class Spec(_Strict):
         "file; inlined into the bundle as deepspeed.json.",
         group="distribution",
     )
-    fsdp_version: Literal[1, 2] | None = _field(
+    fsdp_version: Annotated[Literal[1, 2], BeforeValidator(_refuse_bool)] | None = _field(
         None, description="FSDP generation: 1 or 2 (FSDP2, per-parameter sharding). An fsdp_config without it is "
         "FSDP1, as in Axolotl; FSDP that tunefile picks itself (strategy) is FSDP2.", group="distribution")
     fsdp_config: FsdpConfig | None = _field(None, description="Turns on FSDP with these settings.",
