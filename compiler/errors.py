@@ -45,15 +45,31 @@ class ConfigError(Exception):
 
 def format_path(path: KeyPath) -> str:
     """``("datasets", 0, "type")`` → ``datasets[0].type``. A key holding a newline or another unprintable
-    character is shown quoted with escapes, so one problem stays one line."""
+    character is shown quoted with escapes, so one problem stays one line; so is an empty key and one with spaces
+    at its ends, which would otherwise read as no key at all."""
     text = ""
     for part in path:
         if isinstance(part, int):
             text += f"[{part}]"
         else:
-            shown = str(part) if str(part).isprintable() else json.dumps(str(part), ensure_ascii=False)
+            name = str(part)
+            readable = name.isprintable() and name != "" and name == name.strip()
+            shown = name if readable else quoted(name)
             text += f".{shown}" if text else shown
     return text or "(top level)"
+
+
+def quoted(text: str) -> str:
+    """TEXT in double quotes, with JSON's escapes for quotes, backslashes and C0 controls and a \\uXXXX escape for
+    every other character Python does not print (C1 controls such as NEL U+0085, U+2028, unassigned code points):
+    nothing a terminal or a line reader could take as a line break or a control sequence."""
+    body = json.dumps(text, ensure_ascii=False)[1:-1]
+    return '"' + "".join(character if character.isprintable() else _escape(character) for character in body) + '"'
+
+
+def _escape(character: str) -> str:
+    code = ord(character)
+    return f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
 
 
 def suggest(word: str, choices: Iterable[str], *, cutoff: float = 0.6) -> str | None:

@@ -12,6 +12,7 @@ value YAML cannot build is a located problem, never a Python exception.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +46,9 @@ MAX_LIST_ENTRIES = 1_000  # in one list
 MAX_DATASETS = 256  # entries of `datasets:` / `test_datasets:`; each becomes a block of the rendered run plan
 MAX_STRING_CHARS = 100_000  # in one value; an inline chat template is a few thousand
 _DATASET_LISTS = {("datasets",), ("test_datasets",)}
+_STR_TAG = "tag:yaml.org,2002:str"
+_LINE_BREAK_CHARACTERS = "\n\r\x85\u2028\u2029"  # what YAML counts as the end of a line
+_YAML_LINE_BREAK = re.compile(f"\r\n|[{_LINE_BREAK_CHARACTERS}]")
 
 # What YAML 1.1 refuses to read (PyYAML's reader says so with a byte offset and no line): C0 controls other than
 # tab and newlines, DEL, C1 controls other than NEL, lone surrogates (undecodable bytes) and U+FFFE/U+FFFF.
@@ -95,6 +99,36 @@ def _mark(node: yaml.Node) -> Mark:
 def load_document(text: str, name: str) -> Document:
     """Parse YAML text; raise ConfigError with located problems for syntax errors, duplicate keys, values that
     YAML cannot build (``2020-13-45``, ``!!int abc``) and input past the bounds above."""
+    end = _end_of_text(text)
+    try:
+        document = _read_document(text, name)
+    except ConfigError as exc:
+        if end is None:
+            raise
+        raise ConfigError([_problem_within(problem, end) for problem in exc.problems]) from None
+    if end is not None:
+        for marks in (document.value_marks, document.key_marks):
+            marks.update({path: end for path, mark in marks.items() if mark.line > end.line})
+    return document
+
+
+def _end_of_text(text: str) -> Mark | None:
+    """Where TEXT ends, when its last line has no line break: libyaml reads such a line as if it had one and puts
+    the end of the stream (an empty document, a missing value) on the line after it, a line the file does not have.
+    None when the text ends with a line break, whose next line is where an editor shows the end."""
+    if not text or text[-1] in _LINE_BREAK_CHARACTERS:
+        return None
+    lines = _YAML_LINE_BREAK.split(text)
+    return Mark(len(lines), len(lines[-1]) + 1)
+
+
+def _problem_within(problem: Problem, end: Mark) -> Problem:
+    if problem.line is None or problem.line <= end.line:
+        return problem
+    return dataclasses.replace(problem, line=end.line, column=end.column)
+
+
+def _read_document(text: str, name: str) -> Document:
     _check_text(text, name)
     loader = _Loader(text)
     try:
@@ -270,12 +304,24 @@ def _check_scalars(loader: Any, root: yaml.Node, name: str) -> dict[int, set[int
                     continue
                 own_keys[id(node)].add(id(key_node))
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != _STR_TAG:
+                    problems.append(_not_a_name(key_node, (*path, key), name))
                 pending.extend([(key_node, path), (value_node, (*path, key))])
         elif isinstance(node, yaml.SequenceNode):
             pending.extend((item, (*path, index)) for index, item in enumerate(node.value))
     if problems:
         raise ConfigError(sorted(problems, key=lambda problem: (problem.line or 0, problem.column or 0)))
     return own_keys
+
+
+def _not_a_name(key_node: yaml.ScalarNode, path: KeyPath, name: str) -> Problem:
+    """A key that YAML reads as another type than text (``0:``, ``true:``, ``null:``, ``1.5:``): every key of a
+    config, a target or a DeepSpeed file is a name, and the rest of the compiler (and the JSON Schema, whose keys
+    are strings) relies on that."""
+    kind = key_node.tag.rsplit(":", 1)[-1]
+    shown = key_node.value if len(key_node.value) <= 40 else key_node.value[:40] + "…"
+    return Problem(path, f"the key {shown!r} is read as a YAML {kind}, but keys are names; quote it if it is meant "
+                   "as one", at_key=True, file=name, line=_mark(key_node).line, column=_mark(key_node).column)
 
 
 def _unbuildable(loader: Any, node: yaml.ScalarNode, path: KeyPath, name: str) -> Problem | None:

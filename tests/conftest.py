@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
+
+try:  # the property tests' own files (constants it read, Unicode tables) go to a temporary folder, not the repo
+    from hypothesis.configuration import set_hypothesis_home_dir
+
+    set_hypothesis_home_dir(tempfile.mkdtemp(prefix="tunefile-hypothesis-"))
+except ImportError:  # hypothesis comes with the dev extra; the tests that need it say so when they import it
+    pass
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

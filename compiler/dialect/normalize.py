@@ -129,13 +129,19 @@ def _out_of_scope(data: dict[str, Any]) -> Problem | None:
         if key in data and data[key] is not False:
             return Problem((key,), f"{feature} ({key}: {_short(data[key])}) is not supported: tunefile trains "
                            "text models with supervised fine-tuning", at_key=True)
-    for index, entry in enumerate(data.get("datasets") or []):
+    for index, entry in enumerate(_entries(data, "datasets")):
         kind = str(entry.get("type", "")) if isinstance(entry, dict) else ""
         family = kind.split(".")[0].split(":")[0]
         if family in OUT_OF_SCOPE_DATASET_TYPES:
             return Problem(("datasets", index, "type"), f"{OUT_OF_SCOPE_DATASET_TYPES[family]} (dataset type "
                            f"{kind}) is not supported: tunefile trains text models with supervised fine-tuning")
     return None
+
+
+def _entries(data: dict[str, Any], list_key: str) -> list[Any]:
+    """The entries of a list key such as ``datasets``; [] when it holds something else, which validate reports."""
+    entries = data.get(list_key)
+    return entries if isinstance(entries, list) else []
 
 
 def _short(value: Any) -> str:
@@ -184,7 +190,10 @@ def _rewrite_spellings(reading: Reading) -> None:
     if "fsdp" in data:
         words = data.pop("fsdp")
         words = words.split() if isinstance(words, str) else words
-        if words:
+        if words and not isinstance(words, list):  # `fsdp: false` (off) is read as before
+            reading.problems.append(Problem(("fsdp",), f"expected a list of words such as [full_shard, auto_wrap] "
+                                            f"(got {_short(words)})"))
+        elif words and isinstance(data.get("fsdp_config", {}), dict):  # validate reports one that is not
             settings = dict(data.get("fsdp_config") or {})
             if "offload" in words:
                 settings.setdefault("offload_params", True)
@@ -237,7 +246,7 @@ def _rewrite_spellings(reading: Reading) -> None:
             data.pop(key, None)
     # Datasets: the older message keys become message_property_mappings.
     for list_key in ("datasets", "pretraining_dataset"):
-        for index, entry in enumerate(data.get(list_key) or []):
+        for index, entry in enumerate(_entries(data, list_key)):
             if not isinstance(entry, dict):
                 continue
             legacy = {new: entry.pop(old) for old, new in LEGACY_MESSAGE_FIELDS.items() if old in entry}
@@ -302,6 +311,9 @@ def _check_plugins(reading: Reading) -> None:
     if not isinstance(plugins, list):
         return
     for index, plugin in enumerate(plugins):
+        if not isinstance(plugin, str):
+            reading.problems.append(Problem(("plugins", index), f"expected a plugin's name (got {_short(plugin)})"))
+            continue
         if plugin in KNOWN_PLUGINS:
             continue
         if plugin in NO_EFFECT_PLUGINS:
@@ -311,4 +323,4 @@ def _check_plugins(reading: Reading) -> None:
         feature = PLUGIN_FEATURES.get(name, f"the plugin {plugin}")
         reading.problems.append(Problem(("plugins", index), f"{feature} ({plugin}) is not supported by tunefile",
                                         hint="tunefile carries out the Liger and cut-cross-entropy plugins"))
-    reading.data["plugins"] = [plugin for plugin in plugins if plugin in KNOWN_PLUGINS]
+    reading.data["plugins"] = [plugin for plugin in plugins if isinstance(plugin, str) and plugin in KNOWN_PLUGINS]
