@@ -49,6 +49,7 @@ from .qat import FakeQuantSchedule, check_qat, strip_fake_quantization
 from .relora import ReloraRestarts, build_jagged_scheduler
 from .router_loss import RouterAuxLoss
 from .schedule import Cadence, MicroBatch, optimizer_steps, steps_in
+from .startup_clock import StartupClock
 from .tiled_mlp import apply_tiled_mlp
 from .watchdog import Alarm, Watchdog
 
@@ -128,6 +129,7 @@ class Trainer:
         self.sink: MetricsSink | NullSink = NullSink()  # the real one from setup(); run_training may close either
         # SIGUSR2 (SLURM, ahead of a time limit), SIGTERM, Ctrl-C: finish the step, save, exit 75 (preemption.py).
         self.stop_request = StopRequest()
+        self.clock = StartupClock()  # time to the first step, phase by phase (startup_clock.py)
 
     # --- set-up ---------------------------------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class Trainer:
         from .data.tokenizer import load_tokenizer
 
         plan = self.plan
+        self.clock.mark("launcher and imports" if self.clock.since == "launch.sh started" else "imports")
         self.accumulation = plan.schedule.gradient_accumulation_steps
         # FP8 where this machine can run it, decided before accelerate starts (its mixed precision says so).
         self.fp8 = decide_fp8(plan.model.fp8, precision=plan.model.precision, distribution=plan.distribution)
@@ -145,6 +148,7 @@ class Trainer:
                                              half_precision_weights=plan.model.half_precision_weights,
                                              distribution=plan.distribution, fp8=self.fp8)
         acc = self.accelerator
+        self.clock.mark("accelerator")
         self.device, self.world, self.rank = acc.device, acc.num_processes, acc.process_index
         self.main = acc.is_main_process
         self.deepspeed = acc.distributed_type.value == "DEEPSPEED"
@@ -201,6 +205,7 @@ class Trainer:
             log.info("packing efficiency %.1f%%",
                      100 * packing_efficiency(self.train_lengths, self.first_plan, plan.data.sequence_len))
 
+        self.clock.mark("tokenizer and data")
         # Model: the attention kernel this machine has, then weights, vocabulary, adapters.
         self.attention = attention.decide_attention(plan.data.packing_attention,
                                                     attn_implementation=plan.model.attn_implementation,
@@ -231,6 +236,7 @@ class Trainer:
         self.parallel.prepare_model(model, pad_token_id=self.pad_token_id, sliding_window=self.sliding_window)
         self.mask_dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
 
+        self.clock.mark("model")
         # The optimizer and activation offloading this machine can run (a fallback is logged and recorded).
         self.optimizer_choice = decide_optimizer(plan.optimizer.name)
         self.offloading = decide_activation_offloading(plan.model.activation_offloading, device_type=self.device.type)
@@ -283,6 +289,7 @@ class Trainer:
         self.fake_quant.at_step(self.model, self.state.step)
         self.lisa.at_step(acc.unwrap_model(self.model), self.state.step)  # the layers of the resumed step's window
 
+        self.clock.mark("wrapping and resume")
         self.cadence = Cadence.from_plan(plan.schedule, plan.checkpointing, steps_per_epoch=self.steps_per_epoch,
                                          total_steps=self.total_steps, has_eval=bool(self.eval_lengths))
         self.watchdog = Watchdog(plan.watchdog)
@@ -444,6 +451,10 @@ class Trainer:
                 break
             self.lisa.at_step(self.accelerator.unwrap_model(self.model), state.step)
             result = self.train_step(state.step + 1, group)
+            if not self.clock.done:  # the wait every launch and resume pays, in one line
+                first_step = self.clock.finish()
+                if self.main:
+                    log.info("%s", first_step)
             window = [window[0] + result.loss_sum, window[1] + result.label_tokens, window[2] + result.input_tokens]
             grad_norm = result.grad_norm
             state = self.state = checkpoint.TrainState(step=state.step + 1, epoch=epoch,
@@ -537,6 +548,7 @@ class Trainer:
             summary = {"step": state.step, "epoch": state.epoch, "distributed_type": acc.distributed_type.value,
                        "world_size": self.world, **peak_memory(self.device),
                        "runtime_decisions": self.runtime_decisions(), "stopped_early_at_step": self.stopped_early,
+                       "startup": self.clock.record(),
                        # Trainable-weight digest per rank: equal under DDP (replicas), per shard under FSDP.
                        "rank_weight_digests": digests}
             (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n",
