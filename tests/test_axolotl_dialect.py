@@ -246,6 +246,50 @@ def test_batch_size_is_read_as_gradient_accumulation(tmp_path: Path) -> None:
     assert plan["schedule"]["gradient_accumulation_steps"] == 4
 
 
+def test_batch_size_that_is_not_a_whole_number_is_refused_at_its_line() -> None:
+    assert problems_of(MINIMAL + "batch_size: true\n") == ["c.yml:5:13: batch_size: expected a whole number (got true)"]
+
+
+def test_a_switched_off_cadence_still_checks_the_keys_it_makes_moot(tmp_path: Path) -> None:
+    """eval_strategy: no drops eval_steps, but only one eval_steps could hold: another is refused where it stands,
+    as it is without the switch."""
+    for switch, key in (("eval_strategy", "eval_steps"), ("evaluation_strategy", "evals_per_epoch"),
+                        ("save_strategy", "save_steps")):
+        (line,) = problems_of(MINIMAL + f"{switch}: 'no'\n{key}: often\n")  # unquoted, YAML reads no as false
+        assert line == f"c.yml:6:{len(key) + 3}: {key}: expected a whole number (got 'often')"
+    plan = plan_of(tmp_path, MINIMAL + "eval_strategy: 'no'\neval_steps: 10\nval_set_size: 0.05\n")
+    assert plan["schedule"]["eval_steps"] is None
+
+
+def test_an_unquoted_no_switches_the_cadence_off_too(tmp_path: Path) -> None:
+    """`save_strategy: no` without quotes is YAML's false; it means what the quoted one means."""
+    plan = plan_of(tmp_path, MINIMAL + "eval_strategy: no\neval_steps: 10\nval_set_size: 0.05\n")
+    assert plan["schedule"]["eval_steps"] is None
+
+
+def test_an_unused_sequence_parallel_degree_is_checked_as_context_parallel_size() -> None:
+    (line,) = problems_of(MINIMAL + "context_parallel_size: 2\nsequence_parallel_degree: 0\n")
+    assert line == "c.yml:6:27: sequence_parallel_degree: must be greater than or equal to 1 (got 0)"
+    _, _, notes = validate_with_notes(load_document(MINIMAL + "context_parallel_size: 2\nsequence_parallel_degree: 4\n",
+                                                    "c.yml"))
+    assert [(note.path, note.message) for note in notes] == [(("sequence_parallel_degree",), "no effect")]
+
+
+@pytest.mark.parametrize("text, line", [
+    ("lora_alpah:\n", "c.yml:5:1: lora_alpah: unknown key; did you mean lora_alpha?"),
+    ("fsdp_config:\n  reshard_after_forwad:\n",
+     "c.yml:6:3: fsdp_config.reshard_after_forwad: unknown key; did you mean reshard_after_forward?"),
+    ("cluster_name:\n", "c.yml:5:1: cluster_name: unknown key"),
+])
+def test_an_unknown_key_left_empty_is_reported_as_unknown(text: str, line: str) -> None:
+    assert problems_of(MINIMAL + text) == [line]
+
+
+def test_an_unknown_dataset_key_left_empty_is_reported_as_unknown() -> None:
+    assert problems_of("base_model: m\ndatasets:\n  - path: p.jsonl\n    type: alpaca\n    feild:\n") == [
+        "c.yml:5:5: datasets[0].feild: unknown key; did you mean field?"]
+
+
 # --- keys accepted without effect, refused with a reason, or out of scope --------------------------------------
 
 def test_keys_without_effect_are_accepted_and_explain_says_so(tmp_path: Path) -> None:

@@ -26,10 +26,10 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from helpers import GOLDEN_CONFIGS, MINIMAL, REPO
-from tunefile.compiler.dialect.normalize import LEGACY_ATTENTION, read_axolotl
+from tunefile.compiler.dialect.normalize import dialect_keys, read_axolotl, spec_keys
 from tunefile.compiler.errors import ConfigError
 from tunefile.compiler.loader import Document, load_document
-from tunefile.compiler.spec import Spec
+from tunefile.compiler.spec import DatasetSpec, FsdpConfig, Spec
 from tunefile.compiler.validate import validate_document
 
 SCHEMA = json.loads((REPO / "schemas" / "tunefile.schema.json").read_text(encoding="utf-8"))
@@ -37,15 +37,6 @@ VALIDATOR = jsonschema.Draft202012Validator(SCHEMA)
 TOP = SCHEMA["properties"]
 DEFINITIONS = SCHEMA["$defs"]
 EXAMPLES = 1000  # per property; the file runs in about 30 s on two busy cores
-
-# Keys whose dialect reading accepts more than Axolotl does; the schema states Axolotl's type. Until
-# compiler/dialect/normalize.py refuses the rest (each case is pinned by test_pending_reader_fixes below, strict
-# xfail, so the day it is fixed the marker and this list must go), these keys get only values the schema allows.
-PENDING_READER_FIXES = frozenset({
-    "fsdp", "batch_size", *LEGACY_ATTENTION,  # other values accepted (fsdp: {}, batch_size: x, flash_attention: 1)
-    "eval_strategy", "evaluation_strategy", "save_strategy",  # `no` drops eval_steps & co. whatever they hold
-    "expert_parallel_size", "tokenizer_use_fast", "tokenizer_legacy",  # true read as 1 (== in _is_default)
-})
 
 
 def _parsed(text: str) -> dict[str, Any]:
@@ -129,8 +120,6 @@ def schema_values(node: dict[str, Any]) -> st.SearchStrategy[Any]:
 def values_for(key: str, node: dict[str, Any]) -> st.SearchStrategy[Any]:
     """Mostly what the schema allows (so that many configs pass and the acceptance direction is tested often), and
     now and then anything at all."""
-    if key in PENDING_READER_FIXES:
-        return schema_values(node)
     return st.integers(0, 3).flatmap(lambda pick: ANY_VALUE if pick == 0 else schema_values(node))
 
 
@@ -149,13 +138,8 @@ def changes(draw: st.DrawFn) -> tuple[tuple[Any, ...], str, Any]:
     properties = PLACES[where]
     unknown = draw(st.integers(0, 7)) == 0
     key = draw(_NAMES.map(lambda name: name + "_x") if unknown else st.sampled_from(sorted(properties)))
-    # An unknown key left empty: compile drops it unseen (test_pending_reader_fixes), the schema calls it unknown.
-    value = draw(values_for(key, properties[key]) if key in properties else ANY_VALUE.filter(_not_none))
+    value = draw(values_for(key, properties[key]) if key in properties else ANY_VALUE)
     return where, key, value
-
-
-def _not_none(value: Any) -> bool:
-    return value is not None
 
 
 def _container(config: dict[str, Any], where: tuple[Any, ...]) -> dict[str, Any] | None:
@@ -244,9 +228,7 @@ def mutations(draw: st.DrawFn) -> tuple[dict[str, Any], dict[str, Any], str]:
         return seed, config, f"without {place}"
     where, key, value = draw(changes())
     if kind == "unknown key":
-        key, value = draw(_NAMES) + "_unknown", draw(ANY_VALUE.filter(_not_none))
-    elif where == () and key in PENDING_READER_FIXES:
-        value = draw(schema_values(TOP[key]))
+        key, value = draw(_NAMES) + "_unknown", draw(ANY_VALUE)
     return seed, changed(seed, [(where, key, value)]), f"{'.'.join(map(str, (*where, key)))} = {value!r}"
 
 
@@ -300,6 +282,28 @@ AGREED = {
     "fsdp: false": (_with(fsdp=False), True),
     # fsdp_config.version is read like fsdp_config.fsdp_version; the schema called it unknown.
     "fsdp_config.version: 2": (_with(fsdp_config={"version": 2}), True),
+    # The dialect reader took these, which Axolotl's type (and so the schema) refuses...
+    "fsdp: {}": (_with(fsdp={}), False),
+    "fsdp: 0": (_with(fsdp=0), False),
+    "fsdp: []": (_with(fsdp=[]), True),
+    "batch_size: a string": (_with(batch_size="eight"), False),
+    "batch_size: true": (_with(batch_size=True), False),
+    "batch_size: 8.0": (_with(batch_size=8.0), True),
+    # The schema took any whole batch_size; compile refused one read as gradient_accumulation_steps past its bound.
+    "batch_size: 100,000": (_with(batch_size=100_000), False),
+    "flash_attention: yes (a string)": (_with(flash_attention="yes"), False),
+    "flash_attention: 1": (_with(flash_attention=1), False),
+    "eval_strategy: no with eval_steps: a string": (_with(eval_strategy="no", eval_steps="often"), False),
+    "save_strategy: no with save_steps: 10": (_with(save_strategy="no", save_steps=10), True),
+    "expert_parallel_size: true (True == 1 in Python)": (_with(expert_parallel_size=True), False),
+    "tokenizer_use_fast: 1": (_with(tokenizer_use_fast=1), False),
+    "tokenizer_legacy: 1.0": (_with(tokenizer_legacy=1.0), False),
+    "an unknown key left empty": (_with(lora_alpah=None), False),
+    "an unknown dataset key left empty": (_with(datasets=[{"path": "p", "type": "alpaca", "feild": None}]), False),
+    "sequence_parallel_degree: a string beside context_parallel_size": (
+        _with(sequence_parallel_degree="two", context_parallel_size=2), False),
+    # ... and refused this one, though 0 is Axolotl's default 0.0 as JSON (and so the schema) sees numbers.
+    "generation_temperature: 0 (the default is 0.0)": (_with(generation_temperature=0), True),
 }
 
 
@@ -309,25 +313,18 @@ def test_compile_and_schema_agree_on(config: dict[str, Any], accepted: bool) -> 
     assert VALIDATOR.is_valid(config) is accepted, schema_errors(config)
 
 
-PENDING = {
-    # compiler/dialect/normalize.py accepts these, which Axolotl's type (and so tunefile's schema) refuses...
-    "fsdp: {}": _with(fsdp={}),
-    "batch_size: a string": _with(batch_size="eight"),
-    "batch_size: true": _with(batch_size=True),
-    "flash_attention: yes (a string)": _with(flash_attention="yes"),
-    "eval_strategy: no with eval_steps: a string": _with(eval_strategy="no", eval_steps="often"),
-    "expert_parallel_size: true": _with(expert_parallel_size=True),
-    "tokenizer_use_fast: 1": _with(tokenizer_use_fast=1),
-    "an unknown key left empty": _with(lora_alpah=None),
-    # ... and refuses this one, though 0 is Axolotl's default 0.0 as JSON (and so the schema) sees numbers.
-    "generation_temperature: 0 (the default is 0.0)": _with(generation_temperature=0),
-}
+def _schema_keys(definition: str | None) -> set[str]:
+    return set((DEFINITIONS[definition] if definition else SCHEMA)["properties"])
 
 
-@pytest.mark.xfail(strict=True, reason="needs the dialect reader's fixes listed in PENDING_READER_FIXES")
-@pytest.mark.parametrize("config", PENDING.values(), ids=list(PENDING))
-def test_pending_reader_fixes(config: dict[str, Any]) -> None:
-    assert _accepted(config) is VALIDATOR.is_valid(config), schema_errors(config)
+@pytest.mark.parametrize("fields, model, definition", [
+    ((), Spec, None), (("datasets",), DatasetSpec, "DatasetSpec"),
+    (("pretraining_dataset",), DatasetSpec, "PretrainingDatasetSpec"), (("fsdp_config",), FsdpConfig, "FsdpConfig")])
+def test_the_reader_knows_the_keys_the_schema_lists(fields: tuple[str, ...], model: type, definition: str | None,
+                                                    ) -> None:
+    """An empty key the reader does not know is kept for validate to call unknown; one it knows means the
+    default. Either way the schema must say the same, so both must know the same keys."""
+    assert spec_keys(model) | dialect_keys()[fields] == _schema_keys(definition)
 
 
 # compiler/dialect/normalize.py iterated these (TypeError, exit 3).

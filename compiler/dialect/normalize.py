@@ -22,12 +22,13 @@ Pure: data in, data and Problems out. Notes (accepted, rewritten) are Problems t
 from __future__ import annotations
 
 import json
+import typing
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from ..errors import ConfigError, KeyPath, Problem
 from ..spec import KNOWN_PLUGINS, DatasetSpec, FsdpConfig, Spec
@@ -83,7 +84,7 @@ def read_axolotl(data: Any) -> Reading:
     train (and nothing else about it, which would not help)."""
     if not isinstance(data, dict):
         return Reading(data)
-    data = drop_empty(data)
+    data = drop_empty(data, Spec)
     out_of_scope = _out_of_scope(data)
     if out_of_scope:
         raise ConfigError([out_of_scope])
@@ -115,13 +116,52 @@ def spec_keys(model: type[BaseModel]) -> set[str]:
     return {info.alias or name for name, info in model.model_fields.items()}
 
 
-def drop_empty(value: Any) -> Any:
-    """The value without mapping entries whose value is empty (None), at every depth."""
-    if isinstance(value, dict):
-        return {key: drop_empty(item) for key, item in value.items() if item is not None}
+@cache
+def dialect_keys() -> dict[tuple[str, ...], frozenset[str]]:
+    """The keys the dialect reads at each level of a config (by the field names that lead there) beyond the Spec
+    model's own: Axolotl's keys and their older spellings. The published schema lists the same keys."""
+    catalogue = axolotl_catalogue()
+    dataset = {*catalogue.datasets, *LEGACY_MESSAGE_FIELDS}
+    fsdp_plain = {*spec_keys(FsdpConfig), *FSDP_NO_EFFECT, "version"}
+    return {
+        (): frozenset({*catalogue.top_level, *NO_EFFECT, *IGNORED_BY_AXOLOTL, *REFUSED, *OUT_OF_SCOPE,
+                       *LEGACY_ATTENTION, "fsdp", "batch_size", "sequence_parallel_degree"}),
+        ("datasets",): frozenset(dataset),
+        ("pretraining_dataset",): frozenset({*dataset, "type", "text_column"}),
+        ("fsdp_config",): frozenset({*catalogue.fsdp_config, *fsdp_plain, *(f"fsdp_{key}" for key in fsdp_plain)}),
+    }
+
+
+def drop_empty(value: Any, model: type[BaseModel] | None = None, fields: tuple[str, ...] = ()) -> Any:
+    """The value without mapping entries whose value is empty (None), at every depth; but where the mapping stands
+    for MODEL (reached by the field names FIELDS), an empty key neither the model nor the dialect knows is kept, so
+    that validate reports it as unknown, with its "did you mean", instead of a misspelt `lora_alpah:` vanishing."""
     if isinstance(value, list):
-        return [drop_empty(item) for item in value]
-    return value
+        return [drop_empty(item, model, fields) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if model is None:
+        return {key: drop_empty(item) for key, item in value.items() if item is not None}
+    known = spec_keys(model) | dialect_keys().get(fields, frozenset())
+    annotations = {info.alias or name: info.annotation for name, info in model.model_fields.items()}
+    kept = {}
+    for key, item in value.items():
+        if item is not None:
+            inner = _model_in(annotations[key]) if key in annotations else None
+            kept[key] = drop_empty(item, inner, (*fields, key) if inner else ())
+        elif key not in known:
+            kept[key] = item
+    return kept
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The model a field holds, alone, optional or as the items of a list (a mapping of names to anything holds
+    none)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) is dict:
+        return None
+    return next(filter(None, map(_model_in, typing.get_args(annotation))), None)
 
 
 def _out_of_scope(data: dict[str, Any]) -> Problem | None:
@@ -156,6 +196,15 @@ def _note(reading: Reading, path: KeyPath, verdict: str, reason: str) -> None:
 
 # Whole-number keys whose examples write `false` for "none": Axolotl's pydantic reads a boolean as 0 there.
 FALSE_AS_ZERO = ("jagged_restart_warmup_steps", "jagged_restart_anneal_steps")
+# Cadence keys dropped when they hold 0 (false too, which Axolotl's pydantic reads as 0): Axolotl's "none".
+ZERO_MEANS_NONE = ("evals_per_epoch", "saves_per_epoch", "eval_steps", "save_steps")
+# Axolotl's switches that turn a cadence off ("no"), and the cadence keys each one makes moot.
+CADENCE_SWITCHES = ((("eval_strategy", "evaluation_strategy"), ("evals_per_epoch", "eval_steps")),
+                    (("save_strategy",), ("saves_per_epoch", "save_steps")))
+# batch_size is read as gradient_accumulation_steps = batch_size ÷ micro_batch_size (at least 1): past this, no
+# micro_batch_size gives an accumulation tunefile accepts.
+BATCH_SIZE_LIMIT = next(rule.le for rule in Spec.model_fields["gradient_accumulation_steps"].metadata
+                        if hasattr(rule, "le"))
 
 
 def _rewrite_spellings(reading: Reading) -> None:
@@ -167,6 +216,13 @@ def _rewrite_spellings(reading: Reading) -> None:
             data["context_parallel_size"] = degree
             reading.moved[("context_parallel_size",)] = ("sequence_parallel_degree",)
             _note(reading, ("sequence_parallel_degree",), "read as context_parallel_size", "Axolotl's older name")
+        else:  # unused, but a value context_parallel_size would refuse is refused here too, as the schema does
+            problem = _field_problem(Spec, "context_parallel_size", degree, ("sequence_parallel_degree",))
+            if problem:
+                reading.problems.append(problem)
+            else:
+                _note(reading, ("sequence_parallel_degree",), "no effect",
+                      "context_parallel_size is set, and is the one read")
     for key in FALSE_AS_ZERO:
         if data.get(key) is False:
             data[key] = 0
@@ -177,6 +233,9 @@ def _rewrite_spellings(reading: Reading) -> None:
             continue
         on = data.pop(key)
         if on is not True:
+            if on is not False:
+                reading.problems.append(Problem((key,), f"expected true or false (got {_short(on)})",
+                                                hint=f"or attn_implementation: {implementation}"))
             continue
         chosen = data.get("attn_implementation")
         if chosen is None:
@@ -190,9 +249,9 @@ def _rewrite_spellings(reading: Reading) -> None:
     if "fsdp" in data:
         words = data.pop("fsdp")
         words = words.split() if isinstance(words, str) else words
-        if words and not isinstance(words, list):  # `fsdp: false` (off) is read as before
+        if not isinstance(words, list) and words is not False:  # `fsdp: false` is off, as is an empty list
             reading.problems.append(Problem(("fsdp",), f"expected a list of words such as [full_shard, auto_wrap] "
-                                            f"(got {_short(words)})"))
+                                            f"(got {_short(words)})", hint="or false for no FSDP"))
         elif words and isinstance(data.get("fsdp_config", {}), dict):  # validate reports one that is not
             settings = dict(data.get("fsdp_config") or {})
             if "offload" in words:
@@ -223,35 +282,39 @@ def _rewrite_spellings(reading: Reading) -> None:
         data["fsdp_config"] = settings
     # batch_size is Axolotl's older way to say micro_batch_size × gradient_accumulation_steps.
     if "batch_size" in data:
-        batch_size = data.pop("batch_size")
-        micro = data.get("micro_batch_size", 1)
-        if "gradient_accumulation_steps" not in data and isinstance(batch_size, int) and isinstance(micro, int) \
-                and micro > 0:
-            data["gradient_accumulation_steps"] = max(1, batch_size // micro)
-            reading.moved[("gradient_accumulation_steps",)] = ("batch_size",)
-            _note(reading, ("batch_size",), f"read as gradient_accumulation_steps: {max(1, batch_size // micro)}",
-                  "batch_size ÷ micro_batch_size, as Axolotl does")
-        else:
-            _note(reading, ("batch_size",), "no effect", "gradient_accumulation_steps is set, as in Axolotl")
+        _read_batch_size(reading, data.pop("batch_size"))
     # Zero evaluations per epoch is Axolotl's way to say "no evaluation".
-    for key in ("evals_per_epoch", "saves_per_epoch", "eval_steps", "save_steps"):
+    for key in ZERO_MEANS_NONE:
         if data.get(key) == 0:
             del data[key]
             _note(reading, (key,), "none", "0 means none, as in Axolotl")
-    if data.get("eval_strategy", data.get("evaluation_strategy")) == "no":
-        for key in ("evals_per_epoch", "eval_steps"):
-            data.pop(key, None)
-    if data.get("save_strategy") == "no":
-        for key in ("saves_per_epoch", "save_steps"):
-            data.pop(key, None)
+    for switches, cadence_keys in CADENCE_SWITCHES:
+        switch = next((name for name in switches if name in data), None)
+        # `eval_strategy: no` unquoted is YAML's false: the same wish, not a value to ignore.
+        if switch is None or not (data[switch] == "no" or data[switch] is False):
+            continue
+        for key in cadence_keys:
+            # Moot, but only a value the key takes is dropped unseen: validate refuses any other where it stands.
+            if key in data and _field_problem(Spec, key, data[key], (key,)) is None:
+                del data[key]
+                _note(reading, (key,), "no effect", f"{switch}: no")
     # Datasets: the older message keys become message_property_mappings.
     for list_key in ("datasets", "pretraining_dataset"):
         for index, entry in enumerate(_entries(data, list_key)):
             if not isinstance(entry, dict):
                 continue
-            legacy = {new: entry.pop(old) for old, new in LEGACY_MESSAGE_FIELDS.items() if old in entry}
-            if legacy:
-                mappings = dict(entry.get("message_property_mappings") or {})
+            legacy = {}
+            for old, new in LEGACY_MESSAGE_FIELDS.items():
+                if old not in entry:
+                    continue
+                value = entry.pop(old)
+                if isinstance(value, str):
+                    legacy[new] = value
+                else:  # refused even where message_property_mappings already names it and it would go unused
+                    reading.problems.append(Problem((list_key, index, old), f"expected a string (got {_short(value)})"))
+            mappings = entry.get("message_property_mappings", {})
+            if legacy and isinstance(mappings, dict):  # validate refuses mappings that are not a mapping
+                mappings = dict(mappings)
                 for name, value in legacy.items():
                     mappings.setdefault(name, value)
                 entry["message_property_mappings"] = mappings
@@ -264,19 +327,94 @@ def _rewrite_spellings(reading: Reading) -> None:
                 if "text_column" in entry and "field" not in entry:
                     entry["field"] = entry.pop("text_column")
                     reading.moved[(list_key, index, "field")] = (list_key, index, "text_column")
+                elif "text_column" in entry:  # unused beside field, but checked as field would be
+                    where = (list_key, index, "text_column")
+                    problem = _field_problem(DatasetSpec, "field", entry.pop("text_column"), where)
+                    if problem:
+                        reading.problems.append(problem)
+                    else:
+                        _note(reading, where, "no effect", "field is set, and is the one read")
+
+
+def _read_batch_size(reading: Reading, written: Any) -> None:
+    data = reading.data
+    batch_size = _whole_number(written)
+    if batch_size is None:
+        reading.problems.append(Problem(("batch_size",), f"expected a whole number (got {_short(written)})"))
+    elif batch_size > BATCH_SIZE_LIMIT:
+        reading.problems.append(Problem(
+            ("batch_size",), f"must be at most {BATCH_SIZE_LIMIT:,} (got {batch_size})",
+            hint="it is read as gradient_accumulation_steps = batch_size ÷ micro_batch_size"))
+    elif "gradient_accumulation_steps" in data:
+        _note(reading, ("batch_size",), "no effect", "gradient_accumulation_steps is set, as in Axolotl")
+    else:
+        micro = _whole_number(data.get("micro_batch_size", 1))
+        if micro is None or micro < 1:
+            return  # validate refuses micro_batch_size, which says what is wrong
+        steps = max(1, batch_size // micro)
+        data["gradient_accumulation_steps"] = steps
+        reading.moved[("gradient_accumulation_steps",)] = ("batch_size",)
+        _note(reading, ("batch_size",), f"read as gradient_accumulation_steps: {steps}",
+              "batch_size ÷ micro_batch_size, as Axolotl does")
+
+
+def _whole_number(value: Any) -> int | None:
+    """VALUE as an int when it is a whole number (8, or 8.0 as JSON Schema counts it); None for anything else,
+    true and false included."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# validate's words for a value of the wrong type.
+_REASONS = {"int_type": "expected a whole number", "string_type": "expected a string"}
+
+
+@cache
+def _field_adapter(model: type[BaseModel], key: str) -> TypeAdapter[Any]:
+    info = model.model_fields[key]
+    bounded = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    return TypeAdapter(bounded, config=ConfigDict(strict=True, allow_inf_nan=False))
+
+
+def _field_problem(model: type[BaseModel], key: str, value: Any, where: KeyPath) -> Problem | None:
+    """What MODEL's field KEY refuses in VALUE (worded as validate words it), at WHERE; None if it takes it."""
+    whole = _whole_number(value)
+    try:
+        _field_adapter(model, key).validate_python(value if whole is None else whole)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        reason = _REASONS.get(error["type"]) or str(error["msg"]).replace("Input should be", "must be")
+        return Problem(where, f"{reason} (got {_short(value)})")
+    return None
+
+
+def json_equal(left: Any, right: Any) -> bool:
+    """Equality as JSON, and so JSON Schema's enum, sees it: 0 equals 0.0, but true equals only true (in Python
+    True == 1, which read `expert_parallel_size: true` as Axolotl's default 1)."""
+    if isinstance(left, bool) or isinstance(right, bool):
+        return left is right
+    if isinstance(left, (int, float)) and isinstance(right, (int, float)):
+        return left == right
+    if isinstance(left, list) and isinstance(right, list):
+        return len(left) == len(right) and all(map(json_equal, left, right))
+    if isinstance(left, dict) and isinstance(right, dict):
+        return left.keys() == right.keys() and all(json_equal(left[key], right[key]) for key in left)
+    return type(left) is type(right) and left == right
 
 
 def _is_default(key: str, value: Any, axolotl_default: Any) -> bool:
-    if value == axolotl_default and type(value) is type(axolotl_default):
+    if json_equal(value, axolotl_default):
         return True
-    if value in NEUTRAL_VALUES.get(key, ()):
+    if any(json_equal(value, neutral) for neutral in NEUTRAL_VALUES.get(key, ())):
         return True
-    if key in EFFECTIVE_DEFAULTS and value == EFFECTIVE_DEFAULTS[key]:
+    if key in EFFECTIVE_DEFAULTS and json_equal(value, EFFECTIVE_DEFAULTS[key]):
         return True
     if key == "bnb_config_kwargs" and isinstance(value, dict):
-        return all(TUNEFILE_BNB_SETTINGS.get(name, object()) == setting for name, setting in value.items())
+        return all(name in TUNEFILE_BNB_SETTINGS and json_equal(TUNEFILE_BNB_SETTINGS[name], setting)
+                   for name, setting in value.items())
     # A flag left off is Axolotl's default whether the schema spells that default None or false.
-    return value is False and axolotl_default in (None, False)
+    return value is False and axolotl_default is None
 
 
 def _sort_keys(reading: Reading, mapping: dict[str, Any], path: KeyPath, ours: set[str],
