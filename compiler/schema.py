@@ -12,7 +12,6 @@ from .dialect.normalize import (
     LEGACY_MESSAGE_FIELDS,
     ZERO_MEANS_NONE,
     axolotl_catalogue,
-    json_equal,
     spec_keys,
 )
 from .dialect.table import (
@@ -28,6 +27,7 @@ from .dialect.table import (
     REFUSED,
     TUNEFILE_BNB_SETTINGS,
 )
+from .dialect.values import json_equal
 from .spec import KNOWN_PLUGINS, DatasetSpec, FsdpConfig, Spec
 
 SCHEMA_ID = "https://tunefile.dev/schemas/tunefile.schema.json"

@@ -26,9 +26,9 @@ import typing
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
+from pydantic import BaseModel
 
 from ..errors import ConfigError, KeyPath, Problem
 from ..spec import KNOWN_PLUGINS, DatasetSpec, FsdpConfig, Spec
@@ -45,6 +45,7 @@ from .table import (
     REFUSED,
     TUNEFILE_BNB_SETTINGS,
 )
+from .values import field_problem, json_equal, short, whole_number
 
 # Legacy boolean attention flags and the attn_implementation each one means (Axolotl's own mapping).
 LEGACY_ATTENTION = {"flash_attention": "flash_attention_2", "sdp_attention": "sdpa", "xformers_attention": "xformers",
@@ -167,7 +168,7 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 def _out_of_scope(data: dict[str, Any]) -> Problem | None:
     for key, feature in OUT_OF_SCOPE.items():
         if key in data and data[key] is not False:
-            return Problem((key,), f"{feature} ({key}: {_short(data[key])}) is not supported: tunefile trains "
+            return Problem((key,), f"{feature} ({key}: {short(data[key])}) is not supported: tunefile trains "
                            "text models with supervised fine-tuning", at_key=True)
     for index, entry in enumerate(_entries(data, "datasets")):
         kind = str(entry.get("type", "")) if isinstance(entry, dict) else ""
@@ -182,11 +183,6 @@ def _entries(data: dict[str, Any], list_key: str) -> list[Any]:
     """The entries of a list key such as ``datasets``; [] when it holds something else, which validate reports."""
     entries = data.get(list_key)
     return entries if isinstance(entries, list) else []
-
-
-def _short(value: Any) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _note(reading: Reading, path: KeyPath, verdict: str, reason: str) -> None:
@@ -217,7 +213,7 @@ def _rewrite_spellings(reading: Reading) -> None:
             reading.moved[("context_parallel_size",)] = ("sequence_parallel_degree",)
             _note(reading, ("sequence_parallel_degree",), "read as context_parallel_size", "Axolotl's older name")
         else:  # unused, but a value context_parallel_size would refuse is refused here too, as the schema does
-            problem = _field_problem(Spec, "context_parallel_size", degree, ("sequence_parallel_degree",))
+            problem = field_problem(Spec, "context_parallel_size", degree, ("sequence_parallel_degree",))
             if problem:
                 reading.problems.append(problem)
             else:
@@ -234,7 +230,7 @@ def _rewrite_spellings(reading: Reading) -> None:
         on = data.pop(key)
         if on is not True:
             if on is not False:
-                reading.problems.append(Problem((key,), f"expected true or false (got {_short(on)})",
+                reading.problems.append(Problem((key,), f"expected true or false (got {short(on)})",
                                                 hint=f"or attn_implementation: {implementation}"))
             continue
         chosen = data.get("attn_implementation")
@@ -251,7 +247,7 @@ def _rewrite_spellings(reading: Reading) -> None:
         words = words.split() if isinstance(words, str) else words
         if not isinstance(words, list) and words is not False:  # `fsdp: false` is off, as is an empty list
             reading.problems.append(Problem(("fsdp",), f"expected a list of words such as [full_shard, auto_wrap] "
-                                            f"(got {_short(words)})", hint="or false for no FSDP"))
+                                            f"(got {short(words)})", hint="or false for no FSDP"))
         elif words and isinstance(data.get("fsdp_config", {}), dict):  # validate reports one that is not
             settings = dict(data.get("fsdp_config") or {})
             if "offload" in words:
@@ -295,7 +291,7 @@ def _rewrite_spellings(reading: Reading) -> None:
             continue
         for key in cadence_keys:
             # Moot, but only a value the key takes is dropped unseen: validate refuses any other where it stands.
-            if key in data and _field_problem(Spec, key, data[key], (key,)) is None:
+            if key in data and field_problem(Spec, key, data[key], (key,)) is None:
                 del data[key]
                 _note(reading, (key,), "no effect", f"{switch}: no")
     # Datasets: the older message keys become message_property_mappings.
@@ -311,7 +307,7 @@ def _rewrite_spellings(reading: Reading) -> None:
                 if isinstance(value, str):
                     legacy[new] = value
                 else:  # refused even where message_property_mappings already names it and it would go unused
-                    reading.problems.append(Problem((list_key, index, old), f"expected a string (got {_short(value)})"))
+                    reading.problems.append(Problem((list_key, index, old), f"expected a string (got {short(value)})"))
             mappings = entry.get("message_property_mappings", {})
             if legacy and isinstance(mappings, dict):  # validate refuses mappings that are not a mapping
                 mappings = dict(mappings)
@@ -329,7 +325,7 @@ def _rewrite_spellings(reading: Reading) -> None:
                     reading.moved[(list_key, index, "field")] = (list_key, index, "text_column")
                 elif "text_column" in entry:  # unused beside field, but checked as field would be
                     where = (list_key, index, "text_column")
-                    problem = _field_problem(DatasetSpec, "field", entry.pop("text_column"), where)
+                    problem = field_problem(DatasetSpec, "field", entry.pop("text_column"), where)
                     if problem:
                         reading.problems.append(problem)
                     else:
@@ -338,9 +334,9 @@ def _rewrite_spellings(reading: Reading) -> None:
 
 def _read_batch_size(reading: Reading, written: Any) -> None:
     data = reading.data
-    batch_size = _whole_number(written)
+    batch_size = whole_number(written)
     if batch_size is None:
-        reading.problems.append(Problem(("batch_size",), f"expected a whole number (got {_short(written)})"))
+        reading.problems.append(Problem(("batch_size",), f"expected a whole number (got {short(written)})"))
     elif batch_size > BATCH_SIZE_LIMIT:
         reading.problems.append(Problem(
             ("batch_size",), f"must be at most {BATCH_SIZE_LIMIT:,} (got {batch_size})",
@@ -348,7 +344,7 @@ def _read_batch_size(reading: Reading, written: Any) -> None:
     elif "gradient_accumulation_steps" in data:
         _note(reading, ("batch_size",), "no effect", "gradient_accumulation_steps is set, as in Axolotl")
     else:
-        micro = _whole_number(data.get("micro_batch_size", 1))
+        micro = whole_number(data.get("micro_batch_size", 1))
         if micro is None or micro < 1:
             return  # validate refuses micro_batch_size, which says what is wrong
         steps = max(1, batch_size // micro)
@@ -356,51 +352,6 @@ def _read_batch_size(reading: Reading, written: Any) -> None:
         reading.moved[("gradient_accumulation_steps",)] = ("batch_size",)
         _note(reading, ("batch_size",), f"read as gradient_accumulation_steps: {steps}",
               "batch_size ÷ micro_batch_size, as Axolotl does")
-
-
-def _whole_number(value: Any) -> int | None:
-    """VALUE as an int when it is a whole number (8, or 8.0 as JSON Schema counts it); None for anything else,
-    true and false included."""
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-# validate's words for a value of the wrong type.
-_REASONS = {"int_type": "expected a whole number", "string_type": "expected a string"}
-
-
-@cache
-def _field_adapter(model: type[BaseModel], key: str) -> TypeAdapter[Any]:
-    info = model.model_fields[key]
-    bounded = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-    return TypeAdapter(bounded, config=ConfigDict(strict=True, allow_inf_nan=False))
-
-
-def _field_problem(model: type[BaseModel], key: str, value: Any, where: KeyPath) -> Problem | None:
-    """What MODEL's field KEY refuses in VALUE (worded as validate words it), at WHERE; None if it takes it."""
-    whole = _whole_number(value)
-    try:
-        _field_adapter(model, key).validate_python(value if whole is None else whole)
-    except ValidationError as exc:
-        error = exc.errors(include_url=False)[0]
-        reason = _REASONS.get(error["type"]) or str(error["msg"]).replace("Input should be", "must be")
-        return Problem(where, f"{reason} (got {_short(value)})")
-    return None
-
-
-def json_equal(left: Any, right: Any) -> bool:
-    """Equality as JSON, and so JSON Schema's enum, sees it: 0 equals 0.0, but true equals only true (in Python
-    True == 1, which read `expert_parallel_size: true` as Axolotl's default 1)."""
-    if isinstance(left, bool) or isinstance(right, bool):
-        return left is right
-    if isinstance(left, (int, float)) and isinstance(right, (int, float)):
-        return left == right
-    if isinstance(left, list) and isinstance(right, list):
-        return len(left) == len(right) and all(map(json_equal, left, right))
-    if isinstance(left, dict) and isinstance(right, dict):
-        return left.keys() == right.keys() and all(json_equal(left[key], right[key]) for key in left)
-    return type(left) is type(right) and left == right
 
 
 def _is_default(key: str, value: Any, axolotl_default: Any) -> bool:
@@ -435,7 +386,7 @@ def _sort_keys(reading: Reading, mapping: dict[str, Any], path: KeyPath, ours: s
         elif key in axolotl or (top and key in REFUSED):
             del mapping[key]
             if _is_default(key, value, axolotl.get(key)):
-                _note(reading, where, "accepted", f"{_short(value)} is Axolotl's default, which is what tunefile "
+                _note(reading, where, "accepted", f"{short(value)} is Axolotl's default, which is what tunefile "
                       "runs")
                 continue
             reason = REFUSED.get(key, "") if top else ""
@@ -450,7 +401,7 @@ def _check_plugins(reading: Reading) -> None:
         return
     for index, plugin in enumerate(plugins):
         if not isinstance(plugin, str):
-            reading.problems.append(Problem(("plugins", index), f"expected a plugin's name (got {_short(plugin)})"))
+            reading.problems.append(Problem(("plugins", index), f"expected a plugin's name (got {short(plugin)})"))
             continue
         if plugin in KNOWN_PLUGINS:
             continue
