@@ -33,6 +33,9 @@ export TOKENIZERS_PARALLELISM=false
 # script exits with it.
 TUNEFILE_EXIT_STATUS_FILE="$(mktemp)"
 export TUNEFILE_EXIT_STATUS_FILE
+# When this script started: the runtime's line "first step N s after launch.sh started: …" counts from here.
+TUNEFILE_LAUNCH_STARTED="$(date +%s.%N)"
+export TUNEFILE_LAUNCH_STARTED
 # Stopping early without losing work: SIGUSR2 (job.sbatch forwards it ahead of a time limit or on preemption),
 # SIGTERM, Ctrl-C or a closed terminal makes this script create TUNEFILE_STOP_FILE; every rank of this node looks
 # for it at each step boundary, the ranks agree, finish the step in flight, save a checkpoint and exit 75. A file,
