@@ -128,11 +128,39 @@ def from_pretrained(base_model: str, **kwargs: Any) -> torch.nn.Module:
     with a missing or unreadable model reported as one line."""
     from transformers import AutoModelForCausalLM
 
+    source: str | Path = base_model
     try:
-        return AutoModelForCausalLM.from_pretrained(resolve_model_source(base_model, kwargs.get("revision")),
-                                                    **kwargs)
+        source = resolve_model_source(base_model, kwargs.get("revision"))
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         raise ModelLoadError(f"base_model {base_model}: cannot load: {exc}") from None
+    except Exception as exc:
+        damaged = damaged_weights(exc, source)
+        if damaged is None:
+            raise
+        raise ModelLoadError(f"base_model {base_model}: {damaged}") from None
+
+
+def damaged_weights(exc: BaseException, folder: str | Path) -> str | None:
+    """The one line for weights that do not read (a truncated download, a disk error): safetensors raises its own
+    SafetensorError, not an OSError. Names the first .safetensors file in FOLDER whose header does not read, when
+    FOLDER is local. None when EXC is something else."""
+    if type(exc).__name__ != "SafetensorError":
+        return None
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+    culprit = None
+    if Path(folder).is_dir():
+        from safetensors import safe_open
+
+        for file in sorted(Path(folder).glob("*.safetensors")):
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception:  # noqa: BLE001 - any failure to open the header marks the file
+                culprit = file
+                break
+    where = f"{culprit} does not read" if culprit is not None else "its weights do not read"
+    return f"{where} ({reason}): a truncated or damaged file; download or copy it again"
 
 
 def load_pretrained(model: ModelPlan, source: str, **kwargs: Any) -> torch.nn.Module:
@@ -333,7 +361,13 @@ def add_adapter(module: torch.nn.Module, lora: LoraPlan) -> torch.nn.Module:
         if not adapter_dir.is_dir():
             raise ModelLoadError(f"lora_model_dir {lora.model_dir}: not a directory")
         log.info("continuing training of the adapter in %s", lora.model_dir)
-        return PeftModel.from_pretrained(module, str(adapter_dir), is_trainable=True)
+        try:
+            return PeftModel.from_pretrained(module, str(adapter_dir), is_trainable=True)
+        except Exception as exc:
+            damaged = damaged_weights(exc, adapter_dir)
+            if damaged is None:
+                raise
+            raise ModelLoadError(f"lora_model_dir {lora.model_dir}: {damaged}") from None
     check_loftq(lora, quantized=False)
     if lora.loftq_bits is not None:
         log.info("LoftQ: quantising each LoRA target to %d bits and starting the adapter from the residual",
