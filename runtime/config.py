@@ -20,8 +20,12 @@ def load_run_plan(path: str | Path) -> RunPlan:
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:  # an edited or damaged copy: the compiler writes UTF-8
+        raise ConfigFileError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                              "compile the bundle again") from None
     except (OSError, yaml.YAMLError) as exc:
-        raise ConfigFileError(f"{path}: cannot read the run plan: {exc}") from None
+        reason = " ".join(str(exc).split())  # YAML's message spans lines; the error is one
+        raise ConfigFileError(f"{path}: cannot read the run plan: {reason}") from None
     try:
         return parse_run_plan(values)
     except RunPlanError as exc:

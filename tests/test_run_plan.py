@@ -186,3 +186,19 @@ def test_the_runtime_loader_names_the_bundle_in_one_line(tmp_path: Any) -> None:
         load_run_plan(path)
     text = str(caught.value)
     assert str(path) in text and "model.extra_key: unknown key" in text and "\n" not in text
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b'format_version: "\xff"\n', "not UTF-8 text (byte 0xff at offset 17); compile the bundle again"),
+    (b"model: [\n", "cannot read the run plan: while parsing a flow node"),
+])
+def test_a_damaged_run_plan_is_one_line_not_a_traceback(tmp_path: Any, content: bytes, expected: str) -> None:
+    """Issue 14: a config.yaml that is not UTF-8 raised UnicodeDecodeError; YAML's own message spans lines."""
+    from tunefile.runtime.config import ConfigFileError, load_run_plan
+
+    path = tmp_path / "config.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigFileError) as caught:
+        load_run_plan(path)
+    text = str(caught.value)
+    assert text.startswith(f"{path}: {expected}") and "\n" not in text, text
