@@ -33,8 +33,8 @@ _EXECUTABLE_SUFFIXES = (".sh", ".sbatch")
 
 # Kernel file systems: writable-looking to root, but no place for files (mkdir fails there, or worse, succeeds).
 _KERNEL_FILE_SYSTEMS = (Path("/proc"), Path("/sys"), Path("/dev"))
-_NAME_MAX = 255  # when the file system does not say (pathconf); Linux's and macOS's usual limit
-_PATH_MAX = 4096
+NAME_MAX = 255  # when the file system does not say (pathconf); Linux's and macOS's usual limit
+PATH_MAX = 4096
 # The hidden siblings are named ".STEM.new-" + 8 characters of tempfile's alphabet: STEM is the bundle's name
 # cut to this many bytes, so the sibling's name stays under the file-name limit whatever the bundle's is.
 _STEM_BYTES = 200
@@ -94,14 +94,14 @@ def check_location(out_dir: Path, file_names: Collection[str] = ()) -> None:
             raise BundleLocationError(f"{shown}: {_shorten(str(ancestor))} is a file, not a directory")
         existing = ancestor
         break
-    name_max = _limit(existing, "PC_NAME_MAX", _NAME_MAX)
+    name_max = _limit(existing, "PC_NAME_MAX", NAME_MAX)
     for part in real.parts[1:]:
         if len(os.fsencode(part)) > name_max:
             raise BundleLocationError(f"{shown}: the name {_shorten(part)} is {len(os.fsencode(part))} bytes long; "
                                       f"file names here are at most {name_max} bytes")
     longest = max((len(os.fsencode(name)) for name in file_names), default=0)
     path_bytes = len(os.fsencode(str(real))) + 1 + longest + len(".new-XXXXXXXX")
-    path_max = _limit(existing, "PC_PATH_MAX", _PATH_MAX)
+    path_max = _limit(existing, "PC_PATH_MAX", PATH_MAX)
     if path_bytes >= path_max:
         raise BundleLocationError(f"{shown}: the bundle's file paths would be {path_bytes} bytes long; "
                                   f"paths here are shorter than {path_max} bytes")

@@ -9,10 +9,13 @@ Decisions recorded here (documented in the README):
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
+from .bundle import NAME_MAX, PATH_MAX
 from .errors import Problem
 from .models import parse_parameter_count
+from .shell import breaks_line
 from .spec import (
     BITSANDBYTES_OPTIMIZERS,
     CCE_PLUGIN,
@@ -349,7 +352,7 @@ def check_rules(spec: Spec) -> tuple[list[Problem], list[Problem]]:
 
     # --- text that reaches scripts and comments ---
     for path, text in _strings(spec.model_dump(exclude={"chat_template_jinja"})):
-        if "\n" in text or "\r" in text or "\0" in text:
+        if breaks_line(text):
             error(path, "must be a single line (it is written into the bundle's scripts and comments)")
 
     # --- hints ---
@@ -393,8 +396,6 @@ def _check_qat(spec: Spec, error: Callable[..., None]) -> None:
 
 _PATH_KEYS = ("base_model", "tokenizer_config", "lora_model_dir", "dataset_prepared_path", "deepspeed", "target",
               "output_dir", "resume_from_checkpoint")
-NAME_MAX_BYTES = 255  # one name in a path: the limit of ext4, XFS, Btrfs, NFS and Lustre alike
-PATH_MAX_BYTES = 4095  # a whole path (Linux's PATH_MAX, 4096, counts the final NUL)
 
 
 def _path_values(spec: Spec) -> list[tuple[tuple, str]]:
@@ -409,14 +410,17 @@ def _path_values(spec: Spec) -> list[tuple[tuple, str]]:
 
 
 def _path_length_problem(text: str) -> str | None:
-    size = len(text.encode("utf-8", "surrogateescape"))
-    if size > PATH_MAX_BYTES:
-        return f"the path is {size:,} bytes long; a path holds at most {PATH_MAX_BYTES:,}"
+    """The usual file-system limits (those bundle.py falls back on where pathconf says nothing): this runs before
+    anything looks at the disk, and the path may name a folder that does not exist yet."""
+    longest_path = PATH_MAX - 1  # PATH_MAX counts the final NUL
+    size = len(os.fsencode(text))
+    if size > longest_path:
+        return f"the path is {size:,} bytes long; a path holds at most {longest_path:,}"
     for name in text.split("/"):
-        size = len(name.encode("utf-8", "surrogateescape"))
-        if size > NAME_MAX_BYTES:
+        size = len(os.fsencode(name))
+        if size > NAME_MAX:
             return (f"a name in the path ({name[:20]}...) is {size:,} bytes long; file systems allow at most "
-                    f"{NAME_MAX_BYTES} per name")
+                    f"{NAME_MAX} per name")
     return None
 
 

@@ -20,11 +20,16 @@ class UnsafeValueError(ValueError):
     """A value that cannot be placed in a generated script."""
 
 
+def breaks_line(text: str) -> bool:
+    """A line feed, carriage return or NUL: a line break would turn the rest of a comment into code, and NUL
+    cannot be stored in a shell word at all."""
+    return any(char in text for char in "\n\r\0")
+
+
 def one_line(value: object) -> str:
-    """Text for one line of a script; a line break would turn the rest of a comment into code,
-    and NUL cannot be stored in a shell word at all."""
+    """Text for one line of a script (see breaks_line)."""
     text = str(value)
-    if "\n" in text or "\r" in text or "\0" in text:
+    if breaks_line(text):
         raise UnsafeValueError(f"{text!r} contains a line break or NUL and cannot go into a shell script")
     return text
 

@@ -13,6 +13,7 @@ from typing import Any
 from .containers import check_container_settings
 from .errors import KeyPath, Problem, did_you_mean
 from .sbatch_options import check_sbatch_settings
+from .shell import breaks_line
 
 
 @dataclass(frozen=True)
@@ -180,11 +181,6 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SBATCH_SAFE = re.compile(r"^[A-Za-z0-9._:/%@+,=#-]+$")  # #SBATCH values cannot be quoted
 
 
-def _breaks_lines(text: str) -> bool:
-    """A line feed, carriage return or NUL: each would end or corrupt a line of launch.sh."""
-    return any(char in text for char in "\n\r\0")
-
-
 def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list[Problem]]:
     """Build a Target from a parsed target file. Problems carry key paths inside that file."""
     problems: list[Problem] = []
@@ -237,11 +233,11 @@ def target_from_file_data(data: Any, name: str, file: str) -> tuple[Target, list
             bad(("env", key), f"not a valid environment variable name: {key!r}", at_key=True)
         elif not isinstance(value, (str, int, float)) or isinstance(value, bool):
             bad(("env", key), "environment values must be strings or numbers")
-        elif _breaks_lines(str(value)):
+        elif breaks_line(str(value)):
             bad(("env", key), "environment values must be one line (no line break, carriage return or NUL)")
     for list_key in ("modules", "setup"):
         for index, item in enumerate(data.get(list_key, [])):
-            if not isinstance(item, str) or _breaks_lines(item):
+            if not isinstance(item, str) or breaks_line(item):
                 bad((list_key, index), "must be a one-line string")
 
     slurm = SlurmSettings(

@@ -121,7 +121,7 @@ def torn_file(directory: Path) -> str | None:
     for path in _recorded_paths(directory):
         name = path.relative_to(directory).as_posix()
         if path.suffix == ".safetensors":
-            problem = _safetensors_problem(path)
+            problem = safetensors_problem(path)
         elif path.suffix in (".bin", ".pt", ".pth", ".pkl"):
             problem = None if zipfile.is_zipfile(path) else "is not a whole torch.save file"
         else:
@@ -131,7 +131,8 @@ def torn_file(directory: Path) -> str | None:
     return None
 
 
-def _safetensors_problem(path: Path) -> str | None:
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file's header or size (a truncated or garbled copy); None if whole."""
     size = path.stat().st_size
     with path.open("rb") as handle:
         head = handle.read(8)

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ..schemas.run_plan import LoraPlan, ModelPlan
+from .checkpoint_integrity import safetensors_problem
 from .errors import RuntimeUserError
 from .freeze import freeze_all_but
 from .pretrained import (
@@ -148,17 +149,8 @@ def damaged_weights(exc: BaseException, folder: str | Path) -> str | None:
     if type(exc).__name__ != "SafetensorError":
         return None
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
-    culprit = None
-    if Path(folder).is_dir():
-        from safetensors import safe_open
-
-        for file in sorted(Path(folder).glob("*.safetensors")):
-            try:
-                with safe_open(str(file), framework="pt"):
-                    pass
-            except Exception:  # noqa: BLE001 - any failure to open the header marks the file
-                culprit = file
-                break
+    files = sorted(Path(folder).glob("*.safetensors")) if Path(folder).is_dir() else []
+    culprit = next((file for file in files if safetensors_problem(file) is not None), None)
     where = f"{culprit} does not read" if culprit is not None else "its weights do not read"
     return f"{where} ({reason}): a truncated or damaged file; download or copy it again"
 
