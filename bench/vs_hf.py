@@ -15,6 +15,10 @@ unless a configuration asks; the same number of optimizer steps on both sides):
   tunefile: sample_packing, micro batch 4 (--micro-batch).
 - B: the 8B shape, rows of exactly 4096 tokens, micro batch 1 on both sides.
 - Z (with 2 GPUs or more; tunefile only): ZeRO-3 LoRA against DDP on 2 GPUs, at 1B on A's data and 8B on B's.
+  With --z-per-module SHAPES (e.g. 1b) also ZeRO-3 as DeepSpeed gathers by default, module by module (a DeepSpeed
+  JSON that sets stage3_module_granularity_threshold: 0, which tunefile leaves to DeepSpeed), run first, so the
+  DDP and gathered-by-layer runs after it start from a warm data cache. Every tunefile run also records its time
+  to the first step (train_summary.json's `startup`: from launch.sh's start, phase by phase).
 
 Ids are drawn below min(128,000, the vocabulary) and above every special token of the tokenizer: an example that
 starts with the pad id turns the loss NaN in any trainer that does not strip it (issue 10), and this compares
@@ -77,6 +81,19 @@ from gpu_runs import DDP, PYTHON, TUNEFILE, ZERO3, device_name, ensure_inputs, s
 from nan_forensics import lognormal_data  # noqa: E402
 
 SELF = Path(__file__).resolve()
+# ZeRO-3 as DeepSpeed gathers by default, one module at a time: a JSON that sets the granularity threshold is left
+# to DeepSpeed (compiler/resolve/distribution.py), and 0 switches DeepSpeed's own grouping off. Written into --work.
+ZERO3_PER_MODULE = Path("zero3_per_module.json")
+ZERO3_PER_MODULE_CONFIG = {
+    "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
+                          "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
+                          "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1_000_000_000,
+                          "stage3_max_reuse_distance": 1_000_000_000,
+                          "stage3_gather_16bit_weights_on_model_save": True,
+                          "stage3_module_granularity_threshold": 0},
+    "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
+}
 LORA = {"r": 32, "alpha": 64, "dropout": 0.05}
 GIB = 2**30
 
@@ -354,11 +371,14 @@ def run_tunefile(run: TunefileRun, data: Path, model_dir: Path, args: argparse.N
     rate = harmonic_mean([r["tokens_per_s"] for r in steps if r["step"] > args.warmup])
     peaks = [r["peak_memory_gib"] for r in records if "peak_memory_gib" in r]
     decisions = next((r["runtime_decisions"] for r in records if "runtime_decisions" in r), None)
+    summary_file = output_dir / "train_summary.json"
+    startup = json.loads(summary_file.read_text(encoding="utf-8")).get("startup") if summary_file.exists() else None
     record |= {"wall_s": round(wall, 1), "steps_done": steps[-1]["step"] if steps else 0,
                "tokens_per_s": rate, "tokens_per_s_per_gpu": rate / run.gpus if rate else None,
                "peak_allocated_gib": max(peaks) if peaks else None, "peak_reserved_gib": None,
                "device_used_gib": sampler.peak_gib, "losses": [r["loss"] for r in steps],
-               "grad_norms": [r.get("grad_norm") for r in steps], "runtime_decisions": decisions}
+               "grad_norms": [r.get("grad_norm") for r in steps], "runtime_decisions": decisions,
+               "startup": startup}
     record = verdict(record, code, args.steps)
     return record if record["ok"] else record | {"log_tail": log_tail(log)}
 
@@ -543,10 +563,12 @@ def ratios(records: list[dict[str, Any]]) -> dict[str, Any]:
             for r in records if r["workload"] == workload and r["side"] == "tunefile" and r["ok"]}}
     z = {r["name"]: r for r in records if r["workload"] == "Z" and r["ok"]}
     for shape in ("1b", "8b"):
-        ddp, zero3 = z.get(f"z-{shape}-ddp"), z.get(f"z-{shape}-zero3")
-        if ddp and zero3 and ddp["tokens_per_s_per_gpu"] and zero3["tokens_per_s_per_gpu"]:
-            out.setdefault("Z", {})[f"{shape} zero3/ddp per GPU"] = round(
-                zero3["tokens_per_s_per_gpu"] / ddp["tokens_per_s_per_gpu"], 3)
+        ddp = z.get(f"z-{shape}-ddp")
+        for kind in ("zero3", "zero3-per-module"):
+            zero3 = z.get(f"z-{shape}-{kind}")
+            if ddp and zero3 and ddp["tokens_per_s_per_gpu"] and zero3["tokens_per_s_per_gpu"]:
+                out.setdefault("Z", {})[f"{shape} {kind}/ddp per GPU"] = round(
+                    zero3["tokens_per_s_per_gpu"] / ddp["tokens_per_s_per_gpu"], 3)
     return out
 
 
@@ -555,7 +577,7 @@ def table(records: list[dict[str, Any]]) -> str:
         return "-" if value is None else f"{value:,.{digits}f}"
 
     head = (f"{'wl':3} {'side':8} {'run':22} {'status':26} {'tok/s':>9} {'tok/s/gpu':>9} {'MFU':>6} "
-            f"{'alloc GiB':>9} {'resv GiB':>8} {'smi GiB':>7} {'steps':>5} {'loss first→last':>17}")
+            f"{'alloc GiB':>9} {'resv GiB':>8} {'smi GiB':>7} {'steps':>5} {'loss first→last':>17} {'1st step s':>10}")
     lines = [head, "-" * len(head)]
     for r in records:
         losses = r.get("losses") or []
@@ -564,7 +586,8 @@ def table(records: list[dict[str, Any]]) -> str:
                      f"{number(r.get('tokens_per_s')):>9} {number(r.get('tokens_per_s_per_gpu')):>9} "
                      f"{number(100 * r['mfu'] if r.get('mfu') is not None else None, 1):>6} "
                      f"{number(r.get('peak_allocated_gib'), 1):>9} {number(r.get('peak_reserved_gib'), 1):>8} "
-                     f"{number(r.get('device_used_gib'), 1):>7} {r.get('steps_done', 0):>5} {loss:>17}")
+                     f"{number(r.get('device_used_gib'), 1):>7} {r.get('steps_done', 0):>5} {loss:>17} "
+                     f"{number((r.get('startup') or {}).get('seconds_to_first_step'), 1):>10}")
     return "\n".join(lines)
 
 
@@ -600,8 +623,12 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[Workload], list[TunefileRu
             runs += [TunefileRun(f"tf-{workload.name}-{name}", workload, extra) for scope, name, extra in args.variants
                      if scope in (None, workload.name)]
     if "Z" in args.workloads and not args.smoke:
-        runs += [TunefileRun(f"z-{w.shape}-{kind}", w, dist, gpus=2, label="Z")
-                 for w in workloads for kind, dist in (("ddp", DDP), ("zero3", ZERO3))]
+        for w in workloads:
+            if w.shape in args.z_per_module:
+                runs.append(TunefileRun(f"z-{w.shape}-zero3-per-module", w, {"deepspeed": ZERO3_PER_MODULE.name},
+                                        gpus=2, label="Z"))
+            runs += [TunefileRun(f"z-{w.shape}-{kind}", w, dist, gpus=2, label="Z")
+                     for kind, dist in (("ddp", DDP), ("zero3", ZERO3))]
     return [w for w in workloads if w.name in args.workloads], runs
 
 
@@ -622,6 +649,9 @@ def parse_arguments() -> argparse.Namespace:
                         help="config keys for every tunefile run")
     parser.add_argument("--tunefile-variant", action="append", default=[], metavar="[A:|B:]NAME=MAPPING|@FILE",
                         help="one more tunefile run: the workload's config plus these keys")
+    parser.add_argument("--z-per-module", default="", metavar="SHAPES",
+                        help="comma-separated shapes (1b, 8b) whose Z pair also runs ZeRO-3 gathering module by "
+                             "module, DeepSpeed's default")
     parser.add_argument("--skip-base", action="store_true",
                         help="run only the --tunefile-variant runs, not tunefile's defaults (saves device time)")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, a few steps")
@@ -638,6 +668,9 @@ def parse_arguments() -> argparse.Namespace:
     except (ValueError, OSError, yaml.YAMLError) as exc:
         parser.error(str(exc))
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.z_per_module = {shape.strip() for shape in args.z_per_module.split(",") if shape.strip()}
+    if args.z_per_module - {"1b", "8b"}:
+        parser.error(f"--z-per-module: 1b or 8b, not {sorted(args.z_per_module)}")
     if set(args.workloads) - {"A", "B", "Z"}:
         parser.error(f"--workloads: A, B or Z, not {args.workloads}")
     args.steps = args.steps or (6 if args.smoke else 60)
@@ -697,6 +730,7 @@ def main() -> int:
         return ceiling_worker(args.ceiling_worker, args.device)
     signal.signal(signal.SIGTERM, stop_running_launch)
     (args.work / "logs").mkdir(parents=True, exist_ok=True)
+    (args.work / ZERO3_PER_MODULE).write_text(json.dumps(ZERO3_PER_MODULE_CONFIG, indent=2) + "\n", encoding="utf-8")
     ceiling = measure_ceiling(args)
     print(f"matmul ceiling: {ceiling}", flush=True)
     records, flops = run_all(args, ceiling)

@@ -113,6 +113,7 @@ class DistributionPlan:
     deepspeed_config: dict[str, Any] | None = None  # concrete, no "auto" left
     deepspeed_stage: int | None = None
     deepspeed_source: str | None = None  # "built-in zero3" or the user's file name
+    deepspeed_leaf_module: str | None = None  # ZeRO-3: the decoder layer class gathered whole (DeepSpeedPlan)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ from .schedule import Cadence, MicroBatch, optimizer_steps, steps_in
 from .startup_clock import StartupClock
 from .tiled_mlp import apply_tiled_mlp
 from .watchdog import Alarm, Watchdog
+from .zero3_gathering import gather_layers_whole
 
 log = logging.getLogger("tunefile.runtime")
 
@@ -261,6 +262,8 @@ class Trainer:
         self.lisa.before_wrapping(acc, model)
         self.restarts.before_wrapping(acc)
         self.fp8.use_filter_for(model)  # which linear layers prepare converts to float8
+        if plan.distribution.deepspeed is not None and acc.distributed_type.value == "DEEPSPEED":
+            gather_layers_whole(model, plan.distribution.deepspeed.leaf_module_class)  # before prepare's hooks
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
         self.restarts.attach(acc.unwrap_model(self.model), optimizer, acc)  # before resuming: it is checkpointed
 

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RUN_PLAN_VERSION = 4
+RUN_PLAN_VERSION = 5
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Strategy = Literal["single", "ddp", "fsdp", "deepspeed"]
@@ -375,6 +375,9 @@ class FsdpPlan:
 class DeepSpeedPlan:
     stage: int
     config_file: str  # beside config.yaml in the bundle
+    # ZeRO-3: the decoder layer class DeepSpeed gathers whole, one all-gather per layer as FSDP does
+    # (deepspeed.utils.set_z3_leaf_modules); None: DeepSpeed's own gathering, module by module.
+    leaf_module_class: str | None
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import REPO
+from runtime_bundles import compile_bundle, workspace, write_config
 
 sys.path.insert(0, str(REPO / "bench"))
 
@@ -40,6 +42,8 @@ def test_the_smoke_run_trains_both_sides_and_records_them(tmp_path: Path, tiny_m
         assert len(run["losses"]) == 4 and all(math.isfinite(loss) for loss in run["losses"])
         assert run["tokens_per_s"] > 0
     assert tunefile["runtime_decisions"]["device"] == "cpu"
+    assert tunefile["startup"]["measured_from"] == "launch.sh started"
+    assert 0 < tunefile["startup"]["seconds_to_first_step"] < tunefile["wall_s"]
     stopped = runs["hf-stopped"]
     assert stopped["status"] == "TIMEOUT" and not stopped["ok"] and stopped["steps_done"] == 0
     assert "TIMEOUT" in done.stdout  # in the table
@@ -70,6 +74,22 @@ def test_the_frozen_matmul_count_is_the_llama_shaped_models(tmp_path: Path) -> N
     # Causal attention: 6 · layers · width · Σn² / Σn per token.
     assert flops["attention"] == pytest.approx(6 * 16 * 2048 * (100**2 + 300**2) / 400)
     assert flops["total"] == pytest.approx(4 * linear + 6 * flops["n_lora"] + flops["attention"])
+
+
+@pytest.mark.parametrize("deepspeed, leaf", [(vs_hf.ZERO3_PER_MODULE.name, None), ("zero3", "LlamaDecoderLayer")])
+def test_workload_zs_zero3_runs_gather_as_they_say(tmp_path: Path, tiny_model_dir: Path, deepspeed: str,
+                                                   leaf: str | None) -> None:
+    """The per-module baseline's JSON compiles (a device call is too dear to find out there) to DeepSpeed's own
+    gathering; the built-in preset to whole decoder layers."""
+    root = workspace(tmp_path, tiny_model_dir)
+    (root / vs_hf.ZERO3_PER_MODULE).write_text(json.dumps(vs_hf.ZERO3_PER_MODULE_CONFIG), encoding="utf-8")
+    bundle = compile_bundle(write_config(root, adapter="lora", lora_target_linear=True, deepspeed=deepspeed),
+                            target="h100-80gb", gpus_per_node=2)
+    plan = yaml.safe_load((bundle / "config.yaml").read_text(encoding="utf-8"))
+    assert plan["distribution"]["deepspeed"] == {"stage": 3, "config_file": "deepspeed.json",
+                                                 "leaf_module_class": leaf}
+    zero = json.loads((bundle / "deepspeed.json").read_text(encoding="utf-8"))["zero_optimization"]
+    assert zero.get("stage3_module_granularity_threshold") == (0 if leaf is None else None)
 
 
 def test_command_line_configurations_are_read_or_refused() -> None:

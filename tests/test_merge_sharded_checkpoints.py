@@ -15,12 +15,8 @@ adapter-only DeepSpeed checkpoints train the embeddings through lora_modules_to_
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import importlib
-import importlib.util
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -29,6 +25,7 @@ import pytest
 import torch
 import yaml
 
+from cpu_process_group import importable, one_process_group
 from helpers import require_module, run_cli
 from tunefile.runtime import checkpoint as checkpoint_module
 from tunefile.runtime import sharded_checkpoints
@@ -123,46 +120,6 @@ def load_deepspeed(model: Any, checkpoint: Path, stage: int) -> dict[str, torch.
         return {name: param.detach().clone() for name, param in params.items()}
 
 
-@contextlib.contextmanager
-def one_process_group() -> Iterator[None]:
-    """A 1-process gloo group, accelerate's state (its logging wants one) and DeepSpeed on its CPU accelerator;
-    all undone afterwards so the rest of the session sees none of it."""
-    import torch.distributed as dist
-    from accelerate import PartialState
-
-    with pytest.MonkeyPatch.context() as patch:
-        # OMP_NUM_THREADS: else accelerate's state sets it (and the thread count) for the rest of the session.
-        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                            "OMP_NUM_THREADS": str(torch.get_num_threads())}.items():
-            patch.setenv(name, value)
-        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
-        PartialState(cpu=True)
-        try:
-            if "deepspeed" in sys.modules or _importable("deepspeed"):
-                from deepspeed import accelerator as ds_accelerator
-                from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
-                ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
-
-                previous = ds_accelerator.get_accelerator()
-                ds_accelerator.set_accelerator(CPU_Accelerator())
-                # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks (~40 s the first time); gloo
-                # alone serves one process.
-                patch.setattr(ds_torch_comm, "build_shm_op", lambda: None)
-                try:
-                    yield
-                finally:
-                    ds_accelerator.set_accelerator(previous)
-            else:
-                yield
-        finally:
-            dist.destroy_process_group()
-            PartialState._reset_state()
-
-
-def _importable(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
-
-
 def compile_config(root: Path, base_dir: Path, variant: str) -> Path:
     """The run's config: its lora_* keys rebuild the adapter the checkpoint holds."""
     values = {"base_model": str(base_dir), "datasets": [{"path": "data.jsonl", "type": "alpaca"}],
@@ -201,7 +158,7 @@ def written(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> S
     checkpoints, loaded_back = {}, {}
     with one_process_group():
         for layout, variant in LAYOUTS.items():
-            if layout.startswith("zero") and not _importable("deepspeed"):
+            if layout.startswith("zero") and not importable("deepspeed"):
                 continue  # the test asks for it (a skip on a laptop, a failure in CI)
             checkpoints[layout] = root / layout / "checkpoint-1"
             checkpoints[layout].mkdir(parents=True)

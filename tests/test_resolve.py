@@ -219,6 +219,28 @@ class TestDeepSpeed:
         if stage == 3:
             assert config["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 4096 * 4096)
 
+    @pytest.mark.parametrize("preset, leaf", [("zero3", "LlamaDecoderLayer"), ("zero3_offload", "LlamaDecoderLayer"),
+                                              ("zero2", None)])
+    def test_zero3_gathers_a_whole_decoder_layer(self, preset: str, leaf: str | None) -> None:
+        plan = plan_for(MINIMAL + f"deepspeed: {preset}\n", gpus("h100-80gb", 2))
+        assert plan.distribution.deepspeed_leaf_module == leaf
+        said = [d for d in plan.decisions if d.topic == "zero3 gathering"]
+        assert [d.value for d in said] == ([f"a whole {leaf} at a time"] if leaf else [])
+
+    def test_zero3_leaves_a_json_granularity_threshold_to_deepspeed(self) -> None:
+        user = {"zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 0}}
+        plan = plan_for(MINIMAL + "deepspeed: ds.json\n", gpus("h100-80gb", 2), deepspeed_data=user)
+        assert plan.distribution.deepspeed_leaf_module is None
+        assert decision(plan, "zero3 gathering") == ("stage3_module_granularity_threshold 0 | "
+                                                     "set in the DeepSpeed JSON")
+
+    def test_zero3_of_an_unknown_architecture_gathers_module_by_module(self) -> None:
+        text = MINIMAL.replace("meta-llama/Llama-3.1-8B", "someone/unknown-model") + "deepspeed: zero3\n"
+        plan = plan_for(text, gpus("h100-80gb", 2))
+        assert plan.distribution.deepspeed_leaf_module is None
+        assert decision(plan, "zero3 gathering").startswith("module by module (DeepSpeed's default) | the decoder "
+                                                            "layer class of")
+
     def test_user_json_auto_values_are_filled(self) -> None:
         user = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}, "train_batch_size": "auto",
                 "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
