@@ -15,10 +15,15 @@ unless a configuration asks; the same number of optimizer steps on both sides):
   tunefile: sample_packing, micro batch 4 (--micro-batch).
 - B: the 8B shape, rows of exactly 4096 tokens, micro batch 1 on both sides.
 - Z (with 2 GPUs or more; tunefile only): ZeRO-3 LoRA against DDP on 2 GPUs, at 1B on A's data and 8B on B's.
-  With --z-per-module SHAPES (e.g. 1b) also ZeRO-3 as DeepSpeed gathers by default, module by module (a DeepSpeed
-  JSON that sets stage3_module_granularity_threshold: 0, which tunefile leaves to DeepSpeed), run first, so the
-  DDP and gathered-by-layer runs after it start from a warm data cache. Every tunefile run also records its time
-  to the first step (train_summary.json's `startup`: from launch.sh's start, phase by phase).
+  tunefile's zero3 keeps a frozen base whole on every GPU where it fits (compiler/resolve/distribution.py); with
+  --z-variant KIND=SHAPES (e.g. partitioned=1b,8b) also, before that pair, so the pair starts from a warm data cache:
+  - partitioned: the base partitioned and gathered a decoder layer at a time (a DeepSpeed JSON, which tunefile
+    does not keep whole);
+  - per-module: ZeRO-3 as DeepSpeed gathers by default, module by module (a JSON that also sets
+    stage3_module_granularity_threshold: 0, which tunefile leaves to DeepSpeed);
+  - zero2: the built-in zero2 preset.
+  Every tunefile run also records its time to the first step (train_summary.json's `startup`: from launch.sh's
+  start, phase by phase).
 
 Ids are drawn below min(128,000, the vocabulary) and above every special token of the tokenizer: an example that
 starts with the pad id turns the loss NaN in any trainer that does not strip it (issue 10), and this compares
@@ -81,19 +86,25 @@ from gpu_runs import DDP, PYTHON, TUNEFILE, ZERO3, device_name, ensure_inputs, s
 from nan_forensics import lognormal_data  # noqa: E402
 
 SELF = Path(__file__).resolve()
-# ZeRO-3 as DeepSpeed gathers by default, one module at a time: a JSON that sets the granularity threshold is left
-# to DeepSpeed (compiler/resolve/distribution.py), and 0 switches DeepSpeed's own grouping off. Written into --work.
-ZERO3_PER_MODULE = Path("zero3_per_module.json")
-ZERO3_PER_MODULE_CONFIG = {
+# The built-in zero3's settings as a user's JSON: tunefile keeps a frozen base whole only under the built-in preset,
+# so this one stays partitioned (and is gathered a decoder layer at a time). Written into --work.
+ZERO3_PARTITIONED = Path("zero3_partitioned.json")
+ZERO3_PARTITIONED_CONFIG = {
     "zero_optimization": {"stage": 3, "overlap_comm": True, "contiguous_gradients": True,
                           "reduce_bucket_size": "auto", "stage3_prefetch_bucket_size": "auto",
                           "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 1_000_000_000,
                           "stage3_max_reuse_distance": 1_000_000_000,
-                          "stage3_gather_16bit_weights_on_model_save": True,
-                          "stage3_module_granularity_threshold": 0},
+                          "stage3_gather_16bit_weights_on_model_save": True},
     "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
     "gradient_clipping": "auto", "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"},
 }
+# ... and as DeepSpeed gathers by default, one module at a time: a JSON that sets the granularity threshold is left
+# to DeepSpeed (compiler/resolve/distribution.py), and 0 switches DeepSpeed's own grouping off.
+ZERO3_PER_MODULE = Path("zero3_per_module.json")
+ZERO3_PER_MODULE_CONFIG = {**ZERO3_PARTITIONED_CONFIG, "zero_optimization": {
+    **ZERO3_PARTITIONED_CONFIG["zero_optimization"], "stage3_module_granularity_threshold": 0}}
+Z_VARIANTS = {"partitioned": {"deepspeed": ZERO3_PARTITIONED.name}, "per-module": {"deepspeed": ZERO3_PER_MODULE.name},
+              "zero2": {"deepspeed": "zero2"}}
 LORA = {"r": 32, "alpha": 64, "dropout": 0.05}
 GIB = 2**30
 
@@ -564,7 +575,7 @@ def ratios(records: list[dict[str, Any]]) -> dict[str, Any]:
     z = {r["name"]: r for r in records if r["workload"] == "Z" and r["ok"]}
     for shape in ("1b", "8b"):
         ddp = z.get(f"z-{shape}-ddp")
-        for kind in ("zero3", "zero3-per-module"):
+        for kind in ("zero3", "partitioned", "per-module", "zero2"):
             zero3 = z.get(f"z-{shape}-{kind}")
             if ddp and zero3 and ddp["tokens_per_s_per_gpu"] and zero3["tokens_per_s_per_gpu"]:
                 out.setdefault("Z", {})[f"{shape} {kind}/ddp per GPU"] = round(
@@ -623,10 +634,9 @@ def plan_runs(args: argparse.Namespace) -> tuple[list[Workload], list[TunefileRu
             runs += [TunefileRun(f"tf-{workload.name}-{name}", workload, extra) for scope, name, extra in args.variants
                      if scope in (None, workload.name)]
     if "Z" in args.workloads and not args.smoke:
-        for w in workloads:
-            if w.shape in args.z_per_module:
-                runs.append(TunefileRun(f"z-{w.shape}-zero3-per-module", w, {"deepspeed": ZERO3_PER_MODULE.name},
-                                        gpus=2, label="Z"))
+        for w in (w for w in workloads if w.shape in args.z_shapes):
+            runs += [TunefileRun(f"z-{w.shape}-{kind}", w, Z_VARIANTS[kind], gpus=2, label="Z")
+                     for kind, shapes in args.z_variants if w.shape in shapes]
             runs += [TunefileRun(f"z-{w.shape}-{kind}", w, dist, gpus=2, label="Z")
                      for kind, dist in (("ddp", DDP), ("zero3", ZERO3))]
     return [w for w in workloads if w.name in args.workloads], runs
@@ -649,9 +659,9 @@ def parse_arguments() -> argparse.Namespace:
                         help="config keys for every tunefile run")
     parser.add_argument("--tunefile-variant", action="append", default=[], metavar="[A:|B:]NAME=MAPPING|@FILE",
                         help="one more tunefile run: the workload's config plus these keys")
-    parser.add_argument("--z-per-module", default="", metavar="SHAPES",
-                        help="comma-separated shapes (1b, 8b) whose Z pair also runs ZeRO-3 gathering module by "
-                             "module, DeepSpeed's default")
+    parser.add_argument("--z-shapes", default="1b,8b", help="the shapes Z runs (comma-separated: 1b, 8b)")
+    parser.add_argument("--z-variant", action="append", default=[], metavar="KIND=SHAPES",
+                        help=f"one more Z run per shape (1b, 8b, comma-separated); KIND: {', '.join(Z_VARIANTS)}")
     parser.add_argument("--skip-base", action="store_true",
                         help="run only the --tunefile-variant runs, not tunefile's defaults (saves device time)")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, a few steps")
@@ -668,9 +678,17 @@ def parse_arguments() -> argparse.Namespace:
     except (ValueError, OSError, yaml.YAMLError) as exc:
         parser.error(str(exc))
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    args.z_per_module = {shape.strip() for shape in args.z_per_module.split(",") if shape.strip()}
-    if args.z_per_module - {"1b", "8b"}:
-        parser.error(f"--z-per-module: 1b or 8b, not {sorted(args.z_per_module)}")
+    args.z_shapes = {shape.strip() for shape in args.z_shapes.split(",") if shape.strip()}
+    if not args.z_shapes or args.z_shapes - {"1b", "8b"}:
+        parser.error(f"--z-shapes: 1b, 8b or both, not {args.z_shapes}")
+    args.z_variants = []
+    for text in args.z_variant:
+        kind, _, shapes = text.partition("=")
+        wanted = {shape.strip() for shape in shapes.split(",") if shape.strip()}
+        if kind not in Z_VARIANTS or not wanted or wanted - {"1b", "8b"}:
+            parser.error(f"--z-variant: KIND=SHAPES with KIND one of {', '.join(Z_VARIANTS)} and shapes 1b, 8b; "
+                         f"not {text!r}")
+        args.z_variants.append((kind, wanted))
     if set(args.workloads) - {"A", "B", "Z"}:
         parser.error(f"--workloads: A, B or Z, not {args.workloads}")
     args.steps = args.steps or (6 if args.smoke else 60)
@@ -730,7 +748,8 @@ def main() -> int:
         return ceiling_worker(args.ceiling_worker, args.device)
     signal.signal(signal.SIGTERM, stop_running_launch)
     (args.work / "logs").mkdir(parents=True, exist_ok=True)
-    (args.work / ZERO3_PER_MODULE).write_text(json.dumps(ZERO3_PER_MODULE_CONFIG, indent=2) + "\n", encoding="utf-8")
+    for name, config in ((ZERO3_PARTITIONED, ZERO3_PARTITIONED_CONFIG), (ZERO3_PER_MODULE, ZERO3_PER_MODULE_CONFIG)):
+        (args.work / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     ceiling = measure_ceiling(args)
     print(f"matmul ceiling: {ceiling}", flush=True)
     records, flops = run_all(args, ceiling)

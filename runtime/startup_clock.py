@@ -2,9 +2,9 @@
 
 The clock starts when launch.sh started (it exports TUNEFILE_LAUNCH_STARTED, seconds since the epoch), else when this
 process started (Linux's /proc), else when the clock was made. Set-up marks the end of each phase; after the first
-optimizer step the main process logs one line, e.g. ``first step 14.2 s after launch.sh started: launcher and
-imports 6.1, accelerator 0.9, tokenizer and data 1.4, model 3.8, wrapping and resume 0.8, the step 1.2``, and the same
-figures go into train_summary.json (``startup``).
+optimizer step the main process logs one line, e.g. ``first step 14.2 s after launch.sh started: launcher 3.0, imports
+3.1, accelerator 0.9, tokenizer and data 1.4, model 3.8, wrapping and resume 0.8, the step 1.2``, and the same
+figures go into train_summary.json (``startup``). The launcher's share ends when this rank's process started.
 """
 
 from __future__ import annotations
@@ -41,6 +41,17 @@ class StartupClock:
         self.last = self.origin = now - max(elapsed, 0.0)
         self.phases: list[tuple[str, float]] = []
         self.done = False
+        # From launch.sh's start, the launcher's share ends when this process started: launch.sh, the launcher
+        # module, `accelerate launch` and torchrun before this rank existed; imports come after.
+        age = process_age_s() if self.since == "launch.sh started" else None
+        self.launcher_split = age is not None and 0 <= age <= elapsed
+        if self.launcher_split:
+            self.phases.append(("launcher", elapsed - age))
+            self.last = now - age
+
+    def mark_imports(self) -> None:
+        """The imports before set-up have ended (with the launcher's share, where it could not be told apart)."""
+        self.mark("imports" if self.launcher_split or self.since != "launch.sh started" else "launcher and imports")
 
     def mark(self, phase: str) -> None:
         """PHASE has just ended."""

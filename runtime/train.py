@@ -141,7 +141,7 @@ class Trainer:
         from .data.tokenizer import load_tokenizer
 
         plan = self.plan
-        self.clock.mark("launcher and imports" if self.clock.since == "launch.sh started" else "imports")
+        self.clock.mark_imports()
         self.accumulation = plan.schedule.gradient_accumulation_steps
         # FP8 where this machine can run it, decided before accelerate starts (its mixed precision says so).
         self.fp8 = decide_fp8(plan.model.fp8, precision=plan.model.precision, distribution=plan.distribution)

@@ -76,20 +76,28 @@ def test_the_frozen_matmul_count_is_the_llama_shaped_models(tmp_path: Path) -> N
     assert flops["total"] == pytest.approx(4 * linear + 6 * flops["n_lora"] + flops["attention"])
 
 
-@pytest.mark.parametrize("deepspeed, leaf", [(vs_hf.ZERO3_PER_MODULE.name, None), ("zero3", "LlamaDecoderLayer")])
-def test_workload_zs_zero3_runs_gather_as_they_say(tmp_path: Path, tiny_model_dir: Path, deepspeed: str,
-                                                   leaf: str | None) -> None:
-    """The per-module baseline's JSON compiles (a device call is too dear to find out there) to DeepSpeed's own
-    gathering; the built-in preset to whole decoder layers."""
+@pytest.mark.parametrize("kind, leaf, whole", [("per-module", None, False), ("partitioned", "LlamaDecoderLayer", False),
+                                              (None, "LlamaDecoderLayer", True)])
+def test_workload_zs_zero3_runs_gather_as_they_say(tmp_path: Path, tiny_model_dir: Path, kind: str | None,
+                                                   leaf: str | None, whole: bool) -> None:
+    """The variants' JSON files compile (a device call is too dear to find out there): per-module to DeepSpeed's
+    own gathering, partitioned to whole decoder layers over a partitioned base; the built-in preset (kind None)
+    keeps the tiny base whole."""
     root = workspace(tmp_path, tiny_model_dir)
-    (root / vs_hf.ZERO3_PER_MODULE).write_text(json.dumps(vs_hf.ZERO3_PER_MODULE_CONFIG), encoding="utf-8")
-    bundle = compile_bundle(write_config(root, adapter="lora", lora_target_linear=True, deepspeed=deepspeed),
+    for name, config in ((vs_hf.ZERO3_PARTITIONED, vs_hf.ZERO3_PARTITIONED_CONFIG),
+                         (vs_hf.ZERO3_PER_MODULE, vs_hf.ZERO3_PER_MODULE_CONFIG)):
+        (root / name).write_text(json.dumps(config), encoding="utf-8")
+    extra = vs_hf.Z_VARIANTS[kind] if kind else vs_hf.ZERO3
+    bundle = compile_bundle(write_config(root, adapter="lora", lora_target_linear=True, **extra),
                             target="h100-80gb", gpus_per_node=2)
     plan = yaml.safe_load((bundle / "config.yaml").read_text(encoding="utf-8"))
     assert plan["distribution"]["deepspeed"] == {"stage": 3, "config_file": "deepspeed.json",
                                                  "leaf_module_class": leaf}
     zero = json.loads((bundle / "deepspeed.json").read_text(encoding="utf-8"))["zero_optimization"]
-    assert zero.get("stage3_module_granularity_threshold") == (0 if leaf is None else None)
+    assert zero.get("stage3_module_granularity_threshold") == (0 if kind == "per-module" else None)
+    # Whole: a threshold of the model's size, so every parameter persists; else the one the hidden size gives.
+    hidden = json.loads((tiny_model_dir / "config.json").read_text(encoding="utf-8"))["hidden_size"]
+    assert zero["stage3_param_persistence_threshold"] == (205_120 if whole else 10 * hidden)
 
 
 def test_command_line_configurations_are_read_or_refused() -> None:

@@ -227,6 +227,28 @@ class TestDeepSpeed:
         said = [d for d in plan.decisions if d.topic == "zero3 gathering"]
         assert [d.value for d in said] == ([f"a whole {leaf} at a time"] if leaf else [])
 
+    def test_zero3_keeps_a_frozen_base_whole_where_it_fits(self) -> None:
+        lora = MINIMAL + "adapter: lora\nlora_target_linear: true\ndeepspeed: zero3\n"
+        plan = plan_for(lora, gpus("h100-80gb", 2))
+        zero = plan.distribution.deepspeed_config["zero_optimization"]
+        assert zero["stage3_param_persistence_threshold"] == 8_030_261_248  # Llama 3.1 8B's size: every parameter
+        assert decision(plan, "zero3 frozen base").startswith("whole on every GPU | it fits (~")
+        assert plan.memory is not None and plan.memory.weights > 14  # the bf16 base counted whole on each GPU
+        assert plan.distribution.deepspeed_leaf_module == "LlamaDecoderLayer"
+
+    @pytest.mark.parametrize("config, target, said", [
+        ("adapter: lora\nlora_target_linear: true\nsequence_len: 8192\nmicro_batch_size: 4\n", "a10g",
+         "partitioned | with it whole, the estimate is ~"),
+        ("adapter: lora\nlora_target_linear: true\n", "unspecified", "partitioned | the GPU's memory is unknown"),
+        ("", "h100-80gb", None),  # a full fine-tune: every weight trains
+        ("adapter: qlora\nload_in_4bit: true\n", "h100-80gb", None)])
+    def test_zero3_partitions_the_base_otherwise(self, config: str, target: str, said: str | None) -> None:
+        plan = plan_for(MINIMAL + config + "deepspeed: zero3\n", gpus(target, 2))
+        zero = plan.distribution.deepspeed_config["zero_optimization"]
+        assert zero["stage3_param_persistence_threshold"] == 10 * 4096
+        found = [d.value + " | " + d.reason for d in plan.decisions if d.topic == "zero3 frozen base"]
+        assert [f[:len(said)] for f in found] == ([said] if said else [])
+
     def test_zero3_leaves_a_json_granularity_threshold_to_deepspeed(self) -> None:
         user = {"zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 0}}
         plan = plan_for(MINIMAL + "deepspeed: ds.json\n", gpus("h100-80gb", 2), deepspeed_data=user)

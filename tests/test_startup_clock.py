@@ -21,8 +21,9 @@ def test_the_process_age_is_read_from_proc() -> None:
 
 def test_the_clock_counts_from_when_launch_sh_started(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(LAUNCH_STARTED, f"{time.time() - 5.0:.6f}")
+    monkeypatch.setattr(startup_clock, "process_age_s", lambda: None)  # the launcher's share cannot be told apart
     clock = StartupClock()
-    clock.mark("launcher and imports")
+    clock.mark_imports()
     line = clock.finish()
     record = clock.record()
     assert clock.since == "launch.sh started" and 5.0 <= record["seconds_to_first_step"] < 6.0
@@ -30,6 +31,17 @@ def test_the_clock_counts_from_when_launch_sh_started(monkeypatch: pytest.Monkey
     assert [name for name, _ in record["phases_s"]] == ["launcher and imports", "the step"]
     assert sum(seconds for _, seconds in record["phases_s"]) == pytest.approx(record["seconds_to_first_step"],
                                                                               abs=0.01)
+
+
+def test_the_launchers_share_ends_when_this_process_started(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LAUNCH_STARTED, f"{time.time() - 5.0:.6f}")
+    monkeypatch.setattr(startup_clock, "process_age_s", lambda: 2.0)  # this rank started 3 s after launch.sh
+    clock = StartupClock()
+    clock.mark_imports()
+    clock.finish()
+    phases = dict(clock.record()["phases_s"])
+    assert list(phases) == ["launcher", "imports", "the step"]
+    assert phases["launcher"] == pytest.approx(3.0, abs=0.05) and phases["imports"] == pytest.approx(2.0, abs=0.05)
 
 
 @pytest.mark.parametrize("value", ["not a time", "1e30", "-5"])
@@ -59,12 +71,12 @@ def test_a_run_logs_its_first_step_and_records_each_phase(tmp_path: Path, tiny_m
     result = launch(compile_bundle(write_config(root, adapter="lora", lora_target_linear=True, max_steps=2)))
     lines = [line for line in result.stderr.splitlines() if "first step" in line]
     assert len(lines) == 1, result.stderr[-3000:]
-    assert re.search(r"first step \d+\.\d s after launch\.sh started: launcher and imports \d+\.\d, accelerator "
+    assert re.search(r"first step \d+\.\d s after launch\.sh started: launcher \d+\.\d, imports \d+\.\d, accelerator "
                      r"\d+\.\d, tokenizer and data \d+\.\d, model \d+\.\d, wrapping and resume \d+\.\d, the step "
                      r"\d+\.\d$", lines[0]), lines[0]
     startup = summary(root / "out")["startup"]
     assert startup["measured_from"] == "launch.sh started"
-    assert [name for name, _ in startup["phases_s"]] == ["launcher and imports", "accelerator", "tokenizer and data",
+    assert [name for name, _ in startup["phases_s"]] == ["launcher", "imports", "accelerator", "tokenizer and data",
                                                          "model", "wrapping and resume", "the step"]
     assert sum(seconds for _, seconds in startup["phases_s"]) == pytest.approx(startup["seconds_to_first_step"],
                                                                                abs=0.01)

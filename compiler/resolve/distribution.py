@@ -69,6 +69,10 @@ def _resolve_strategy(
         if stage == 3:
             plan, gathering = _zero3_gathering(plan, model)
             decisions.append(gathering)
+            if preset == "zero3" and spec.adapter and quantization_bits is None and shape is not None:
+                plan, memory, base = _zero3_frozen_base(plan, shape, whole=estimate_for("zero2"),
+                                                        partitioned=memory)
+                decisions.append(base)
         _warn_if_too_big(memory, ("deepspeed",), warnings, "use zero3 or zero3_offload")
         return plan, memory, decisions
 
@@ -316,6 +320,38 @@ def _zero3_gathering(plan: DistributionPlan, model: ModelInfo) -> tuple[Distribu
             Decision("zero3 gathering", f"a whole {layer} at a time",
                      "one all-gather per decoder layer, as FSDP wraps it, instead of one per module that holds "
                      "parameters (each projection and each adapter matrix)"))
+
+
+# The share of GPU memory the estimate with a whole base may take: less than the 90% the fit warning allows, since
+# the user chose ZeRO-3 for its memory and a wrong guess here is an out-of-memory error a partitioned base avoids.
+WHOLE_BASE_SHARE = 0.75
+
+
+def _zero3_frozen_base(plan: DistributionPlan, shape: ModelShape, *, whole: MemoryEstimate | None,
+                       partitioned: MemoryEstimate | None) -> tuple[DistributionPlan, MemoryEstimate | None, Decision]:
+    """Under an adapter, the built-in zero3 keeps the frozen base whole on every GPU when the estimate says it fits.
+
+    A frozen weight has no gradient and no optimizer state: partitioning it saves only its own bf16 copy, and costs
+    an all-gather of the whole base in every forward and backward. Where the base fits beside the rest, every
+    parameter is made persistent (stage3_param_persistence_threshold: the model's size): ZeRO-3 still
+    partitions the adapter's gradients and optimizer state, and gathers nothing. Where it does not fit, or the
+    GPU's memory is unknown, the base stays partitioned and is gathered a layer at a time. "Fits" leaves a margin
+    (WHOLE_BASE_SHARE)."""
+    if whole is None or whole.available is None or whole.total > WHOLE_BASE_SHARE * whole.available:
+        why = ("the GPU's memory is unknown" if whole is None or whole.available is None else
+               f"with it whole, the estimate is ~{whole.total:.1f} GiB per GPU, over {WHOLE_BASE_SHARE:.0%} of "
+               f"{whole.available:.0f} GiB")
+        return plan, partitioned, Decision("zero3 frozen base", "partitioned", why)
+    # No parameter is larger than the whole model, an embedding grown by added tokens included.
+    threshold = shape.parameters
+    config = dict(plan.deepspeed_config or {})
+    config["zero_optimization"] = dict(config["zero_optimization"], stage3_param_persistence_threshold=threshold)
+    return (replace(plan, deepspeed_config=config), whole,
+            Decision("zero3 frozen base", "whole on every GPU",
+                     f"it fits (~{whole.total:.1f} GiB per GPU of {whole.available:.0f} GiB): a frozen weight has "
+                     "no gradient or optimizer state to partition, so every parameter stays whole "
+                     f"(stage3_param_persistence_threshold {threshold:,}) and ZeRO-3 partitions the adapter's "
+                     "gradients and optimizer state without gathering the base in every step"))
 
 
 _UNSIZED_BUCKETS = ("; its bucket sizes are DeepSpeed's defaults, since the model's hidden size is unknown (a local "
