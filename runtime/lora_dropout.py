@@ -17,9 +17,13 @@ random numbers to other elements. Gradient checkpointing recomputes
 a layer's forward with the generator's state restored (torch.utils.checkpoint's preserve_rng_state): the
 recomputed masks are the original ones too.
 
-Applied to single-process and DDP runs, whose weights are ordinary tensors during the step. Under FSDP and
-DeepSpeed the weights are gathered and released by hooks around each module, and a weight kept by a custom
-function is not one their hooks manage: peft's own dropout runs there, and the reason is recorded.
+Applied where the adapter's weights are ordinary tensors for the whole step, or at least for the whole of the
+decoder layer's forward and backward: single-process and DDP runs, DeepSpeed ZeRO-1 and ZeRO-2 (which partition
+only gradients and optimizer state), and ZeRO-3 when it gathers each decoder layer whole (zero3_gathering.py:
+lora_A is inside the layer, gathered before the layer's forward and again before its backward, as DeepSpeed's own
+linear function keeps its weight). Under FSDP, and ZeRO-3 gathering module by module, hooks around each module
+gather and release the weights, and a weight kept by a custom function is not one they manage: peft's own dropout
+runs there, and the reason is recorded.
 """
 
 from __future__ import annotations
@@ -32,8 +36,20 @@ from torch.nn import functional
 
 log = logging.getLogger(__name__)
 
-# The strategies under which the adapter's weights are plain tensors for the whole step.
+# The strategies under which the adapter's weights are plain tensors for the whole step (DeepSpeed: see below).
 SUPPORTED_STRATEGIES = frozenset({"single", "ddp"})
+
+
+def unsupported_reason(strategy: str, *, zero_stage: int | None = None,
+                       layers_gathered_whole: bool = False) -> str | None:
+    """Why the dropout cannot be replayed under this distribution (the module docstring), or None."""
+    if strategy in SUPPORTED_STRATEGIES:
+        return None
+    if strategy == "deepspeed" and zero_stage is not None and (zero_stage < 3 or layers_gathered_whole):
+        return None
+    how = f"{strategy} ZeRO-{zero_stage} gathering module by module" if strategy == "deepspeed" else strategy
+    return (f"lora_dropout_recompute: peft's own dropout under {how}, whose hooks gather and release the weights a "
+            "custom function would keep")
 
 
 def generator_of(device: torch.device) -> torch.Generator:
@@ -103,12 +119,12 @@ class ReplayedDropoutLinear(torch.nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
-def recompute_lora_dropout(model: torch.nn.Module, *, strategy: str) -> dict[str, Any]:
+def recompute_lora_dropout(model: torch.nn.Module, *, strategy: str, zero_stage: int | None = None,
+                           layers_gathered_whole: bool = False) -> dict[str, Any]:
     """Move each vanilla LoRA layer's dropout into its lora_A (ReplayedDropoutLinear). Returns the decision for the
-    run's records: how many adapters, or why none."""
-    if strategy not in SUPPORTED_STRATEGIES:
-        reason = (f"lora_dropout_recompute: peft's own dropout under {strategy}, whose hooks gather and release the "
-                  f"weights a custom function would keep")
+    run's records: how many adapters, or why none. ``zero_stage`` and ``layers_gathered_whole``: DeepSpeed's."""
+    reason = unsupported_reason(strategy, zero_stage=zero_stage, layers_gathered_whole=layers_gathered_whole)
+    if reason is not None:
         log.info("%s", reason)
         return {"lora_dropout_recompute": False, "lora_dropout_recompute_fallback": reason}
     patched = 0

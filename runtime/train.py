@@ -223,7 +223,10 @@ class Trainer:
                            decisions=self.loading_decisions)
         lora = plan.model.lora
         if lora is not None and lora.recompute_dropout and lora.dropout > 0:  # masks redrawn, not stored
-            self.loading_decisions.update(recompute_lora_dropout(model, strategy=plan.distribution.strategy))
+            zero = plan.distribution.deepspeed
+            self.loading_decisions.update(recompute_lora_dropout(
+                model, strategy=plan.distribution.strategy, zero_stage=zero.stage if zero else None,
+                layers_gathered_whole=zero is not None and zero.leaf_module_class is not None))
         self.router_aux = RouterAuxLoss(model)  # a MoE router's aux loss joins the loss (router_loss.py)
         # Liger / cut-cross-entropy where this machine has them (each fallback logged and recorded).
         self.kernels = apply_kernels(model, self.parallel.kernels(plan.kernels), device_type=self.device.type,

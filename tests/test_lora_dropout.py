@@ -117,13 +117,25 @@ def test_evaluation_and_no_dropout_give_peft_outputs_exactly() -> None:
     assert recompute_lora_dropout(lora_model(0.0), strategy="single") == {"lora_dropout_recompute": 0}
 
 
-def test_fsdp_and_deepspeed_keep_peft_dropout_with_the_reason() -> None:
-    for strategy in ("fsdp", "deepspeed"):
-        model = lora_model(0.1)
-        decision = recompute_lora_dropout(model, strategy=strategy)
-        assert decision["lora_dropout_recompute"] is False
-        assert strategy in decision["lora_dropout_recompute_fallback"]
-        assert not any(isinstance(m, ReplayedDropoutLinear) for m in model.modules())
+@pytest.mark.parametrize("strategy, zero_stage, words", [
+    ("fsdp", None, "under fsdp,"), ("deepspeed", 3, "under deepspeed ZeRO-3 gathering module by module,")])
+def test_fsdp_and_zero3_by_module_keep_peft_dropout_with_the_reason(strategy: str, zero_stage: int | None,
+                                                                    words: str) -> None:
+    model = lora_model(0.1)
+    decision = recompute_lora_dropout(model, strategy=strategy, zero_stage=zero_stage)
+    assert decision["lora_dropout_recompute"] is False
+    assert words in decision["lora_dropout_recompute_fallback"]
+    assert not any(isinstance(m, ReplayedDropoutLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize("zero_stage, whole", [(1, False), (2, False), (3, True)])
+def test_deepspeed_replays_where_the_weights_stay_for_the_layer(zero_stage: int, whole: bool) -> None:
+    """ZeRO-1/2 leave the weights alone; ZeRO-3 gathering whole decoder layers keeps lora_A for the layer's backward
+    (the training itself under ZeRO-3 is tests/test_zero3_gathering.py's)."""
+    model = lora_model(0.1)
+    decision = recompute_lora_dropout(model, strategy="deepspeed", zero_stage=zero_stage, layers_gathered_whole=whole)
+    assert decision["lora_dropout_recompute"] > 0
+    assert any(isinstance(m, ReplayedDropoutLinear) for m in model.modules())
 
 
 def saved_bytes(model: torch.nn.Module) -> int:

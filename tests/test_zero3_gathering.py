@@ -19,27 +19,34 @@ import torch
 from cpu_process_group import one_process_group
 from helpers import require_module
 from tunefile.runtime.errors import RuntimeUserError
+from tunefile.runtime.lora_dropout import recompute_lora_dropout
 from tunefile.runtime.zero3_gathering import gather_layers_whole
 
 STEPS = 3
 
 
-def lora_model(base_dir: Path) -> Any:
+def lora_model(base_dir: Path, dropout: float = 0.0) -> Any:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+    return get_peft_model(base, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear",
                                            task_type="CAUSAL_LM", init_lora_weights=False))
 
 
-def train(model: Any, *, leaf_class: str | None) -> tuple[list[float], dict[str, torch.Tensor], int, int]:
-    """(losses, the trained adapter, decoder layers flagged, gathers per forward) of STEPS ZeRO-3 steps."""
+def train(model: Any, *, leaf_class: str | None,
+          replay_dropout: bool = False) -> tuple[list[float], dict[str, torch.Tensor], int, int]:
+    """(losses, the trained adapter, decoder layers flagged, gathers per forward) of STEPS ZeRO-3 steps; with
+    ``replay_dropout`` the runtime's LoRA dropout that keeps lora_A's weight for its backward."""
     import deepspeed
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
+    if replay_dropout:
+        assert recompute_lora_dropout(model, strategy="deepspeed", zero_stage=3,
+                                      layers_gathered_whole=leaf_class is not None)["lora_dropout_recompute"] > 0
     flagged = gather_layers_whole(model, leaf_class)
+    torch.manual_seed(5)  # the dropout masks
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -75,26 +82,46 @@ def train(model: Any, *, leaf_class: str | None) -> tuple[list[float], dict[str,
     return losses, adapter, flagged, per_forward
 
 
-def test_zero3_gathers_each_decoder_layer_once_and_trains_the_same(tiny_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir: Path) -> dict[str, tuple[list[float], dict[str, torch.Tensor], int, int]]:
+    """Every training of this file, in one process group: DeepSpeed keeps its groups for the process's life."""
     require_module("deepspeed", "pip install 'tunefile[deepspeed]'")
-    model = lora_model(tiny_model_dir)
-    layers = model.config.num_hidden_layers
+    plain, with_dropout = lora_model(tiny_model_dir), lora_model(tiny_model_dir, dropout=0.1)
     with one_process_group():
-        per_module = train(copy.deepcopy(model), leaf_class=None)
-        per_layer = train(copy.deepcopy(model), leaf_class="LlamaDecoderLayer")
-    losses, adapter, flagged, gathers = per_layer
-    assert flagged == layers and per_module[2] == 0
-    # Hooks fire on the wrappers (peft's two, the causal LM, the decoder), the embedding, the rotary embedding, the
-    # final norm and the head, and then per module inside each layer (each projection, its dropout, A and B, the
-    # norms, …: 41 in this model) or once per layer.
-    assert gathers <= layers + 8 and per_module[3] >= gathers + 30 * layers, (gathers, per_module[3])
+        return {"per module": train(copy.deepcopy(plain), leaf_class=None),
+                "per layer": train(copy.deepcopy(plain), leaf_class="LlamaDecoderLayer"),
+                "peft dropout per module": train(copy.deepcopy(with_dropout), leaf_class=None),
+                "replayed dropout per layer": train(copy.deepcopy(with_dropout), leaf_class="LlamaDecoderLayer",
+                                                    replay_dropout=True),
+                "layers": plain.config.num_hidden_layers}
+
+
+def assert_same_training(run: tuple, reference: tuple) -> None:
+    losses, adapter = run[0], run[1]
     assert all(torch.isfinite(torch.tensor(losses)))
-    torch.testing.assert_close(torch.tensor(losses), torch.tensor(per_module[0]), atol=1e-6, rtol=0)
-    assert adapter.keys() == per_module[1].keys()
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[0]), atol=1e-6, rtol=0)
+    assert adapter.keys() == reference[1].keys()
     for name, tensor in adapter.items():
         # Float rounding only (1e-6 seen, in the first layer alone: its backward now also computes its input's
         # gradient, the leaf hooks' need; runtime/zero3_gathering.py), against entries of about 0.5.
-        torch.testing.assert_close(tensor, per_module[1][name], atol=5e-6, rtol=1e-5, msg=name)
+        torch.testing.assert_close(tensor, reference[1][name], atol=5e-6, rtol=1e-5, msg=name)
+
+
+def test_zero3_gathers_each_decoder_layer_once_and_trains_the_same(trained: dict) -> None:
+    per_module, per_layer, layers = trained["per module"], trained["per layer"], trained["layers"]
+    assert per_layer[2] == layers and per_module[2] == 0
+    # Hooks fire on the wrappers (peft's two, the causal LM, the decoder), the embedding, the rotary embedding, the
+    # final norm and the head, and then per module inside each layer (each projection, its dropout, A and B, the
+    # norms, …: 41 in this model) or once per layer.
+    gathers, gathers_per_module = per_layer[3], per_module[3]
+    assert gathers <= layers + 8 and gathers_per_module >= gathers + 30 * layers, (gathers, gathers_per_module)
+    assert_same_training(per_layer, per_module)
+
+
+def test_replayed_lora_dropout_under_whole_layers_trains_as_peft_dropout_by_module(trained: dict) -> None:
+    """The runtime's dropout keeps lora_A's weight in a custom function, which DeepSpeed's per-module hooks would
+    release under it; gathered a layer at a time it is there for the backward, and in fp32 its masks are peft's."""
+    assert_same_training(trained["replayed dropout per layer"], trained["peft dropout per module"])
 
 
 def test_a_layer_class_the_model_lacks_is_one_line(tiny_model_dir: Path) -> None:

@@ -154,7 +154,7 @@ def _estimator(spec: Spec, target: Target, batch: BatchPlan, precision: str, mod
             if spec.gradient_checkpointing else 1,
             adapter_bytes_per_token=0.0 if spec.adapter is None else lora_input_bytes(
                 shape, targets=None if spec.lora_target_linear else _lora_targets(spec), dropout=spec.lora_dropout,
-                replayed=spec.lora_dropout_recompute and sharding in ("single", "ddp"), precision=precision),
+                replayed=spec.lora_dropout_recompute and _dropout_replayed(sharding, model), precision=precision),
             fused_loss=bool(kernels.get("cut_cross_entropy") or kernels.get("liger_fused_linear_cross_entropy")),
             liger_saved_per_token=liger_bytes_saved(shape, kernels),
             sharding=SHARDING[sharding],
@@ -162,6 +162,14 @@ def _estimator(spec: Spec, target: Target, batch: BatchPlan, precision: str, mod
             gpu_memory_gib=target.gpu.memory_gib if target.gpu and target.gpu_known else None,
         )
     return estimate
+
+
+def _dropout_replayed(sharding: str, model: ModelInfo) -> bool:
+    """Whether the runtime replays LoRA dropout under this sharding (runtime/lora_dropout.py): where the weights
+    stay for a whole decoder layer, as under ZeRO-3 only when it gathers whole layers (_zero3_gathering)."""
+    if sharding.startswith("zero3"):
+        return layer_class_for(model.architecture) is not None
+    return sharding in ("single", "ddp") or sharding.startswith(("zero1", "zero2"))
 
 
 # Candidates of gradient_checkpointing: auto, from the least recomputation to the most.
