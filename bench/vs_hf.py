@@ -52,6 +52,8 @@ What is measured, per run:
   and weight gradient, 2 each. Attention: for a sample of n tokens, causal QKᵀ and PV cost d·n² each forward per
   layer (d = heads × head_dim), the backward twice that, so 6·d·n² per layer; per token, averaged over the
   data's samples (packing and padding-free attention keep samples apart). MFU = F × tokens/s per GPU / ceiling.
+- time to first step (tunefile's runs): train_summary.json's `startup`. Where PYTHONDONTWRITEBYTECODE is set, the
+  installed packages are byte-compiled first, as `pip install` leaves them (byte_compile_installed).
 - every logged loss (one per step on both sides; Hugging Face's NaN filter is off); a run with a non-finite
   loss is FAILED whatever its speed.
 
@@ -67,6 +69,7 @@ import datetime
 import importlib.metadata
 import json
 import math
+import os
 import re
 import signal
 import subprocess
@@ -549,6 +552,25 @@ def measure_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(out.read_text(encoding="utf-8")) if code == 0 else {"tflops": None, "error": log_tail(log)}
 
 
+# --- the machine ------------------------------------------------------------------------------------------------
+
+def byte_compile_installed() -> dict[str, Any] | None:
+    """Where PYTHONDONTWRITEBYTECODE is set (the lent GPU machines set it), write the .pyc files of the installed
+    packages, as `pip install` does: else every run compiles torch, transformers and the rest from source, some 6 s
+    of each launch seen on an H200 machine, and time to first step measures the machine's setting instead. The
+    bundle's runtime archive is left as it is: zipimport compiles it in every launch, on every cluster."""
+    if not os.environ.get("PYTHONDONTWRITEBYTECODE"):
+        return None
+    import torch
+
+    folders = [os.path.dirname(os.path.dirname(torch.__file__))]
+    folders += [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if os.path.isdir(entry)]
+    started = time.perf_counter()
+    subprocess.run([PYTHON, "-m", "compileall", "-q", "-j", "0", *folders], stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, check=False)
+    return {"folders": folders, "seconds": round(time.perf_counter() - started, 1)}
+
+
 # --- the report -----------------------------------------------------------------------------------------------
 
 def add_mfu(record: dict[str, Any], flops: dict[str, float], ceiling: float | None) -> dict[str, Any]:
@@ -750,6 +772,9 @@ def main() -> int:
     (args.work / "logs").mkdir(parents=True, exist_ok=True)
     for name, config in ((ZERO3_PARTITIONED, ZERO3_PARTITIONED_CONFIG), (ZERO3_PER_MODULE, ZERO3_PER_MODULE_CONFIG)):
         (args.work / name).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    byte_compiled = None if args.smoke else byte_compile_installed()
+    if byte_compiled:
+        print(f"byte-compiled the installed packages (PYTHONDONTWRITEBYTECODE is set): {byte_compiled}", flush=True)
     ceiling = measure_ceiling(args)
     print(f"matmul ceiling: {ceiling}", flush=True)
     records, flops = run_all(args, ceiling)
@@ -758,7 +783,7 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "gpu": args.gpu, "gpu_count": args.gpu_count, "versions": versions(), "smoke": args.smoke,
         "settings": {"steps": args.steps, "warmup_steps_excluded": args.warmup, "learning_rate": args.learning_rate,
-                     "lora": LORA, "tunefile_extra": args.extra,
+                     "lora": LORA, "tunefile_extra": args.extra, "byte_compiled": byte_compiled,
                      "workload_z_skipped": f"Z needs 2 GPUs, this machine has {args.gpu_count}" if z_skipped else None},
         "matmul_ceiling": ceiling, "flops_per_token": flops, "runs": records, "ratios": ratios(records),
     }
