@@ -52,7 +52,7 @@ from .schedule import Cadence, MicroBatch, optimizer_steps, steps_in
 from .startup_clock import StartupClock
 from .tiled_mlp import apply_tiled_mlp
 from .watchdog import Alarm, Watchdog
-from .zero3_gathering import gather_layers_whole
+from .zero3_gathering import gather_layers_whole, gather_only_what_trains
 
 log = logging.getLogger("tunefile.runtime")
 
@@ -268,6 +268,10 @@ class Trainer:
         if plan.distribution.deepspeed is not None and acc.distributed_type.value == "DEEPSPEED":
             gather_layers_whole(model, plan.distribution.deepspeed.leaf_module_class)  # before prepare's hooks
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        zero = plan.distribution.deepspeed
+        if zero is not None and zero.stage == 3 and self.deepspeed and plan.model.relora is None \
+                and plan.model.lisa is None:  # ReLoRA's merges change frozen weights; LISA changes what is frozen
+            gather_only_what_trains(self.model)  # the engine: its after-step gather skips the frozen weights
         self.restarts.attach(acc.unwrap_model(self.model), optimizer, acc)  # before resuming: it is checkpointed
 
         # Resume: weights, optimizer, schedule, every rank's RNG, and where in the data plan we were.

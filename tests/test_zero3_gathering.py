@@ -20,7 +20,7 @@ from cpu_process_group import one_process_group
 from helpers import require_module
 from tunefile.runtime.errors import RuntimeUserError
 from tunefile.runtime.lora_dropout import recompute_lora_dropout
-from tunefile.runtime.zero3_gathering import gather_layers_whole
+from tunefile.runtime.zero3_gathering import gather_layers_whole, gather_only_what_trains
 
 STEPS = 3
 
@@ -35,10 +35,12 @@ def lora_model(base_dir: Path, dropout: float = 0.0) -> Any:
                                            task_type="CAUSAL_LM", init_lora_weights=False))
 
 
-def train(model: Any, *, leaf_class: str | None,
-          replay_dropout: bool = False) -> tuple[list[float], dict[str, torch.Tensor], int, int]:
+def train(model: Any, *, leaf_class: str | None, replay_dropout: bool = False,
+          whole_base_saved_to: Path | None = None) -> tuple[list[float], dict[str, torch.Tensor], int, int]:
     """(losses, the trained adapter, decoder layers flagged, gathers per forward) of STEPS ZeRO-3 steps; with
-    ``replay_dropout`` the runtime's LoRA dropout that keeps lora_A's weight for its backward."""
+    ``replay_dropout`` the runtime's LoRA dropout that keeps lora_A's weight for its backward; with
+    ``whole_base_saved_to`` every parameter persistent (the compiler's whole frozen base), the frozen ones left
+    out of the after-step gather, and a checkpoint written there after the first step."""
     import deepspeed
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
@@ -49,9 +51,15 @@ def train(model: Any, *, leaf_class: str | None,
     torch.manual_seed(5)  # the dropout masks
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
+                                    10**12 if whole_base_saved_to else 0},
               "zero_allow_untested_optimizer": True, "fp16": {"enabled": False}, "bf16": {"enabled": False}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    frozen = [p for p in engine.module.parameters() if not p.requires_grad]
+    if whole_base_saved_to:
+        assert gather_only_what_trains(engine) == len(frozen) > 0
+        assert engine.optimizer.persistent_parameters and all(p.requires_grad
+                                                              for p in engine.optimizer.persistent_parameters)
     gathers = 0
     fetch = PartitionedParameterCoordinator.fetch_sub_module
 
@@ -75,6 +83,8 @@ def train(model: Any, *, leaf_class: str | None,
             engine.backward(loss)
             engine.step()
             losses.append(loss.item())
+            if whole_base_saved_to and step == 0:  # partitions every parameter, then gathers the trained ones
+                engine.save_checkpoint(str(whole_base_saved_to), "step1")
     params = dict(engine.module.named_parameters())
     trained = {name: p for name, p in params.items() if p.requires_grad}
     with deepspeed.zero.GatheredParameters(list(trained.values())):
@@ -83,7 +93,7 @@ def train(model: Any, *, leaf_class: str | None,
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model_dir: Path) -> dict[str, tuple[list[float], dict[str, torch.Tensor], int, int]]:
+def trained(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Every training of this file, in one process group: DeepSpeed keeps its groups for the process's life."""
     require_module("deepspeed", "pip install 'tunefile[deepspeed]'")
     plain, with_dropout = lora_model(tiny_model_dir), lora_model(tiny_model_dir, dropout=0.1)
@@ -93,6 +103,9 @@ def trained(tiny_model_dir: Path) -> dict[str, tuple[list[float], dict[str, torc
                 "peft dropout per module": train(copy.deepcopy(with_dropout), leaf_class=None),
                 "replayed dropout per layer": train(copy.deepcopy(with_dropout), leaf_class="LlamaDecoderLayer",
                                                     replay_dropout=True),
+                "whole base per layer": train(copy.deepcopy(with_dropout), leaf_class="LlamaDecoderLayer",
+                                              replay_dropout=True,
+                                              whole_base_saved_to=tmp_path_factory.mktemp("checkpoint")),
                 "layers": plain.config.num_hidden_layers}
 
 
@@ -122,6 +135,12 @@ def test_replayed_lora_dropout_under_whole_layers_trains_as_peft_dropout_by_modu
     """The runtime's dropout keeps lora_A's weight in a custom function, which DeepSpeed's per-module hooks would
     release under it; gathered a layer at a time it is there for the backward, and in fp32 its masks are peft's."""
     assert_same_training(trained["replayed dropout per layer"], trained["peft dropout per module"])
+
+
+def test_a_whole_frozen_base_left_out_of_the_after_step_gather_trains_the_same(trained: dict) -> None:
+    """The compiler's whole frozen base (every parameter persistent), its frozen weights no longer gathered after
+    each step, and a checkpoint in between (which partitions them all): the same training as per module."""
+    assert_same_training(trained["whole base per layer"], trained["peft dropout per module"])
 
 
 def test_a_layer_class_the_model_lacks_is_one_line(tiny_model_dir: Path) -> None:
