@@ -88,7 +88,7 @@ sys.path.insert(0, str(BENCH))  # the sibling bench scripts, also when this file
 from gpu_runs import DDP, PYTHON, TUNEFILE, ZERO3, device_name, ensure_inputs, sh, stop_running_launch  # noqa: E402
 from nan_forensics import lognormal_data  # noqa: E402
 
-SELF = Path(__file__).resolve()
+WORKERS = BENCH / "vs_hf_workers.py"  # the Hugging Face run and the matmul ceiling, each in its own process
 # The built-in zero3's settings as a user's JSON: tunefile keeps a frozen base whole only under the built-in preset,
 # so this one stays partitioned (and is gathered a decoder layer at a time). Written into --work.
 ZERO3_PARTITIONED = Path("zero3_partitioned.json")
@@ -414,7 +414,7 @@ def run_hf(workload: Workload, config: HfConfig, data: Path, model_dir: Path,
     gpus = [0] if args.device == "cuda" else []
     env = {"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"} | ({"CUDA_VISIBLE_DEVICES": "0"} if gpus else {})
     with DeviceMemorySampler(gpus) as sampler:
-        code, wall = sh([PYTHON, str(SELF), "--hf-worker", str(spec_file)], cwd=args.work, env=env, log=log,
+        code, wall = sh([PYTHON, str(WORKERS), "hf", str(spec_file)], cwd=args.work, env=env, log=log,
                         timeout=config.timeout or args.timeout)
     lines = [json.loads(line) for line in steps_file.read_text(encoding="utf-8").splitlines() if line.strip()]
     ends = {r["step"]: r for r in lines if "t" in r}
@@ -437,118 +437,13 @@ def run_hf(workload: Workload, config: HfConfig, data: Path, model_dir: Path,
     return record if record["ok"] else record | {"log_tail": log_tail(log)}
 
 
-def hf_worker(spec_file: Path) -> int:
-    """One Hugging Face Trainer + PEFT run as the spec says (in its own process: the parent times it out)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        DataCollatorWithFlattening,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-        default_data_collator,
-    )
-
-    spec = json.loads(spec_file.read_text(encoding="utf-8"))
-    config, cuda = HfConfig(**spec["config"]), spec["device"] == "cuda"
-    with open(spec["data"], encoding="utf-8") as data:
-        rows = [json.loads(line)["input_ids"] for line in data]
-
-    class Rows(torch.utils.data.Dataset):
-        def __len__(self) -> int:
-            return len(rows)
-
-        def __getitem__(self, i: int) -> dict[str, list[int]]:
-            return {"input_ids": rows[i], "labels": rows[i]}
-
-    def pad(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        longest = max(len(f["input_ids"]) for f in features)
-        ids = torch.zeros(len(features), longest, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, f in enumerate(features):
-            ids[i, :len(f["input_ids"])], mask[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"]), 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
-
-    collate = {"flatten": DataCollatorWithFlattening(), "stack": default_data_collator, "pad": pad}[config.collator]
-    batch_tokens: list[int] = []  # in the order the batches are made, which is the order the steps take them
-
-    def counting_collator(features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        batch_tokens.append(sum(len(f["input_ids"]) for f in features))
-        return collate(features)
-
-    def write(record: dict[str, Any]) -> None:
-        """One line per event, flushed: a run killed at its time limit still leaves what it did."""
-        with open(spec["steps_file"], "a", encoding="utf-8") as steps_out:
-            steps_out.write(json.dumps(record) + "\n")
-
-    class Measure(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            memory = {}
-            if cuda:
-                torch.cuda.synchronize()
-                memory = {"allocated_gib": round(torch.cuda.max_memory_allocated() / GIB, 3),
-                          "reserved_gib": round(torch.cuda.max_memory_reserved() / GIB, 3)}
-            write({"step": state.global_step, "t": time.perf_counter(), "tokens": batch_tokens[state.global_step - 1],
-                   **memory})
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
-                   **kwargs: Any) -> None:
-            if logs and "loss" in logs:
-                write({"step": state.global_step, "loss": logs["loss"], "grad_norm": logs.get("grad_norm")})
-
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=torch.bfloat16 if cuda else torch.float32,
-                                                 attn_implementation=config.attn)
-    model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                                             target_modules="all-linear", task_type="CAUSAL_LM"))
-    trainable, total = model.get_nb_trainable_parameters()
-    arguments = TrainingArguments(
-        output_dir=spec["output_dir"], per_device_train_batch_size=config.rows, gradient_accumulation_steps=1,
-        max_steps=spec["steps"], learning_rate=spec["learning_rate"], lr_scheduler_type="cosine", warmup_steps=5,
-        weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cuda,
-        use_cpu=not cuda, logging_steps=1, logging_nan_inf_filter=False, save_strategy="no", report_to="none",
-        seed=42, dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True,
-        gradient_checkpointing=config.gc, gradient_checkpointing_kwargs={"use_reentrant": False} if config.gc else None,
-        torch_compile=config.compile, use_liger_kernel=config.liger)
-    Trainer(model=model, args=arguments, train_dataset=Rows(), data_collator=counting_collator,
-            callbacks=[Measure()]).train()
-    write({"done": True, "trainable": trainable, "total": total})
-    return 0
-
-
 # --- the matmul ceiling ---------------------------------------------------------------------------------------
-
-def ceiling_worker(out: Path, device: str) -> int:
-    """The best TFLOP/s of square matmuls (bf16 on a GPU; fp32 in the CPU smoke run), over a few sizes."""
-    import torch
-
-    cuda = device == "cuda"
-    dtype, sizes, iters = (torch.bfloat16, (4096, 8192, 16384), 20) if cuda else (torch.float32, (256, 512), 5)
-    best: dict[str, Any] = {"tflops": 0.0}
-    for n in sizes:
-        a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-        for _ in range(3):
-            a @ b
-        for _ in range(3):  # best of three timings of `iters` matmuls
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(iters):
-                a @ b
-            if cuda:
-                torch.cuda.synchronize()
-            tflops = 2 * n**3 * iters / (time.perf_counter() - start) / 1e12
-            if tflops > best["tflops"]:
-                best = {"tflops": round(tflops, 3), "n": n, "dtype": str(dtype).removeprefix("torch.")}
-    out.write_text(json.dumps(best), encoding="utf-8")
-    return 0
-
 
 def measure_ceiling(args: argparse.Namespace) -> dict[str, Any]:
     out, log = args.work / "ceiling.json", args.work / "logs" / "ceiling.log"
     env = {"CUDA_VISIBLE_DEVICES": "0"} if args.device == "cuda" else {}
-    code, _ = sh([PYTHON, str(SELF), "--ceiling-worker", str(out), "--device", args.device], cwd=args.work, env=env,
-                 log=log, timeout=300)
+    code, _ = sh([PYTHON, str(WORKERS), "ceiling", str(out), args.device], cwd=args.work, env=env, log=log,
+                 timeout=300)
     return json.loads(out.read_text(encoding="utf-8")) if code == 0 else {"tflops": None, "error": log_tail(log)}
 
 
@@ -687,12 +582,7 @@ def parse_arguments() -> argparse.Namespace:
     parser.add_argument("--skip-base", action="store_true",
                         help="run only the --tunefile-variant runs, not tunefile's defaults (saves device time)")
     parser.add_argument("--smoke", action="store_true", help="the tiny model on the CPU, a few steps")
-    parser.add_argument("--hf-worker", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--ceiling-worker", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.hf_worker or args.ceiling_worker:
-        return args
     try:
         args.hf = [parse_hf_config(text) for text in args.hf]
         args.extra = {k: v for text in args.tunefile_extra for k, v in parse_extra(text).items()}
@@ -764,10 +654,6 @@ def run_all(args: argparse.Namespace, ceiling: dict[str, Any]) -> tuple[list[dic
 
 def main() -> int:
     args = parse_arguments()
-    if args.hf_worker:
-        return hf_worker(args.hf_worker)
-    if args.ceiling_worker:
-        return ceiling_worker(args.ceiling_worker, args.device)
     signal.signal(signal.SIGTERM, stop_running_launch)
     (args.work / "logs").mkdir(parents=True, exist_ok=True)
     for name, config in ((ZERO3_PARTITIONED, ZERO3_PARTITIONED_CONFIG), (ZERO3_PER_MODULE, ZERO3_PER_MODULE_CONFIG)):
