@@ -35,6 +35,16 @@ def one_process_group() -> Iterator[None]:
 
                 previous = ds_accelerator.get_accelerator()
                 ds_accelerator.set_accelerator(CPU_Accelerator())
+                # DeepSpeed keeps its communication backend and its process groups in module globals: each group
+                # here starts from none and leaves them as they were (else a second group in the session meets the
+                # first one's groups, destroyed with it).
+                ds_comm = importlib.import_module("deepspeed.comm.comm")
+                ds_groups = importlib.import_module("deepspeed.utils.groups")
+                patch.setattr(ds_comm, "cdb", None)
+                for name, value in list(vars(ds_groups).items()):
+                    if name == "mpu" or (name.startswith("_") and name.endswith("_GROUP")) or \
+                            (name.startswith("_") and name.endswith(("_GROUP_RANKS", "_WORLD_SIZE", "_RANK"))):
+                        patch.setattr(ds_groups, name, {} if isinstance(value, dict) else None)
                 # DeepSpeed JIT-compiles a shared-memory all-reduce for CPU ranks (~40 s the first time); gloo
                 # alone serves one process.
                 patch.setattr(ds_torch_comm, "build_shm_op", lambda: None)

@@ -230,9 +230,11 @@ def test_models_the_fused_loss_cannot_reproduce_keep_the_plain_loss() -> None:
     assert kernels.loss_reason(_tiny(), flce, distribution=SINGLE) is None
     # Granite divides its logits by logits_scaling.
     assert "not granite" in kernels.loss_reason(_tiny("granite"), flce, distribution=SINGLE)
-    zero3 = dataclasses.replace(SINGLE, strategy="deepspeed", deepspeed=DeepSpeedPlan(stage=3, config_file="ds.json"))
+    zero3 = dataclasses.replace(SINGLE, strategy="deepspeed", deepspeed=DeepSpeedPlan(
+        stage=3, config_file="ds.json", leaf_module_class=None))
     assert "ZeRO-3" in kernels.loss_reason(_tiny(), flce, distribution=zero3)
-    zero2 = dataclasses.replace(zero3, deepspeed=DeepSpeedPlan(stage=2, config_file="ds.json"))
+    zero2 = dataclasses.replace(zero3, deepspeed=DeepSpeedPlan(
+        stage=2, config_file="ds.json", leaf_module_class=None))
     assert kernels.loss_reason(_tiny(), flce, distribution=zero2) is None
     lora_head = get_peft_model(_tiny(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
     assert "LoRA" in kernels.loss_reason(lora_head, flce, distribution=SINGLE)
