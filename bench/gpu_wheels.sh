@@ -15,8 +15,9 @@ platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --p
            --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux1_x86_64)
 # The machine's Python is 3.12. bitsandbytes: QLoRA, 8-bit loading and optimizers; pydantic and its
 # helpers: the compiler (bundles are compiled there with --target detect); hjson: DeepSpeed's one
-# missing dependency.
-for requirement in bitsandbytes==0.50.2 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types typing-inspection hjson; do
+# missing dependency; datasets and its two helpers the machine lacks: a bundle's stack check asks for datasets.
+for requirement in bitsandbytes==0.50.2 pydantic==2.14.3 pydantic_core==2.50.4 annotated-types typing-inspection hjson \
+                   datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19; do
     "$python" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         "${platforms[@]}" -d .whl "$requirement"
 done
