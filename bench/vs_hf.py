@@ -358,6 +358,24 @@ def tunefile_config(run: TunefileRun, data: Path, model_dir: Path, args: argpars
     return values | args.extra | run.extra
 
 
+def read_run(output_dir: Path, *, warmup: int) -> dict[str, Any]:
+    """What a tunefile run left in OUTPUT_DIR: metrics.jsonl's steps (the rate over steps after WARMUP, the peak
+    memory, every loss and gradient norm, the runtime decisions) and train_summary.json's time to first step."""
+    metrics_file = output_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if metrics_file.exists() else []
+    steps = [r for r in records if "loss" in r]
+    peaks = [r["peak_memory_gib"] for r in records if "peak_memory_gib" in r]
+    summary_file = output_dir / "train_summary.json"
+    return {"steps_done": steps[-1]["step"] if steps else 0,
+            "tokens_per_s": harmonic_mean([r["tokens_per_s"] for r in steps if r["step"] > warmup]),
+            "peak_allocated_gib": max(peaks) if peaks else None, "losses": [r["loss"] for r in steps],
+            "grad_norms": [r.get("grad_norm") for r in steps],
+            "runtime_decisions": next((r["runtime_decisions"] for r in records if "runtime_decisions" in r), None),
+            "startup": json.loads(summary_file.read_text(encoding="utf-8")).get("startup")
+            if summary_file.exists() else None}
+
+
 def run_tunefile(run: TunefileRun, data: Path, model_dir: Path, args: argparse.Namespace) -> dict[str, Any]:
     work, log = args.work, args.work / "logs" / f"{run.workload.name}-{run.name}.log"
     log.write_text("", encoding="utf-8")
@@ -378,21 +396,10 @@ def run_tunefile(run: TunefileRun, data: Path, model_dir: Path, args: argparse.N
     with DeviceMemorySampler(gpus) as sampler:
         code, wall = sh(["bash", str(work / "bundles" / run.name / "launch.sh")], cwd=work, env=env, log=log,
                         timeout=args.timeout)
-    metrics_file = output_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if metrics_file.exists() else []
-    steps = [r for r in records if "loss" in r]
-    rate = harmonic_mean([r["tokens_per_s"] for r in steps if r["step"] > args.warmup])
-    peaks = [r["peak_memory_gib"] for r in records if "peak_memory_gib" in r]
-    decisions = next((r["runtime_decisions"] for r in records if "runtime_decisions" in r), None)
-    summary_file = output_dir / "train_summary.json"
-    startup = json.loads(summary_file.read_text(encoding="utf-8")).get("startup") if summary_file.exists() else None
-    record |= {"wall_s": round(wall, 1), "steps_done": steps[-1]["step"] if steps else 0,
-               "tokens_per_s": rate, "tokens_per_s_per_gpu": rate / run.gpus if rate else None,
-               "peak_allocated_gib": max(peaks) if peaks else None, "peak_reserved_gib": None,
-               "device_used_gib": sampler.peak_gib, "losses": [r["loss"] for r in steps],
-               "grad_norms": [r.get("grad_norm") for r in steps], "runtime_decisions": decisions,
-               "startup": startup}
+    measured = read_run(output_dir, warmup=args.warmup)
+    rate = measured["tokens_per_s"]
+    record |= {"wall_s": round(wall, 1), **measured, "tokens_per_s_per_gpu": rate / run.gpus if rate else None,
+               "peak_reserved_gib": None, "device_used_gib": sampler.peak_gib}
     record = verdict(record, code, args.steps)
     return record if record["ok"] else record | {"log_tail": log_tail(log)}
 

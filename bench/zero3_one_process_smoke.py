@@ -57,13 +57,9 @@ def main() -> int:
     done = subprocess.run(["bash", str(bundle / "launch.sh")], cwd=work, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"})
     (work / "logs" / f"{run.name}.log").write_text(done.stdout + done.stderr, encoding="utf-8")
-    metrics = work / "runs" / run.name / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if metrics.exists() else []
-    steps = [r for r in records if "loss" in r]
-    rate = vs_hf.harmonic_mean([r["tokens_per_s"] for r in steps if r["step"] > args.warmup])
-    print("zero3, one process: exit", done.returncode, "tokens/s", rate, "peak GiB",
-          max((r.get("peak_memory_gib", 0) for r in records), default=None), "losses", [r["loss"] for r in steps])
+    measured = vs_hf.read_run(work / "runs" / run.name, warmup=args.warmup)
+    print("zero3, one process: exit", done.returncode, "tokens/s", measured["tokens_per_s"], "peak GiB",
+          measured["peak_allocated_gib"], "losses", measured["losses"])
     return done.returncode
 
 

@@ -265,11 +265,11 @@ class Trainer:
         self.lisa.before_wrapping(acc, model)
         self.restarts.before_wrapping(acc)
         self.fp8.use_filter_for(model)  # which linear layers prepare converts to float8
-        if plan.distribution.deepspeed is not None and acc.distributed_type.value == "DEEPSPEED":
-            gather_layers_whole(model, plan.distribution.deepspeed.leaf_module_class)  # before prepare's hooks
+        engine_plan = plan.distribution.deepspeed if self.deepspeed else None  # None where accelerate runs no engine
+        if engine_plan is not None:
+            gather_layers_whole(model, engine_plan.leaf_module_class)  # before prepare installs ZeRO-3's hooks
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        zero = plan.distribution.deepspeed
-        if zero is not None and zero.stage == 3 and self.deepspeed and plan.model.relora is None \
+        if engine_plan is not None and engine_plan.stage == 3 and plan.model.relora is None \
                 and plan.model.lisa is None:  # ReLoRA's merges change frozen weights; LISA changes what is frozen
             gather_only_what_trains(self.model)  # the engine: its after-step gather skips the frozen weights
         self.restarts.attach(acc.unwrap_model(self.model), optimizer, acc)  # before resuming: it is checkpointed

@@ -8,11 +8,12 @@ any "auto" we cannot fill is an error naming its key.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 from ..errors import Problem
-from ..models import ModelShape
-from ..plan import BatchPlan
+from ..models import ModelShape, layer_class_for
+from ..plan import BatchPlan, Decision, DistributionPlan, MemoryEstimate, ModelInfo
 
 BUILTIN_PRESETS: dict[str, tuple[int, bool, bool]] = {
     # name: (stage, offload optimizer state to CPU, offload parameters to CPU)
@@ -179,3 +180,62 @@ def _auto_paths(value: Any, path: tuple[str | int, ...] = ()) -> list[tuple[str 
     if isinstance(value, list):
         return [found for index, item in enumerate(value) for found in _auto_paths(item, (*path, index))]
     return []
+
+
+# --- ZeRO-3 under the run's model: its unit of gathering, and a frozen base kept whole ---
+
+GRANULARITY_KEY = "stage3_module_granularity_threshold"
+
+
+def zero3_gathering(plan: DistributionPlan, model: ModelInfo) -> tuple[DistributionPlan, Decision]:
+    """ZeRO-3 gathers each decoder layer whole where the layer class is known.
+
+    DeepSpeed otherwise hooks every module that holds parameters and all-gathers them one module at a time: a LoRA
+    decoder layer is some thirty gathers (each projection, its A and its B), and the per-gather overhead made ZeRO-3
+    LoRA run at a quarter to a third of DDP's speed on two H200s (bench/results/gpu_runs.json). One gather per
+    layer is FSDP's unit; it holds one layer's weights whole at a time, as FSDP does. A DeepSpeed JSON that sets
+    stage3_module_granularity_threshold has chosen DeepSpeed's own grouping, and is left to it."""
+    zero = (plan.deepspeed_config or {}).get("zero_optimization")
+    if isinstance(zero, dict) and GRANULARITY_KEY in zero:
+        return plan, Decision("zero3 gathering", f"{GRANULARITY_KEY} {zero[GRANULARITY_KEY]}",
+                              "set in the DeepSpeed JSON")
+    layer = layer_class_for(model.architecture)
+    if layer is None:
+        return plan, Decision("zero3 gathering", "module by module (DeepSpeed's default)",
+                              f"the decoder layer class of {model.architecture or 'this base model'} is unknown")
+    return (replace(plan, deepspeed_leaf_module=layer),
+            Decision("zero3 gathering", f"a whole {layer} at a time",
+                     "one all-gather per decoder layer, as FSDP wraps it, instead of one per module that holds "
+                     "parameters (each projection and each adapter matrix)"))
+
+
+# The share of GPU memory the estimate with a whole base may take: less than the 90% the fit warning allows, since
+# the user chose ZeRO-3 for its memory and a wrong guess here is an out-of-memory error a partitioned base avoids.
+WHOLE_BASE_SHARE = 0.75
+
+
+def zero3_frozen_base(plan: DistributionPlan, shape: ModelShape, *, whole: MemoryEstimate | None,
+                      partitioned: MemoryEstimate | None) -> tuple[DistributionPlan, MemoryEstimate | None, Decision]:
+    """Under an adapter, the built-in zero3 keeps the frozen base whole on every GPU when the estimate says it fits.
+
+    A frozen weight has no gradient and no optimizer state: partitioning it saves only its own bf16 copy, and costs
+    an all-gather of the whole base in every forward and backward. Where the base fits beside the rest, every
+    parameter is made persistent (stage3_param_persistence_threshold: the model's size): ZeRO-3 still
+    partitions the adapter's gradients and optimizer state, and gathers nothing. Where it does not fit, or the
+    GPU's memory is unknown, the base stays partitioned and is gathered a layer at a time. "Fits" leaves a margin
+    (WHOLE_BASE_SHARE)."""
+    if whole is None or whole.available is None or whole.total > WHOLE_BASE_SHARE * whole.available:
+        why = ("the GPU's memory is unknown" if whole is None or whole.available is None else
+               f"with it whole, the estimate is ~{whole.total:.1f} GiB per GPU, over {WHOLE_BASE_SHARE:.0%} of "
+               f"{whole.available:.0f} GiB")
+        return plan, partitioned, Decision("zero3 frozen base", "partitioned", why)
+    # No parameter is larger than the whole model, an embedding grown by added tokens included.
+    threshold = shape.parameters
+    config = dict(plan.deepspeed_config or {})
+    config["zero_optimization"] = dict(config["zero_optimization"], stage3_param_persistence_threshold=threshold)
+    return (replace(plan, deepspeed_config=config), whole,
+            Decision("zero3 frozen base", "whole on every GPU",
+                     f"it fits (~{whole.total:.1f} GiB per GPU of {whole.available:.0f} GiB): a frozen weight has "
+                     "no gradient or optimizer state to partition, so every parameter stays whole "
+                     f"(stage3_param_persistence_threshold {threshold:,}) and ZeRO-3 partitions the adapter's "
+                     "gradients and optimizer state without gathering the base in every step"))
