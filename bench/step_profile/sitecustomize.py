@@ -34,7 +34,12 @@ def _frozen_to_buffers(model) -> int:  # noqa: ANN001
         for name, param in list(module._parameters.items()):
             if param is None or param.requires_grad:
                 continue
-            tensor = tensors.setdefault(id(param), param.detach())
+            if id(param) not in tensors:
+                import torch
+
+                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                tensors[id(param)] = param.detach().to(device)
+            tensor = tensors[id(param)]
             del module._parameters[name]
             module.register_buffer(name, tensor, persistent=False)
             count += 1
@@ -50,6 +55,19 @@ def _wrap_gathering(train_module) -> None:  # noqa: ANN001
         return flagged
 
     train_module.gather_layers_whole = gather_layers_whole
+    plain_load = train_module.load_model
+
+    def load_model(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        from accelerate.state import AcceleratorState
+        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()  # transformers loads under zero.Init while accelerate's config is set
+        try:
+            return plain_load(*args, **kwargs)
+        finally:
+            set_hf_deepspeed_config(AcceleratorState().deepspeed_plugin.dschf)
+
+    train_module.load_model = load_model
 
 
 def _wrap(trainer_class: type) -> None:
