@@ -114,6 +114,7 @@ class DistributionPlan:
     deepspeed_stage: int | None = None
     deepspeed_source: str | None = None  # "built-in zero3" or the user's file name
     deepspeed_leaf_module: str | None = None  # ZeRO-3: the decoder layer class gathered whole (DeepSpeedPlan)
+    deepspeed_frozen_base_whole: bool = False  # ZeRO-3 under an adapter: the frozen base left out of partitioning
 
 
 @dataclass(frozen=True)

@@ -222,7 +222,8 @@ def loss_reason(model: torch.nn.Module, kernel: str, *, distribution: Distributi
     if model_type not in PLAIN_HEAD_ARCHITECTURES:
         return (f"tunefile has checked that the logits are the output head of the final hidden states (with at most "
                 f"a softcap) only for {', '.join(sorted(PLAIN_HEAD_ARCHITECTURES))}, not {model_type}")
-    if distribution.deepspeed is not None and distribution.deepspeed.stage == 3:
+    zero = distribution.deepspeed
+    if zero is not None and zero.stage == 3 and not zero.frozen_base_whole:  # whole, the head's weight is at hand
         return "DeepSpeed ZeRO-3 partitions the output head's weight outside the head's own forward"
     head = base.get_output_embeddings()
     if head is None or getattr(head, "weight", None) is None:

@@ -52,7 +52,7 @@ from .schedule import Cadence, MicroBatch, optimizer_steps, steps_in
 from .startup_clock import StartupClock
 from .tiled_mlp import apply_tiled_mlp
 from .watchdog import Alarm, Watchdog
-from .zero3_gathering import gather_layers_whole, gather_only_what_trains
+from .zero3_gathering import gather_layers_whole, keep_frozen_base_whole, loading_whole
 
 log = logging.getLogger("tunefile.runtime")
 
@@ -218,9 +218,12 @@ class Trainer:
         if plan.model.qat is not None:  # refused before any weight loads: no torchao, or no kernel for it here
             check_qat(plan.model.qat, self.device)
         self.loading_decisions: dict[str, Any] = {}  # the revision, a quantisation transformers changed
-        model = load_model(plan.model, attn_implementation=self.attention.attn_implementation,
-                           vocab_size=len(self.tokenizer), device_index=acc.local_process_index,
-                           decisions=self.loading_decisions)
+        engine_plan = plan.distribution.deepspeed if self.deepspeed else None  # None where accelerate runs no engine
+        frozen_base_whole = engine_plan is not None and engine_plan.frozen_base_whole
+        with loading_whole(acc) if frozen_base_whole else contextlib.nullcontext():
+            model = load_model(plan.model, attn_implementation=self.attention.attn_implementation,
+                               vocab_size=len(self.tokenizer), device_index=acc.local_process_index,
+                               decisions=self.loading_decisions)
         lora = plan.model.lora
         if lora is not None and lora.recompute_dropout and lora.dropout > 0:  # masks redrawn, not stored
             zero = plan.distribution.deepspeed
@@ -265,13 +268,11 @@ class Trainer:
         self.lisa.before_wrapping(acc, model)
         self.restarts.before_wrapping(acc)
         self.fp8.use_filter_for(model)  # which linear layers prepare converts to float8
-        engine_plan = plan.distribution.deepspeed if self.deepspeed else None  # None where accelerate runs no engine
-        if engine_plan is not None:
-            gather_layers_whole(model, engine_plan.leaf_module_class)  # before prepare installs ZeRO-3's hooks
+        if engine_plan is not None:  # before prepare installs ZeRO-3's hooks and partitions the parameters
+            gather_layers_whole(model, engine_plan.leaf_module_class)
+            if frozen_base_whole:
+                keep_frozen_base_whole(model, self.device)
         self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        if engine_plan is not None and engine_plan.stage == 3 and plan.model.relora is None \
-                and plan.model.lisa is None:  # ReLoRA's merges change frozen weights; LISA changes what is frozen
-            gather_only_what_trains(self.model)  # the engine: its after-step gather skips the frozen weights
         self.restarts.attach(acc.unwrap_model(self.model), optimizer, acc)  # before resuming: it is checkpointed
 
         # Resume: weights, optimizer, schedule, every rank's RNG, and where in the data plan we were.

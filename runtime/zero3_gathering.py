@@ -1,4 +1,4 @@
-"""ZeRO-3's unit of gathering: a whole decoder layer, where the run plan names its class.
+"""ZeRO-3 under an adapter: what it gathers, and the frozen base it can leave whole.
 
 DeepSpeed ZeRO-3 hooks every module that holds parameters and all-gathers them module by module. Under LoRA a
 decoder layer is some thirty such modules (each projection, its adapter's A and B), and the per-gather overhead,
@@ -6,15 +6,20 @@ not the bytes, is what made ZeRO-3 LoRA slow. DeepSpeed's leaf modules (``set_z3
 whole subtree in one go and release it after; flagging the decoder layer makes ZeRO-3 gather as FSDP does. It must
 happen before ``deepspeed.initialize`` (accelerate's ``prepare``), which installs the hooks.
 
-After each optimizer step ZeRO-3 all-gathers every persistent parameter (those it keeps whole on every GPU), so
-that the updated partitions become whole weights again. Where the compiler kept a frozen base whole (its
-persistence threshold covers every parameter), that is the whole base gathered in every step for nothing: a frozen
-weight never changes. ``gather_only_what_trains`` leaves frozen parameters out of that gather.
+A frozen base that fits on every GPU is better left out of ZeRO-3 altogether (the compiler decides: the run
+plan's ``frozen_base_whole``). ZeRO-3 releases every parameter at each optimizer step, the ones it keeps
+"persistent" included, and gathers them again, so a frozen base under ZeRO-3 is all-gathered in every step and
+its hundreds of tensors pass through DeepSpeed's per-parameter bookkeeping twice. A frozen weight has no gradient
+and no optimizer state to partition. So the base loads whole (``loading_whole``: transformers would otherwise
+build it under ``deepspeed.zero.Init``, already partitioned) and ``keep_frozen_base_whole`` turns each frozen
+weight into a buffer just before ``prepare``, where DeepSpeed, which partitions parameters, leaves it alone.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -46,22 +51,46 @@ def gather_layers_whole(model: torch.nn.Module, layer_class: str | None) -> int:
     return len(layers)
 
 
-def gather_only_what_trains(engine: object) -> int:
-    """Leave the frozen parameters out of ZeRO-3's after-step gather of persistent parameters; how many left out.
+@contextlib.contextmanager
+def loading_whole(accelerator: object) -> Iterator[None]:
+    """Load the model whole while accelerate runs ZeRO-3: transformers builds a model under ``zero.Init``
+    (partitioned as it loads) whenever a ZeRO-3 configuration is registered with it, which accelerate's DeepSpeed
+    plugin does whatever its zero3_init_flag says. The registration is lifted for the load and restored after."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    Sound while no frozen weight changes and what is frozen stays frozen (not under ReLoRA's merges or LISA's
-    switching, which the caller excludes). A checkpoint partitions every parameter and then gathers the
-    persistent ones again: a frozen one left out is gathered by the next forward's hooks instead (ZeRO-3 fetches
-    any parameter that is not whole before its module runs, and does not release a persistent one)."""
-    optimizer = getattr(engine, "optimizer", None)
-    persistent = getattr(optimizer, "persistent_parameters", None)
-    if not isinstance(persistent, list):  # another DeepSpeed version's layout: nothing changed
-        log.warning("ZeRO-3: no persistent-parameter list on %s; its after-step gather is left as it is",
-                    type(optimizer).__name__)
-        return 0
-    trained = [param for param in persistent if param.requires_grad]
-    optimizer.persistent_parameters = trained  # its own attribute; DeepSpeed's offload keeps the full list
-    left_out = len(persistent) - len(trained)
-    if left_out:
-        log.info("ZeRO-3: %d frozen parameters kept whole are left out of the gather after each step", left_out)
-    return left_out
+    plugin = accelerator.state.deepspeed_plugin
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        registered = getattr(plugin, "dschf", None)
+        if registered is not None:
+            set_hf_deepspeed_config(registered)
+
+
+def keep_frozen_base_whole(model: torch.nn.Module, device: torch.device) -> int:
+    """Turn every frozen weight of ``model`` (loaded whole, adapters added) into a buffer on ``device``, out of
+    ZeRO-3's reach; how many. Call it just before ``prepare``.
+
+    The buffers hold the same tensors under the same names, so the forward, peft's layers and the fused loss read
+    them as before; a weight tied to another (an output head sharing the embeddings) stays one tensor. They are not
+    persistent: a checkpoint or a saved model does not carry the base (under an adapter only the adapter is saved,
+    and the base loads again from its own files). Only a floating-point weight can be a buffer this way; the
+    compiler keeps quantised bases partitioned."""
+    tensors: dict[int, torch.Tensor] = {}
+    moved = 0
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.requires_grad:
+                continue
+            if not param.is_floating_point():
+                raise RuntimeUserError(f"config.yaml: distribution.deepspeed.frozen_base_whole: {name} is "
+                                       f"{param.dtype}, not a floating-point weight; compile the bundle again")
+            if id(param) not in tensors:
+                tensors[id(param)] = param.detach().to(device)
+            delattr(module, name)
+            module.register_buffer(name, tensors[id(param)], persistent=False)
+            moved += 1
+    log.info("ZeRO-3: the frozen base stays whole on every GPU, outside ZeRO-3 (%d weights); ZeRO-3 partitions "
+             "the adapter's gradients and optimizer state", moved)
+    return moved

@@ -25,7 +25,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-RUN_PLAN_VERSION = 5
+RUN_PLAN_VERSION = 6
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Strategy = Literal["single", "ddp", "fsdp", "deepspeed"]
@@ -378,6 +378,9 @@ class DeepSpeedPlan:
     # ZeRO-3: the decoder layer class DeepSpeed gathers whole, one all-gather per layer as FSDP does
     # (deepspeed.utils.set_z3_leaf_modules); None: DeepSpeed's own gathering, module by module.
     leaf_module_class: str | None
+    # ZeRO-3 under an adapter, where the base fits: loaded whole on every GPU and its frozen weights left out of
+    # ZeRO-3's partitioning (runtime/zero3_gathering.py); ZeRO-3 partitions the adapter's gradients and state.
+    frozen_base_whole: bool
 
 
 @dataclass(frozen=True)

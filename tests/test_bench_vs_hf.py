@@ -92,12 +92,16 @@ def test_workload_zs_zero3_runs_gather_as_they_say(tmp_path: Path, tiny_model_di
                             target="h100-80gb", gpus_per_node=2)
     plan = yaml.safe_load((bundle / "config.yaml").read_text(encoding="utf-8"))
     assert plan["distribution"]["deepspeed"] == {"stage": 3, "config_file": "deepspeed.json",
-                                                 "leaf_module_class": leaf}
+                                                 "leaf_module_class": leaf, "frozen_base_whole": whole}
     zero = json.loads((bundle / "deepspeed.json").read_text(encoding="utf-8"))["zero_optimization"]
     assert zero.get("stage3_module_granularity_threshold") == (0 if kind == "per-module" else None)
     # Whole: a threshold of the model's size, so every parameter persists; else the one the hidden size gives.
     hidden = json.loads((tiny_model_dir / "config.json").read_text(encoding="utf-8"))["hidden_size"]
     assert zero["stage3_param_persistence_threshold"] == (205_120 if whole else 10 * hidden)
+    # Whole, every weight ZeRO-3 holds is whole between steps: torch's own linear, not DeepSpeed's replacement.
+    assert zero.get("memory_efficient_linear") == (False if whole else None)
+    accelerate = yaml.safe_load((bundle / "accelerate.yaml").read_text(encoding="utf-8"))
+    assert accelerate["deepspeed_config"]["zero3_init_flag"] is not whole  # a whole base loads whole
 
 
 def test_command_line_configurations_are_read_or_refused() -> None:

@@ -232,7 +232,9 @@ class TestDeepSpeed:
         plan = plan_for(lora, gpus("h100-80gb", 2))
         zero = plan.distribution.deepspeed_config["zero_optimization"]
         assert zero["stage3_param_persistence_threshold"] == 8_030_261_248  # Llama 3.1 8B's size: every parameter
-        assert decision(plan, "zero3 frozen base").startswith("whole on every GPU | it fits (~")
+        assert zero["memory_efficient_linear"] is False  # no weight is released between forward and backward
+        assert plan.distribution.deepspeed_frozen_base_whole  # the runtime leaves the frozen base out of ZeRO-3
+        assert decision(plan, "zero3 frozen base").startswith("whole on every GPU, outside ZeRO-3 | it fits (~")
         assert plan.memory is not None and plan.memory.weights > 14  # the bf16 base counted whole on each GPU
         assert plan.distribution.deepspeed_leaf_module == "LlamaDecoderLayer"
 
@@ -246,6 +248,7 @@ class TestDeepSpeed:
         plan = plan_for(MINIMAL + config + "deepspeed: zero3\n", gpus(target, 2))
         zero = plan.distribution.deepspeed_config["zero_optimization"]
         assert zero["stage3_param_persistence_threshold"] == 10 * 4096
+        assert "memory_efficient_linear" not in zero and not plan.distribution.deepspeed_frozen_base_whole
         found = [d.value + " | " + d.reason for d in plan.decisions if d.topic == "zero3 frozen base"]
         assert [f[:len(said)] for f in found] == ([said] if said else [])
 

@@ -79,7 +79,8 @@ def test_sections_that_mean_nothing_for_the_strategy_are_not_written() -> None:
     assert "deepspeed" not in fsdp and fsdp["fsdp"]["layer_cls_to_wrap"] == "LlamaDecoderLayer"
     deepspeed = config_of("deepspeed")["distribution"]
     assert "fsdp" not in deepspeed and deepspeed["deepspeed"] == {"stage": 3, "config_file": "deepspeed.json",
-                                                                 "leaf_module_class": None}
+                                                                 "leaf_module_class": None,
+                                                                 "frozen_base_whole": False}
     assert "fsdp" not in config_of("ddp")["distribution"] and "deepspeed" not in config_of("ddp")["distribution"]
     full = config_of("single", spec={"adapter": None})["model"]
     assert full["adapter"] is None and "lora" not in full

@@ -230,7 +230,8 @@ def test_deepspeed_runs_deepspeeds_tiled_mlp(tiny_model_dir: Path) -> None:
     process without an engine it must give the untiled gradients too."""
     require_module("deepspeed", "pip install deepspeed")
     distribution = replace(SINGLE, strategy="deepspeed", deepspeed=DeepSpeedPlan(
-        stage=3, config_file="ds.json", leaf_module_class=None))
+        stage=3, config_file="ds.json", leaf_module_class=None,
+        frozen_base_whole=False))
     ids = token_batch()
     want = logits_and_grads(load(tiny_model_dir), ids)
     model = load(tiny_model_dir)
@@ -464,7 +465,8 @@ def test_fp8_runs_the_rest_in_bf16_whatever_the_precision() -> None:
     assert decide(fp8_plan(), precision="fp16").notes == [
         "what is not float8 computes in bf16 autocast (accelerate's fp8 mode), not fp16"]
     deepspeed = replace(SINGLE, strategy="deepspeed", deepspeed=DeepSpeedPlan(
-        stage=2, config_file="ds.json", leaf_module_class=None))
+        stage=2, config_file="ds.json", leaf_module_class=None,
+        frozen_base_whole=False))
     assert decide(fp8_plan(), deepspeed, precision="fp16").notes == []  # DeepSpeed's config holds the precision
 
 

@@ -231,10 +231,15 @@ def test_models_the_fused_loss_cannot_reproduce_keep_the_plain_loss() -> None:
     # Granite divides its logits by logits_scaling.
     assert "not granite" in kernels.loss_reason(_tiny("granite"), flce, distribution=SINGLE)
     zero3 = dataclasses.replace(SINGLE, strategy="deepspeed", deepspeed=DeepSpeedPlan(
-        stage=3, config_file="ds.json", leaf_module_class=None))
+        stage=3, config_file="ds.json", leaf_module_class=None,
+        frozen_base_whole=False))
     assert "ZeRO-3" in kernels.loss_reason(_tiny(), flce, distribution=zero3)
+    # A frozen base kept whole, outside ZeRO-3: the head's weight is a whole tensor the fused loss can read.
+    whole_base = dataclasses.replace(zero3, deepspeed=dataclasses.replace(zero3.deepspeed, frozen_base_whole=True))
+    assert kernels.loss_reason(_tiny(), flce, distribution=whole_base) is None
     zero2 = dataclasses.replace(zero3, deepspeed=DeepSpeedPlan(
-        stage=2, config_file="ds.json", leaf_module_class=None))
+        stage=2, config_file="ds.json", leaf_module_class=None,
+        frozen_base_whole=False))
     assert kernels.loss_reason(_tiny(), flce, distribution=zero2) is None
     lora_head = get_peft_model(_tiny(), LoraConfig(r=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM"))
     assert "LoRA" in kernels.loss_reason(lora_head, flce, distribution=SINGLE)

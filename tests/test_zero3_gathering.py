@@ -1,9 +1,11 @@
-"""ZeRO-3 gathering a whole decoder layer at a time (runtime/zero3_gathering.py), on DeepSpeed's CPU engine.
+"""ZeRO-3 under an adapter (runtime/zero3_gathering.py), on DeepSpeed's CPU engine.
 
 The compiler names the decoder layer class in the run plan (distribution.deepspeed.leaf_module_class); the runtime
-flags those layers as DeepSpeed leaf modules before the engine is built. What that must and must not change:
+flags those layers as DeepSpeed leaf modules before the engine is built. Where the base fits, the plan says
+frozen_base_whole: the runtime loads the base whole and turns its frozen weights into buffers, out of ZeRO-3.
+What that must and must not change:
 - fewer gathers: one per decoder layer instead of one per module that holds parameters (the speed-up measured on
-  GPUs in bench/vs_hf.py, workload Z);
+  GPUs in bench/vs_hf.py, workload Z), and none of the frozen base at all where it is kept whole;
 - the same training: losses and the trained adapter equal those of DeepSpeed's per-module gathering.
 """
 
@@ -20,7 +22,7 @@ from cpu_process_group import one_process_group
 from helpers import require_module
 from tunefile.runtime.errors import RuntimeUserError
 from tunefile.runtime.lora_dropout import recompute_lora_dropout
-from tunefile.runtime.zero3_gathering import gather_layers_whole, gather_only_what_trains
+from tunefile.runtime.zero3_gathering import gather_layers_whole, keep_frozen_base_whole, loading_whole
 
 STEPS = 3
 
@@ -39,8 +41,8 @@ def train(model: Any, *, leaf_class: str | None, replay_dropout: bool = False,
           whole_base_saved_to: Path | None = None) -> tuple[list[float], dict[str, torch.Tensor], int, int]:
     """(losses, the trained adapter, decoder layers flagged, gathers per forward) of STEPS ZeRO-3 steps; with
     ``replay_dropout`` the runtime's LoRA dropout that keeps lora_A's weight for its backward; with
-    ``whole_base_saved_to`` every parameter persistent (the compiler's whole frozen base), the frozen ones left
-    out of the after-step gather, and a checkpoint written there after the first step."""
+    ``whole_base_saved_to`` the compiler's whole frozen base (the frozen weights buffers outside ZeRO-3, the
+    adapter's persistent, torch's own linear), and a checkpoint written there after the first step."""
     import deepspeed
     from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator
 
@@ -50,16 +52,16 @@ def train(model: Any, *, leaf_class: str | None, replay_dropout: bool = False,
     flagged = gather_layers_whole(model, leaf_class)
     torch.manual_seed(5)  # the dropout masks
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold":
-                                    10**12 if whole_base_saved_to else 0},
+    zero = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    if whole_base_saved_to:
+        frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+        assert keep_frozen_base_whole(model, torch.device("cpu")) == len(frozen) > 0
+        zero |= {"stage3_param_persistence_threshold": 10**12, "memory_efficient_linear": False}
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
               "zero_allow_untested_optimizer": True, "fp16": {"enabled": False}, "bf16": {"enabled": False}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    frozen = [p for p in engine.module.parameters() if not p.requires_grad]
-    if whole_base_saved_to:
-        assert gather_only_what_trains(engine) == len(frozen) > 0
-        assert engine.optimizer.persistent_parameters and all(p.requires_grad
-                                                              for p in engine.optimizer.persistent_parameters)
+    if whole_base_saved_to:  # ZeRO-3 holds the adapter alone
+        assert all(p.requires_grad and hasattr(p, "ds_id") for p in engine.module.parameters())
     gathers = 0
     fetch = PartitionedParameterCoordinator.fetch_sub_module
 
@@ -85,6 +87,12 @@ def train(model: Any, *, leaf_class: str | None, replay_dropout: bool = False,
             losses.append(loss.item())
             if whole_base_saved_to and step == 0:  # partitions every parameter, then gathers the trained ones
                 engine.save_checkpoint(str(whole_base_saved_to), "step1")
+    if whole_base_saved_to:  # the frozen base, untouched and whole, is not in the checkpoint
+        buffers = dict(engine.module.named_buffers())
+        for name, tensor in frozen.items():
+            assert torch.equal(buffers[name], tensor), name
+        saved = torch.load(next(whole_base_saved_to.glob("step1/*model_states.pt")), weights_only=False)
+        assert not set(saved["module"]) & set(frozen)
     params = dict(engine.module.named_parameters())
     trained = {name: p for name, p in params.items() if p.requires_grad}
     with deepspeed.zero.GatheredParameters(list(trained.values())):
@@ -137,10 +145,46 @@ def test_replayed_lora_dropout_under_whole_layers_trains_as_peft_dropout_by_modu
     assert_same_training(trained["replayed dropout per layer"], trained["peft dropout per module"])
 
 
-def test_a_whole_frozen_base_left_out_of_the_after_step_gather_trains_the_same(trained: dict) -> None:
-    """The compiler's whole frozen base (every parameter persistent), its frozen weights no longer gathered after
-    each step, and a checkpoint in between (which partitions them all): the same training as per module."""
+def test_a_whole_frozen_base_outside_zero3_trains_the_same(trained: dict) -> None:
+    """The compiler's whole frozen base (its frozen weights buffers outside ZeRO-3, the adapter persistent, torch's
+    own linear) with a checkpoint in between: the same training as per module. (train checks that ZeRO-3 holds
+    no frozen weight, and that the base comes out of training untouched and out of the checkpoint.)"""
     assert_same_training(trained["whole base per layer"], trained["peft dropout per module"])
+
+
+def test_a_frozen_base_kept_whole_keeps_tied_weights_one_tensor(tiny_model_dir: Path) -> None:
+    model = lora_model(tiny_model_dir)
+    base = model.get_base_model()
+    base.lm_head.weight = base.model.embed_tokens.weight  # tie them, as tie_word_embeddings does
+    base.lm_head.weight.requires_grad_(False)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    keep_frozen_base_whole(model, torch.device("cpu"))
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    assert {name for name, _ in model.named_parameters()} == trainable  # only the adapter is a parameter now
+    assert "base_model.model.lm_head.weight" not in model.state_dict()  # not carried by checkpoints
+
+
+def test_loading_whole_lifts_zero_init_for_the_load_only() -> None:
+    """accelerate's DeepSpeed plugin registers its ZeRO-3 configuration with transformers, which then builds any
+    model under zero.Init, partitioned: a base kept whole must load outside it."""
+    from types import SimpleNamespace
+
+    require_module("deepspeed", "pip install 'tunefile[deepspeed]'")
+    from transformers.integrations.deepspeed import (
+        HfDeepSpeedConfig,
+        is_deepspeed_zero3_enabled,
+        unset_hf_deepspeed_config,
+    )
+
+    registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(dschf=registered)))
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with loading_whole(accelerator):
+            assert not is_deepspeed_zero3_enabled()
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        unset_hf_deepspeed_config()
 
 
 def test_a_layer_class_the_model_lacks_is_one_line(tiny_model_dir: Path) -> None:

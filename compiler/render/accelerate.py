@@ -49,14 +49,15 @@ def fsdp_section(fsdp: FsdpPlan) -> dict[str, Any]:
     return section
 
 
-def deepspeed_section(*, stage: int | None) -> dict[str, Any]:
+def deepspeed_section(*, stage: int | None, frozen_base_whole: bool = False) -> dict[str, Any]:
     return {
         # Relative to the bundle; launch.sh passes the absolute path with --deepspeed_config_file.
         "deepspeed_config_file": "deepspeed.json",
         # Every node runs its own launcher (one srun task per node); never pdsh over ssh.
         "deepspeed_multinode_launcher": "standard",
-        # ZeRO-3 builds the model already partitioned, so no rank holds all of it at once.
-        "zero3_init_flag": stage == 3,
+        # ZeRO-3 builds the model already partitioned, so no rank holds all of it at once; except where the
+        # frozen base stays whole on every GPU, outside ZeRO-3 (the runtime then loads it whole).
+        "zero3_init_flag": stage == 3 and not frozen_base_whole,
     }
 
 
@@ -82,7 +83,8 @@ def render_accelerate_yaml(*, target: Target, distribution: DistributionPlan, pr
     if distribution.strategy == "fsdp" and distribution.fsdp is not None:
         config["fsdp_config"] = fsdp_section(distribution.fsdp)
     if distribution.strategy == "deepspeed":
-        config["deepspeed_config"] = deepspeed_section(stage=distribution.deepspeed_stage)
+        config["deepspeed_config"] = deepspeed_section(stage=distribution.deepspeed_stage,
+                                                       frozen_base_whole=distribution.deepspeed_frozen_base_whole)
         # Precision lives in deepspeed.json; accelerate refuses to start when a config file also sets it here.
         del config["mixed_precision"]
     header = [

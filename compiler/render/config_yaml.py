@@ -261,7 +261,8 @@ def distribution_plan(plan: Plan) -> DistributionPlan:
                       cpu_ram_efficient_loading=fsdp.cpu_ram_efficient_loading,
                       activation_checkpointing=fsdp.activation_checkpointing) if fsdp else None,
         deepspeed=DeepSpeedPlan(stage=int(distribution.deepspeed_stage or 0), config_file="deepspeed.json",
-                                leaf_module_class=distribution.deepspeed_leaf_module)
+                                leaf_module_class=distribution.deepspeed_leaf_module,
+                                frozen_base_whole=distribution.deepspeed_frozen_base_whole)
         if distribution.strategy == "deepspeed" else None,
         parallelism=ParallelismPlan(dp_replicate_size=mesh.dp_replicate, dp_shard_size=mesh.dp_shard,
                                     tensor_parallel_size=mesh.tensor_parallel,

@@ -219,11 +219,15 @@ def zero3_frozen_base(plan: DistributionPlan, shape: ModelShape, *, whole: Memor
     """Under an adapter, the built-in zero3 keeps the frozen base whole on every GPU when the estimate says it fits.
 
     A frozen weight has no gradient and no optimizer state: partitioning it saves only its own bf16 copy, and costs
-    an all-gather of the whole base in every forward and backward. Where the base fits beside the rest, every
-    parameter is made persistent (stage3_param_persistence_threshold: the model's size): ZeRO-3 still
-    partitions the adapter's gradients and optimizer state, and gathers nothing. Where it does not fit, or the
-    GPU's memory is unknown, the base stays partitioned and is gathered a layer at a time. "Fits" leaves a margin
-    (WHOLE_BASE_SHARE)."""
+    an all-gather of the whole base in every step (ZeRO-3 releases every parameter, persistent ones included, at
+    each optimizer step). Where the base fits beside the rest, the runtime loads it whole and leaves the frozen
+    weights out of ZeRO-3 (runtime/zero3_gathering.py): ZeRO-3 partitions the adapter's gradients and optimizer
+    state only. The adapter's own weights stay whole between steps (stage3_param_persistence_threshold: the
+    model's size), so no weight the forward reads is released before its backward, and DeepSpeed's replacement for
+    torch's linear, which exists for weights released in between, is off (memory_efficient_linear: false): on one
+    H200 these took ZeRO-3 from 0.61 to 0.80 of a plain run's speed (bench/results/zero3_one_process_smoke.json).
+    Where it does not fit, or the GPU's memory is unknown, the base stays partitioned and is gathered a layer at a
+    time. "Fits" leaves a margin (WHOLE_BASE_SHARE)."""
     if whole is None or whole.available is None or whole.total > WHOLE_BASE_SHARE * whole.available:
         why = ("the GPU's memory is unknown" if whole is None or whole.available is None else
                f"with it whole, the estimate is ~{whole.total:.1f} GiB per GPU, over {WHOLE_BASE_SHARE:.0%} of "
@@ -232,10 +236,12 @@ def zero3_frozen_base(plan: DistributionPlan, shape: ModelShape, *, whole: Memor
     # No parameter is larger than the whole model, an embedding grown by added tokens included.
     threshold = shape.parameters
     config = dict(plan.deepspeed_config or {})
-    config["zero_optimization"] = dict(config["zero_optimization"], stage3_param_persistence_threshold=threshold)
-    return (replace(plan, deepspeed_config=config), whole,
-            Decision("zero3 frozen base", "whole on every GPU",
+    config["zero_optimization"] = dict(config["zero_optimization"], stage3_param_persistence_threshold=threshold,
+                                       memory_efficient_linear=False)
+    return (replace(plan, deepspeed_config=config, deepspeed_frozen_base_whole=True), whole,
+            Decision("zero3 frozen base", "whole on every GPU, outside ZeRO-3",
                      f"it fits (~{whole.total:.1f} GiB per GPU of {whole.available:.0f} GiB): a frozen weight has "
-                     "no gradient or optimizer state to partition, so every parameter stays whole "
-                     f"(stage3_param_persistence_threshold {threshold:,}) and ZeRO-3 partitions the adapter's "
-                     "gradients and optimizer state without gathering the base in every step"))
+                     "no gradient or optimizer state to partition, so the runtime loads the base whole and leaves "
+                     "it out of ZeRO-3, which partitions the adapter's gradients and optimizer state without "
+                     "gathering the base in every step; the adapter's weights stay whole between steps "
+                     f"(stage3_param_persistence_threshold {threshold:,}; memory_efficient_linear false)"))

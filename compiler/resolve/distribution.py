@@ -70,6 +70,7 @@ def _resolve_strategy(
             plan, gathering = ds.zero3_gathering(plan, model)
             decisions.append(gathering)
             if preset == "zero3" and spec.adapter and quantization_bits is None and shape is not None:
+                # (ReLoRA and LISA, which change the frozen weights, are refused under DeepSpeed: rules.py.)
                 plan, memory, base = ds.zero3_frozen_base(plan, shape, whole=estimate_for("zero2"),
                                                            partitioned=memory)
                 decisions.append(base)
