@@ -77,20 +77,20 @@ def keep_frozen_base_whole(model: torch.nn.Module, device: torch.device) -> int:
     persistent: a checkpoint or a saved model does not carry the base (under an adapter only the adapter is saved,
     and the base loads again from its own files). Only a floating-point weight can be a buffer this way; the
     compiler keeps quantised bases partitioned."""
+    frozen = [(f"{module_name}.{name}" if module_name else name, module, name, param)
+              for module_name, module in model.named_modules()
+              for name, param in module.named_parameters(recurse=False) if not param.requires_grad]
+    for qualified, _, _, param in frozen:  # all checked before any is moved: nothing half done
+        if not param.is_floating_point():
+            raise RuntimeUserError(f"config.yaml: distribution.deepspeed.frozen_base_whole: {qualified} is "
+                                   f"{param.dtype}, not a floating-point weight; compile the bundle again")
     tensors: dict[int, torch.Tensor] = {}
-    moved = 0
-    for module in model.modules():
-        for name, param in list(module.named_parameters(recurse=False)):
-            if param.requires_grad:
-                continue
-            if not param.is_floating_point():
-                raise RuntimeUserError(f"config.yaml: distribution.deepspeed.frozen_base_whole: {name} is "
-                                       f"{param.dtype}, not a floating-point weight; compile the bundle again")
-            if id(param) not in tensors:
-                tensors[id(param)] = param.detach().to(device)
-            delattr(module, name)
-            module.register_buffer(name, tensors[id(param)], persistent=False)
-            moved += 1
+    for _, module, name, param in frozen:
+        if id(param) not in tensors:
+            tensors[id(param)] = param.detach().to(device)
+        delattr(module, name)
+        module.register_buffer(name, tensors[id(param)], persistent=False)
+    moved = len(frozen)
     log.info("ZeRO-3: the frozen base stays whole on every GPU, outside ZeRO-3 (%d weights); ZeRO-3 partitions "
              "the adapter's gradients and optimizer state", moved)
     return moved

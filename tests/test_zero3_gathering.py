@@ -194,3 +194,16 @@ def test_a_layer_class_the_model_lacks_is_one_line(tiny_model_dir: Path) -> None
     assert str(failure.value) == ("config.yaml: distribution.deepspeed.leaf_module_class: the model has no "
                                   "MistralDecoderLayer; compile the bundle again against this base model")
     assert gather_layers_whole(model, None) == 0
+
+
+def test_a_quantised_frozen_weight_is_refused_in_one_line(tiny_model_dir: Path) -> None:
+    """The compiler keeps quantised bases partitioned; a plan that says otherwise stops before DeepSpeed starts."""
+    model = lora_model(tiny_model_dir)
+    model.get_base_model().lm_head.weight = torch.nn.Parameter(torch.zeros(4, 4, dtype=torch.int8),
+                                                               requires_grad=False)
+    with pytest.raises(RuntimeUserError) as failure:
+        keep_frozen_base_whole(model, torch.device("cpu"))
+    assert str(failure.value) == ("config.yaml: distribution.deepspeed.frozen_base_whole: "
+                                  "base_model.model.lm_head.weight is torch.int8, not a floating-point weight; "
+                                  "compile the bundle again")
+    assert isinstance(model.get_base_model().model.embed_tokens.weight, torch.nn.Parameter)  # nothing half done

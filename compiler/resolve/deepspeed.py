@@ -225,7 +225,7 @@ def zero3_frozen_base(plan: DistributionPlan, shape: ModelShape, *, whole: Memor
     state only. The adapter's own weights stay whole between steps (stage3_param_persistence_threshold: the
     model's size), so no weight the forward reads is released before its backward, and DeepSpeed's replacement for
     torch's linear, which exists for weights released in between, is off (memory_efficient_linear: false): on one
-    H200 these took ZeRO-3 from 0.61 to 0.80 of a plain run's speed (bench/results/zero3_one_process_smoke.json).
+    H200 these took ZeRO-3 from 0.61 to 0.80 of a plain run's speed (bench/results/zero3_one_process_variants.json).
     Where it does not fit, or the GPU's memory is unknown, the base stays partitioned and is gathered a layer at a
     time. "Fits" leaves a margin (WHOLE_BASE_SHARE)."""
     if whole is None or whole.available is None or whole.total > WHOLE_BASE_SHARE * whole.available:
