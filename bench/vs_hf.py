@@ -15,7 +15,8 @@ unless a configuration asks; the same number of optimizer steps on both sides):
   tunefile: sample_packing, micro batch 4 (--micro-batch).
 - B: the 8B shape, rows of exactly 4096 tokens, micro batch 1 on both sides.
 - Z (with 2 GPUs or more; tunefile only): ZeRO-3 LoRA against DDP on 2 GPUs, at 1B on A's data and 8B on B's.
-  tunefile's zero3 keeps a frozen base whole on every GPU where it fits (compiler/resolve/distribution.py); with
+  tunefile's zero3 keeps a frozen base whole on every GPU, outside ZeRO-3, where it fits
+  (compiler/resolve/deepspeed.py, runtime/zero3_gathering.py); with
   --z-variant KIND=SHAPES (e.g. partitioned=1b,8b) also, before that pair, so the pair starts from a warm data cache:
   - partitioned: the base partitioned and gathered a decoder layer at a time (a DeepSpeed JSON, which tunefile
     does not keep whole);
