@@ -32,11 +32,6 @@ def profile_into(folder: Path | None, run: str) -> None:
         return
     (folder / run).mkdir(parents=True, exist_ok=True)
     os.environ["TUNEFILE_STEP_PROFILE_DIR"] = str((folder / run).resolve())
-    hook_on_path()
-
-
-def hook_on_path() -> None:
-    """bench/step_profile first on the launches' PYTHONPATH (inert unless its variables are set)."""
     hook = str(Path(__file__).resolve().parent / "step_profile")
     if hook not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (hook, os.environ.get("PYTHONPATH"))))
@@ -68,20 +63,20 @@ def main() -> int:
                                                          sort_keys=False), encoding="utf-8")
     subprocess.run([*vs_hf.TUNEFILE, "compile", f"{run.name}.yml", "--target", "detect", "--gpus-per-node", "2",
                     "--output", f"bundles/{run.name}", "--force"], cwd=work, check=True)
-    plain = launch_one_process(work, run.name, {}, profile_dir=options.profile_dir)
+    plain = launch_one_process(args, run.name, {}, profile_dir=options.profile_dir)
     code = plain["exit"]
     for variant in options.variant:
         name, _, edits = variant.partition("=")
-        launch_one_process(work, run.name, json.loads(edits), variant=name, profile_dir=options.profile_dir)
+        launch_one_process(args, run.name, json.loads(edits), variant=name, profile_dir=options.profile_dir)
     return code
 
 
-def launch_one_process(work: Path, name: str, edits: dict, *, variant: str | None = None,
+def launch_one_process(args: argparse.Namespace, name: str, edits: dict, *, variant: str | None = None,
                        profile_dir: Path | None = None) -> dict:
     """Launch a copy of bundles/NAME edited to one process (and by EDITS: "deepspeed" keys merged into
     deepspeed.json's zero_optimization, "accelerate" keys into accelerate.yaml's deepspeed_config, "env"
     variables for the launch); prints and returns its exit code, rate, peak and losses."""
-    label = f"{name}-{variant}" if variant else name
+    work, label = args.work, f"{name}-{variant}" if variant else name
     compiled, bundle = work / "bundles" / name, work / "bundles" / f"one-{label}"
     subprocess.run(["rm", "-rf", str(bundle)], check=True)
     subprocess.run(["cp", "-a", str(compiled), str(bundle)], check=True)
@@ -98,13 +93,12 @@ def launch_one_process(work: Path, name: str, edits: dict, *, variant: str | Non
     (bundle / "deepspeed.json").write_text(json.dumps(deepspeed), encoding="utf-8")
     output_dir = work / "runs" / name  # the compiled config's output_dir
     subprocess.run(["rm", "-rf", str(output_dir)], check=True)
-    hook_on_path()
     if profile_dir is not None:
         profile_into(profile_dir, f"zero3-{variant}" if variant else "zero3")
     done = subprocess.run(["bash", str(launch)], cwd=work, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "CUDA_VISIBLE_DEVICES": "0", **edits.get("env", {})})
     (work / "logs" / f"one-{label}.log").write_text(done.stdout + done.stderr, encoding="utf-8")
-    measured = vs_hf.read_run(output_dir, warmup=6)
+    measured = vs_hf.read_run(output_dir, warmup=args.warmup)
     print(f"zero3, one process{', ' + variant if variant else ''}: exit", done.returncode, "tokens/s",
           measured["tokens_per_s"], "peak GiB", measured["peak_allocated_gib"], "first step s",
           (measured["startup"] or {}).get("seconds_to_first_step"), "losses", measured["losses"], flush=True)

@@ -10,10 +10,6 @@ module is imported, and writes, per rank, into that folder:
 
 Written when the last profiled step ends (the runtime leaves through os._exit, so nothing waits for exit).
 TUNEFILE_STEP_PROFILE_FIRST sets FIRST (default 8: after the warm-up steps).
-
-TUNEFILE_PROTO_FROZEN_BUFFERS=1 (a prototype, measured before it was built into the runtime): just before
-accelerate's prepare, every frozen parameter becomes a buffer, so that DeepSpeed ZeRO-3 leaves it whole and out
-of its partitioning. Needs a model loaded whole (accelerate's zero3_init_flag off).
 """
 
 from __future__ import annotations
@@ -23,51 +19,6 @@ import sys
 import threading
 
 _FOLDER = os.environ.get("TUNEFILE_STEP_PROFILE_DIR")
-_FROZEN_BUFFERS = os.environ.get("TUNEFILE_PROTO_FROZEN_BUFFERS") == "1"
-
-
-def _frozen_to_buffers(model) -> int:  # noqa: ANN001
-    """Every frozen parameter of MODEL becomes a non-persistent buffer of the same tensor (tied ones stay tied)."""
-    tensors: dict[int, object] = {}
-    count = 0
-    for module in model.modules():
-        for name, param in list(module._parameters.items()):
-            if param is None or param.requires_grad:
-                continue
-            if id(param) not in tensors:
-                import torch
-
-                device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-                tensors[id(param)] = param.detach().to(device)
-            tensor = tensors[id(param)]
-            del module._parameters[name]
-            module.register_buffer(name, tensor, persistent=False)
-            count += 1
-    return count
-
-
-def _wrap_gathering(train_module) -> None:  # noqa: ANN001
-    plain = train_module.gather_layers_whole
-
-    def gather_layers_whole(model, layer_class):  # noqa: ANN001, ANN202
-        flagged = plain(model, layer_class)
-        print(f"prototype: {_frozen_to_buffers(model)} frozen parameters are buffers now", flush=True)
-        return flagged
-
-    train_module.gather_layers_whole = gather_layers_whole
-    plain_load = train_module.load_model
-
-    def load_model(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        from accelerate.state import AcceleratorState
-        from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-        unset_hf_deepspeed_config()  # transformers loads under zero.Init while accelerate's config is set
-        try:
-            return plain_load(*args, **kwargs)
-        finally:
-            set_hf_deepspeed_config(AcceleratorState().deepspeed_plugin.dschf)
-
-    train_module.load_model = load_model
 
 
 def _wrap(trainer_class: type) -> None:
@@ -77,6 +28,7 @@ def _wrap(trainer_class: type) -> None:
     import time
 
     import torch
+    from torch.autograd import DeviceType
 
     first = int(os.environ.get("TUNEFILE_STEP_PROFILE_FIRST", "8"))
     rank = os.environ.get("RANK", "0")
@@ -110,7 +62,8 @@ def _wrap(trainer_class: type) -> None:
             profile = state.pop("torch")
             profile.__exit__(None, None, None)
             events = profile.key_averages()
-            busy_us = sum(e.self_device_time_total for e in events)
+            # The kernels' own rows: an operator's row carries its kernels' time again.
+            busy_us = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
             tables = []
             for order in ("self_cpu_time_total", "self_device_time_total"):
                 try:
@@ -142,13 +95,10 @@ def _watch() -> None:
     while True:
         module = sys.modules.get("tunefile.runtime.train")
         if module is not None and hasattr(module, "Trainer"):
-            if _FOLDER:
-                _wrap(module.Trainer)
-            if _FROZEN_BUFFERS:
-                _wrap_gathering(module)
+            _wrap(module.Trainer)
             return
         time.sleep(0.05)
 
 
-if _FOLDER or _FROZEN_BUFFERS:  # every Python started so; the thread ends once a runtime rank imports its trainer
+if _FOLDER:  # every Python started with it set; the thread ends once a runtime rank imports its trainer
     threading.Thread(target=_watch, daemon=True).start()
