@@ -12,7 +12,6 @@ write removes.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import json
 import os
@@ -21,6 +20,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Collection, Mapping
+from functools import cache
 from pathlib import Path
 
 from .render.manifest import MANIFEST, sha256_hex
@@ -285,7 +285,12 @@ _RENAME_EXCHANGE = 2  # linux/fs.h
 _NO_EXCHANGE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 
 
-def _find_renameat2() -> Callable[..., int] | None:
+@cache
+def _renameat2() -> Callable[..., int] | None:
+    """libc's renameat2, looked up on the first exchange (only a write over an existing bundle needs it, so a
+    compile into a new folder does not pay for importing ctypes)."""
+    import ctypes
+
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2  # glibc 2.28+, musl 1.2.5+
     except (OSError, AttributeError):
@@ -295,9 +300,6 @@ def _find_renameat2() -> Callable[..., int] | None:
     return function
 
 
-_renameat2 = _find_renameat2()
-
-
 def _exchange(new: Path, current: Path) -> Path:
     """Put NEW at CURRENT's path; returns the path that now holds what CURRENT held (to be removed).
 
@@ -305,9 +307,12 @@ def _exchange(new: Path, current: Path) -> Path:
     kernel or file system cannot (not Linux, an old kernel, some network file systems), two renames: the old
     bundle moves aside, the new one moves in, and for the microseconds between them the path is empty; a kill
     there leaves the old bundle under a hidden name, which the next write removes."""
-    if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(current), _RENAME_EXCHANGE) == 0:
+    renameat2 = _renameat2()
+    if renameat2 is not None:
+        if renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(current), _RENAME_EXCHANGE) == 0:
             return new
+        import ctypes  # loaded by _renameat2 already
+
         code = ctypes.get_errno()
         if code not in _NO_EXCHANGE:
             raise OSError(code, os.strerror(code), str(current))

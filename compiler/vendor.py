@@ -11,21 +11,20 @@ the Python version). The archive holds the package directories as entries of the
 them to see ``tunefile`` as a namespace package, so an installed ``tunefile.compiler`` can sit beside it.
 
 Reading the sources is reading the compiler's own installed package, as the templates are: it is no host
-state, and identical tunefile sources give identical archives on every machine.
+state, and identical tunefile sources give identical archives on every machine. The files are found through
+the import system's spec of each package, which runs none of the package's code: the compiler never imports
+the runtime.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import io
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from importlib.abc import Traversable
+from pathlib import Path
 
 # The packages the runtime needs, and the data files of each that an installed wheel holds (pyproject.toml's
 # package-data): the runtime reads no data files today; schemas/ ships its JSON Schema.
@@ -64,7 +63,7 @@ def archive_name(version: str) -> str:
     return f"tunefile-runtime-{version}.pyz"
 
 
-def _walk(root: Traversable, patterns: tuple[str, ...], prefix: str) -> dict[str, bytes]:
+def _walk(root: Path, patterns: tuple[str, ...], prefix: str) -> dict[str, bytes]:
     """Every file under ROOT matching one of PATTERNS (recursively, caches skipped), by its name in the zip."""
     found: dict[str, bytes] = {}
     for entry in root.iterdir():
@@ -81,11 +80,23 @@ def _matches(name: str, pattern: str) -> bool:
     return name.endswith(pattern.removeprefix("*")) and not name.startswith(".")
 
 
+def package_folder(package: str) -> Path:
+    """Where an installed package's files are, found without running its ``__init__``.
+
+    ``importlib.resources.files`` would import the package, and ``tunefile/runtime/__init__.py`` is runtime
+    code (it sets up logging for the trainer). The spec names the folder for an installed wheel and for an
+    editable install's package-dir mapping alike."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{package} is not an installed package; reinstall tunefile", name=package)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def runtime_sources() -> dict[str, bytes]:
     """The vendored packages' files by their path inside the archive (``tunefile/runtime/train.py``)."""
     sources: dict[str, bytes] = {}
     for package, patterns in VENDORED_PACKAGES.items():
-        sources.update(_walk(resources.files(package), patterns, package.replace(".", "/")))
+        sources.update(_walk(package_folder(package), patterns, package.replace(".", "/")))
     return sources
 
 

@@ -89,7 +89,7 @@ def test_a_failed_exchange_keeps_the_old_bundle(tmp_path: Path, monkeypatch: pyt
 def test_linux_replaces_in_one_exchange_that_keeps_the_old_directory_at_the_path(tmp_path: Path) -> None:
     # renameat2(RENAME_EXCHANGE) is found, and the replacement is an exchange: the old directory's inode moves to
     # the hidden name in the same step that puts the new one at the path (a two-rename swap would free the path).
-    assert bundle_module._renameat2 is not None
+    assert bundle_module._renameat2() is not None
     write_bundle(OLD, tmp_path / "b", force=False)
     old_inode = (tmp_path / "b").stat().st_ino
     staging = tmp_path / ".b.new-test0000"

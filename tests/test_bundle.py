@@ -95,7 +95,7 @@ def test_a_failed_rename_puts_the_old_bundle_back(tmp_path: Path, monkeypatch) -
             raise OSError("rename failed")
         return original(source, destination)
 
-    monkeypatch.setattr("tunefile.compiler.bundle._renameat2", None)  # the two-rename fallback, which can fail
+    monkeypatch.setattr("tunefile.compiler.bundle._renameat2", lambda: None)  # the two-rename fallback, which can fail
     monkeypatch.setattr(os, "rename", fail_on_staging)
     with pytest.raises(OSError, match="rename failed"):
         write_bundle({"other": "x\n"}, tmp_path / "b", force=True)

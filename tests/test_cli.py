@@ -114,7 +114,8 @@ def test_schema_check_and_targets() -> None:
     assert code == 0 and "h100-80gb" in out and "v100-32gb" in out and "detect" in out
 
 
-def test_compile_does_not_import_torch(tmp_path: Path) -> None:
+def test_compile_imports_neither_torch_nor_the_runtime(tmp_path: Path) -> None:
+    # The bundle carries the runtime's files, which the compiler reads without running tunefile.runtime's code.
     program = (
         "import sys\n"
         "from tunefile.compiler.cli import main\n"
@@ -123,6 +124,8 @@ def test_compile_does_not_import_torch(tmp_path: Path) -> None:
         "try:\n    main()\nexcept SystemExit as exit:\n    assert not exit.code, exit.code\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'deepspeed', 'peft') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
+        "runtime = sorted(m for m in sys.modules if m.startswith('tunefile.runtime'))\n"
+        "assert not runtime, runtime\n"
         "print('no heavy imports')\n"
     )
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True)
