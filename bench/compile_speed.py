@@ -31,10 +31,9 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIG = REPO / "tests" / "golden_configs" / "lora-single.yml"
 RESULTS = REPO / "bench" / "results" / "compile_speed.json"
 TARGET_SECONDS = 0.3
-# The references: what a compile's process costs before any of tunefile's code runs. (jsonschema, the fifth
-# dependency, serves `tunefile schema --check` and the tests; a compile does not import it.)
-# pydantic imports most of itself, and looks up its plugins, when the first model class is built: one tiny
-# model stands for that.
+# The references: what a compile's process costs before any of tunefile's code runs. pydantic imports most of
+# itself, and looks up its plugins, when the first model class is built, so one tiny model stands for that.
+# (jsonschema, the fifth dependency, serves `tunefile schema --check`; a compile does not import it.)
 REFERENCES = {
     "python -c pass": "pass",
     "python + click, PyYAML, Jinja2 + a pydantic model": (
