@@ -300,6 +300,13 @@ def _renameat2() -> Callable[..., int] | None:
     return function
 
 
+def _last_errno() -> int:
+    """The errno of the last libc call made through ctypes (ctypes is loaded by then: _renameat2 loaded it)."""
+    import ctypes
+
+    return ctypes.get_errno()
+
+
 def _exchange(new: Path, current: Path) -> Path:
     """Put NEW at CURRENT's path; returns the path that now holds what CURRENT held (to be removed).
 
@@ -311,9 +318,7 @@ def _exchange(new: Path, current: Path) -> Path:
     if renameat2 is not None:
         if renameat2(_AT_FDCWD, os.fsencode(new), _AT_FDCWD, os.fsencode(current), _RENAME_EXCHANGE) == 0:
             return new
-        import ctypes  # loaded by _renameat2 already
-
-        code = ctypes.get_errno()
+        code = _last_errno()
         if code not in _NO_EXCHANGE:
             raise OSError(code, os.strerror(code), str(current))
     return _swap_by_two_renames(new, current)

@@ -90,7 +90,6 @@ def keep_frozen_base_whole(model: torch.nn.Module, device: torch.device) -> int:
             tensors[id(param)] = param.detach().to(device)
         delattr(module, name)
         module.register_buffer(name, tensors[id(param)], persistent=False)
-    moved = len(frozen)
     log.info("ZeRO-3: the frozen base stays whole on every GPU, outside ZeRO-3 (%d weights); ZeRO-3 partitions "
-             "the adapter's gradients and optimizer state", moved)
-    return moved
+             "the adapter's gradients and optimizer state", len(frozen))
+    return len(frozen)
